@@ -1,0 +1,134 @@
+"""The service's exceptions, each answering one RFC 9457 problem.
+
+    PusherError                      status, slug, title; `retry_after` when retrying helps
+    ├── RequestError                 the client's request is wrong (4xx)
+    │   ├── MalformedBody            400: not JSON / msgpack, with the byte position
+    │   ├── BodyTooLarge             413: over MAX_BODY_BYTES, refused before reading
+    │   ├── UnsupportedMediaType     415
+    │   ├── ValidationFailed         422: field errors with their paths ($.commands[3].qos)
+    │   ├── NotFound                 404
+    │   └── MethodNotAllowed         405
+    └── SinkError                    Kafka could not take the command
+        ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
+        ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
+        └── MessageRejected          502: Kafka refused it for good (too large, not authorised, …)
+
+kafka-python's own errors are translated into these in kafka_sink.py, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One invalid field: where (a msgspec path such as `$.commands[3].qos`) and what is wrong."""
+
+    loc: str
+    msg: str
+
+
+class PusherError(Exception):
+    """Base of every error the service answers with a problem+json body."""
+
+    status = 500
+    slug = "internal-error"
+    title = "Internal server error"
+    retry_after: int | None = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RequestError(PusherError):
+    """The request itself is wrong; repeating it unchanged will fail again."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class MalformedBody(RequestError):
+    """The body could not be decoded."""
+
+    status = 400
+    slug = "malformed-body"
+    title = "Malformed request body"
+
+
+class BodyTooLarge(RequestError):
+    """The body is larger than MAX_BODY_BYTES."""
+
+    status = 413
+    slug = "body-too-large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(RequestError):
+    """The Content-Type is neither JSON nor msgpack."""
+
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class ValidationFailed(RequestError):
+    """The body decoded but breaks the schema or a rule; `errors` names each field."""
+
+    status = 422
+    slug = "validation-error"
+    title = "Validation failed"
+
+    def __init__(self, errors: list[FieldProblem]) -> None:
+        detail = "; ".join(f"{e.loc}: {e.msg}" for e in errors[:5])
+        super().__init__(detail)
+        self.errors = errors
+
+
+class NotFound(RequestError):
+    """No such resource."""
+
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class SinkError(PusherError):
+    """Kafka did not take the command; `retriable` says whether trying again can help."""
+
+    status = 503
+    slug = "kafka-unavailable"
+    title = "Kafka unavailable"
+    retriable = True
+    retry_after = 2
+
+
+class SinkUnavailable(SinkError):
+    """No broker is reachable, or the producer is not connected yet."""
+
+
+class SinkTimeout(SinkError):
+    """Kafka did not acknowledge within PUBLISH_TIMEOUT."""
+
+    slug = "kafka-timeout"
+    title = "Kafka did not acknowledge in time"
+
+
+class MessageRejected(SinkError):
+    """Kafka refused the record for good (too large, not authorised, invalid topic)."""
+
+    status = 502
+    slug = "kafka-rejected"
+    title = "Kafka rejected the command"
+    retriable = False
+    retry_after = None
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists but not with this method."""
+
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"

@@ -1,0 +1,316 @@
+"""The one kafka-python producer of the process, on its own thread, with its futures bridged into asyncio.
+
+Handlers call `KafkaSink.publish()`, which only puts a job on a queue and returns an asyncio
+future: the event loop never blocks on Kafka. The sender thread owns the producer (creating it,
+and re-creating it while no broker answers); a monitor thread checks the command topic's
+metadata for `/ready` and creates the topic when asked to. kafka-python's errors become the
+`SinkError`s of errors.py here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+import kafka.errors as kerr
+import structlog
+from kafka import KafkaAdminClient, KafkaProducer
+
+from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
+from settings import Settings
+
+log = structlog.get_logger("kafka_sink")
+
+# Errors that no retry will cure: the record is refused for good.
+_PERMANENT = (
+    kerr.MessageSizeTooLargeError,
+    kerr.RecordListTooLargeError,
+    kerr.TopicAuthorizationFailedError,
+    kerr.ClusterAuthorizationFailedError,
+    kerr.InvalidTopicError,
+    kerr.InvalidRecordError,
+    kerr.UnsupportedForMessageFormatError,
+)
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where Kafka stored a record."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class SinkHealth:
+    """What the monitor last saw of Kafka."""
+
+    connected: bool
+    reason: str | None
+    partitions: int | None
+    brokers: int
+
+
+class SinkState(Enum):
+    """The sink's lifecycle; publishing is allowed only while RUNNING."""
+
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Delivery]
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    deadline: float
+
+
+def translate(exc: BaseException) -> SinkError:
+    """Map a kafka-python error to our SinkError, marked retriable or not."""
+    name = type(exc).__name__
+    if isinstance(exc, SinkError):
+        return exc
+    if isinstance(exc, _PERMANENT):
+        return MessageRejected(f"Kafka refused the record: {name}")
+    if isinstance(exc, kerr.KafkaTimeoutError):
+        return SinkTimeout("Kafka did not acknowledge the command in time")
+    return SinkUnavailable(f"Kafka is unavailable ({name})")
+
+
+class KafkaSink:
+    """Publishes records to the command topic through one idempotent producer (acks=all)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.kafka_command_topic
+        self.state = SinkState.NEW
+        self._producer: KafkaProducer | None = None
+        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._health = SinkHealth(False, "not checked yet", None, 0)
+        self._health_changed = threading.Event()
+        self._wake_monitor = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the sender and monitor threads; Kafka need not be up."""
+        if self.state is not SinkState.NEW:
+            raise RuntimeError(f"sink cannot start from state {self.state.value}")
+        self.state = SinkState.RUNNING
+        for target, name in ((self._sender_loop, "kafka-sender"), (self._monitor_loop, "kafka-monitor")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what the producer holds (acknowledged sends are never lost) and stop the threads."""
+        if self.state is not SinkState.RUNNING:
+            self.state = SinkState.CLOSED
+            return
+        self.state = SinkState.CLOSED
+        self._stop.set()
+        self._jobs.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=timeout)
+            except Exception:  # closing must not mask the shutdown
+                log.exception("producer close failed")
+            self._producer = None
+
+    @property
+    def health(self) -> SinkHealth:
+        """The monitor's latest view of Kafka."""
+        return self._health
+
+    @property
+    def connected(self) -> bool:
+        """True when a producer exists and the command topic's metadata was reachable at the last check."""
+        return self._producer is not None and self._health.connected
+
+    def check_now(self, timeout: float = 5.0) -> SinkHealth:
+        """Wake the monitor and wait briefly for a fresh view (used by tests and /ready)."""
+        self._health_changed.clear()
+        self._wake_monitor.set()
+        self._health_changed.wait(timeout)
+        return self._health
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[Delivery]:
+        """Queue one record; the future resolves with its Delivery or a SinkError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Delivery] = loop.create_future()
+        if self.state is not SinkState.RUNNING:
+            future.set_exception(SinkUnavailable("The service is shutting down"))
+        elif self._producer is None:
+            future.set_exception(SinkUnavailable("Not connected to Kafka yet"))
+        else:
+            deadline = time.monotonic() + self.settings.publish_timeout
+            self._jobs.put(_Job(loop, future, key, value, headers, deadline))
+        return future
+
+    def _sender_loop(self) -> None:
+        while not self._stop.is_set():
+            if self._producer is None:
+                self._producer = self._connect()
+                if self._producer is None:
+                    self._fail_queued(SinkUnavailable("Not connected to Kafka"))
+                    self._stop.wait(1.0)
+                    continue
+            job = self._jobs.get()
+            if job is _STOP:
+                break
+            self._send(job)
+        self._fail_queued(SinkUnavailable("The service is shutting down"))
+
+    def _connect(self) -> KafkaProducer | None:
+        s = self.settings
+        request_timeout_ms = int(min(s.kafka_producer_timeout, s.publish_timeout) * 1000) - s.kafka_linger_ms
+        try:
+            producer = KafkaProducer(
+                bootstrap_servers=s.kafka_bootstrap_servers.split(","),
+                client_id=s.kafka_client_id,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=s.kafka_linger_ms,
+                compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
+                # A record not acknowledged within PUBLISH_TIMEOUT was answered 503: let the producer
+                # give it up rather than deliver it long after the client was told it failed.
+                delivery_timeout_ms=int(s.publish_timeout * 1000),
+                request_timeout_ms=max(request_timeout_ms, 1000),
+                max_block_ms=int(s.publish_timeout * 1000),
+                bootstrap_timeout_ms=int(min(s.kafka_producer_timeout, 5.0) * 1000),
+                allow_auto_create_topics=False,
+            )
+        except Exception as exc:
+            self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
+            log.warning("kafka producer not connected", error=type(exc).__name__)
+            return None
+        log.info("kafka producer connected", bootstrap=s.kafka_bootstrap_servers)
+        self._wake_monitor.set()
+        return producer
+
+    def _send(self, job: _Job) -> None:
+        if job.future.done():  # the handler gave up already
+            return
+        if time.monotonic() > job.deadline:
+            job.loop.call_soon_threadsafe(_settle, job.future, None, SinkTimeout("Kafka did not take it in time"))
+            return
+        try:
+            record = self._producer.send(self.topic, value=job.value, key=job.key, headers=job.headers)
+        except Exception as exc:
+            job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
+            return
+        self.in_flight += 1
+        record.add_callback(self._on_ack, job)
+        record.add_errback(self._on_error, job)
+
+    def _on_ack(self, job: _Job, metadata) -> None:
+        self.in_flight -= 1
+        delivery = Delivery(metadata.topic, metadata.partition, metadata.offset)
+        job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
+
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
+        self.in_flight -= 1
+        job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
+
+    def _fail_queued(self, error: SinkError) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _monitor_loop(self) -> None:
+        admin: KafkaAdminClient | None = None
+        while not self._stop.is_set():
+            try:
+                if admin is None:
+                    admin = KafkaAdminClient(
+                        bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
+                        client_id=f"{self.settings.kafka_client_id}-monitor",
+                        request_timeout_ms=5000,
+                        bootstrap_timeout_ms=5000,
+                    )
+                self._set_health(self._check_topic(admin))
+            except Exception as exc:
+                self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
+                if admin is not None:
+                    _quiet_close(admin)
+                    admin = None
+            interval = 2.0 if self._health.connected else 1.0
+            self._wake_monitor.wait(interval)
+            self._wake_monitor.clear()
+        if admin is not None:
+            _quiet_close(admin)
+
+    def _check_topic(self, admin: KafkaAdminClient) -> SinkHealth:
+        topics = admin.describe_topics([self.topic])
+        brokers = len(admin.describe_cluster().get("brokers", []))
+        topic = topics[0] if topics else {}
+        missing = topic.get("error_code", 3) != 0
+        if missing and self.settings.kafka_create_topic:
+            self._create_topic(admin)
+            topic = admin.describe_topics([self.topic])[0]
+            missing = topic.get("error_code", 3) != 0
+        if missing:
+            reason = f"topic {self.topic!r} does not exist (set KAFKA_CREATE_TOPIC=true to create it)"
+            if self._health.reason != reason:
+                log.error("command topic missing", topic=self.topic)
+            return SinkHealth(False, reason, None, brokers)
+        partitions = len(topic.get("partitions", []))
+        if self._producer is None:
+            return SinkHealth(False, "producer not connected yet", partitions, brokers)
+        return SinkHealth(True, None, partitions, brokers)
+
+    def _create_topic(self, admin: KafkaAdminClient) -> None:
+        s = self.settings
+        spec = {"num_partitions": s.kafka_topic_partitions, "replication_factor": s.kafka_topic_replication}
+        try:
+            admin.create_topics({self.topic: spec}, wait_for_metadata=True)
+            log.info("command topic created", topic=self.topic, **spec)
+        except kerr.TopicAlreadyExistsError:
+            pass
+
+    def _set_health(self, health: SinkHealth) -> None:
+        if health.connected != self._health.connected:
+            log.info("kafka readiness changed", ready=health.connected, reason=health.reason)
+        self._health = health
+        self._health_changed.set()
+
+
+def _settle(future: asyncio.Future[Delivery], delivery: Delivery | None, error: BaseException | None) -> None:
+    """Resolve a handler's future on the event loop, unless the handler stopped waiting."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(delivery)
+
+
+def _quiet_close(admin: KafkaAdminClient) -> None:
+    try:
+        admin.close()
+    except Exception:
+        logging.getLogger(__name__).debug("admin close failed", exc_info=True)

@@ -1,0 +1,395 @@
+"""The ASGI app: routes → thin handlers, the request middleware, and the lifespan that owns Kafka.
+
+Run it with `make run`, `python -m pusher`, or `uvicorn pusher:app`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
+
+from dispatch import Dispatcher
+from errors import (
+    BodyTooLarge,
+    FieldProblem,
+    MethodNotAllowed,
+    NotFound,
+    PusherError,
+    RequestError,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from kafka_sink import KafkaSink
+from logs import configure_logging
+from schemas import (
+    JSON_ENCODER,
+    VERSION,
+    CommandRequest,
+    Health,
+    Readiness,
+    ServiceStatus,
+    check_command,
+    decode_batch,
+    decode_batch_item,
+    decode_command,
+    openapi_document,
+    problem_for,
+)
+from settings import Settings, SettingsError, load_settings
+
+log = structlog.get_logger("pusher")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_JSON_TYPES = {"application/json"}
+_MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+
+
+class JSONResponse(Response):
+    """A response encoded with the shared msgspec encoder."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return JSON_ENCODER.encode(content)
+
+
+def problem_response(error: BaseException, request_id: str | None, instance: str | None) -> Response:
+    """The RFC 9457 answer for an error, with Retry-After when retrying helps."""
+    problem = problem_for(error, request_id, instance)
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
+    return Response(
+        JSON_ENCODER.encode(problem), problem.status, headers=headers, media_type="application/problem+json"
+    )
+
+
+# ---------------------------------------------------------------- middleware
+
+
+class RequestContextMiddleware:
+    """Request id, body-size limit, the one summary log line per request, and the fixed 500."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                error = BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
+                if not length.isdigit():
+                    error = RequestError("Content-Length is not a number")
+                await problem_response(error, request_id, scope["path"])(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except BodyTooLarge as exc:
+            if not response_started:
+                await problem_response(exc, request_id, scope["path"])(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", path=scope["path"])
+            if not response_started:
+                await problem_response(RuntimeError(), request_id, scope["path"])(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            log.info(
+                "request",
+                method=scope["method"],
+                route=getattr(route, "path", None) or "unmatched",
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count streamed (chunked) body bytes and stop at the limit."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
+            return message
+
+        return limited_receive
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def _body_format(request: Request) -> str:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in _JSON_TYPES or media_type.endswith("+json"):
+        return "json"
+    if media_type in _MSGPACK_TYPES:
+        return "msgpack"
+    raise UnsupportedMediaType(
+        f"Content-Type {media_type or '(none)'!r} is not supported; send application/json or application/msgpack"
+    )
+
+
+def _traceparent(request: Request) -> str | None:
+    value = request.headers.get("traceparent", "").strip().lower()
+    return value if _TRACEPARENT.match(value) else None
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+async def push_command(request: Request) -> Response:
+    """POST /api/v1/commands: validate, publish, answer 200 with the offset (503 when Kafka did not ack)."""
+    fmt = _body_format(request)
+    dispatcher = _dispatcher(request)
+    try:
+        cmd = decode_command(await request.body(), fmt)
+        _check(cmd, dispatcher.settings)
+    except RequestError:
+        dispatcher.rejected()
+        raise
+    return JSONResponse(await dispatcher.push(cmd, _traceparent(request)))
+
+
+async def push_commands_batch(request: Request) -> Response:
+    """POST /api/v1/commands/batch: each item validated and published on its own; 207 when some failed."""
+    fmt = _body_format(request)
+    dispatcher = _dispatcher(request)
+    settings = dispatcher.settings
+    raw_items = decode_batch(await request.body(), fmt)
+    if not raw_items:
+        raise ValidationFailed([FieldProblem("$.commands", "Must hold at least one command")])
+    if len(raw_items) > settings.max_batch:
+        raise ValidationFailed([FieldProblem("$.commands", f"At most MAX_BATCH={settings.max_batch} commands")])
+    items: list[CommandRequest | PusherError] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            cmd = decode_batch_item(raw, fmt, index)
+            _check(cmd, settings, f"$.commands[{index}]")
+            items.append(cmd)
+        except RequestError as exc:
+            dispatcher.rejected()
+            items.append(exc)
+    result = await dispatcher.push_batch(items, _traceparent(request))
+    return JSONResponse(result, 200 if result.failed == 0 else 207)
+
+
+def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
+    problems = check_command(cmd, settings.allowed_protocols, settings.max_payload_depth, prefix)
+    if problems:
+        raise ValidationFailed(problems)
+
+
+async def command_status(request: Request) -> Response:
+    """GET /api/v1/commands/{request_id}/status: the status of a command this process handled."""
+    request_id = request.path_params["request_id"]
+    status = _dispatcher(request).index.get(request_id)
+    if status is None:
+        raise NotFound(f"No command with request_id {request_id!r} is known to this instance")
+    return JSONResponse(status)
+
+
+async def health(request: Request) -> Response:
+    """GET /health: liveness, independent of Kafka."""
+    return JSONResponse(Health(status="healthy"))
+
+
+async def ready(request: Request) -> Response:
+    """GET /ready: 200 only while Kafka metadata for the command topic is reachable."""
+    sink: KafkaSink = request.app.state.sink
+    h = sink.health
+    ok = sink.connected
+    body = Readiness(ready=ok, reason=None if ok else h.reason, topic=sink.topic, partitions=h.partitions)
+    return JSONResponse(body, 200 if ok else 503)
+
+
+async def service_status(request: Request) -> Response:
+    """GET /api/v1/status: version, uptime, Kafka connection and the command counters."""
+    dispatcher = _dispatcher(request)
+    sink: KafkaSink = request.app.state.sink
+    return JSONResponse(
+        ServiceStatus(
+            service="preservarium-pusher",
+            version=VERSION,
+            kafka_connected=sink.connected,
+            uptime_seconds=round(time.monotonic() - request.app.state.started, 3),
+            commands_processed=dispatcher.counters.commands_processed,
+            commands_failed=dispatcher.counters.commands_failed,
+            last_error=dispatcher.last_error,
+            last_error_at=dispatcher.last_error_at,
+            command_topic=sink.topic,
+            partitions=sink.health.partitions,
+        )
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """GET /api/v1/metrics: the command counters as JSON."""
+    return JSONResponse(_dispatcher(request).counters)
+
+
+async def openapi(request: Request) -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 document."""
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Preservarium Pusher API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script></body></html>
+"""
+_DOCS_INIT = "window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui', deepLinking: true});\n"
+
+
+async def docs(request: Request) -> Response:
+    """GET /docs: interactive API docs, served from the swagger-ui-bundle package (no CDN)."""
+    return HTMLResponse(_DOCS_PAGE)
+
+
+async def docs_init(request: Request) -> Response:
+    """The docs page's start-up script (kept out of the HTML so a strict CSP can forbid inline scripts)."""
+    return Response(_DOCS_INIT, media_type="text/javascript")
+
+
+# ---------------------------------------------------------------- errors
+
+
+async def on_pusher_error(request: Request, exc: Exception) -> Response:
+    """Every PusherError answers its own problem+json."""
+    return problem_response(exc, request.scope.get("state", {}).get("request_id"), request.url.path)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404/405 as problem+json."""
+    assert isinstance(exc, HTTPException)
+    error = NotFound(f"No route for {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    response = problem_response(error, request.scope.get("state", {}).get("request_id"), request.url.path)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+# ---------------------------------------------------------------- app
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app; the lifespan starts the Kafka sink and closes it, flushed, on shutdown."""
+    settings = settings or load_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sink = KafkaSink(settings)
+        sink.start()
+        app.state.sink = sink
+        app.state.dispatcher = Dispatcher(settings, sink)
+        app.state.started = time.monotonic()
+        log.info("started", topic=settings.kafka_command_topic, bootstrap=settings.kafka_bootstrap_servers)
+        try:
+            yield
+        finally:
+            sink.close(timeout=max(settings.publish_timeout, 5.0))
+            log.info("stopped")
+
+    routes = [
+        Route("/api/v1/commands", push_command, methods=["POST"]),
+        Route("/api/v1/commands/batch", push_commands_batch, methods=["POST"]),
+        Route("/api/v1/commands/{request_id}/status", command_status, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/api/v1/status", service_status, methods=["GET"]),
+        Route("/api/v1/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Route("/docs/init.js", docs_init, methods=["GET"]),
+        Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={PusherError: on_pusher_error, HTTPException: on_http_error},
+    )
+    app.state.settings = settings
+    app.state.openapi = JSON_ENCODER.encode(openapi_document())
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"pusher: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def main() -> None:
+    """Run the service with uvicorn (uvloop, httptools) on API_HOST:API_PORT."""
+    settings = _settings_or_exit()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        loop="uvloop",
+        http="httptools",
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.publish_timeout) + 5,
+    )
+
+
+if __name__ == "__main__":
+    main()
+else:
+    app = create_app(_settings_or_exit())

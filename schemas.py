@@ -1,0 +1,499 @@
+"""Every request, response, problem and Kafka message as a msgspec Struct, their codecs, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from errors import FieldProblem, MalformedBody, PusherError, ValidationFailed
+
+VERSION = "1.0.0"
+
+_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]+$"
+DeviceId = Annotated[str, Meta(min_length=1, max_length=255, pattern=_NO_CONTROL, examples=["efento_device_001"])]
+CommandType = Annotated[str, Meta(min_length=1, max_length=128, pattern=_NO_CONTROL, examples=["config_update"])]
+Protocol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$", examples=["coap"])]
+ScriptRef = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=255,
+        pattern=r"^(?!.*\.\.)[^/\\\x00-\x1f\x7f-\x9f]+$",
+        description="A plain file name: no '/', '\\' or '..'.",
+        examples=["efento_bidirectional_parser.py"],
+    ),
+]
+RequestId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._~:-]+$",
+        description="Client-chosen id (letters, digits, . _ ~ : -); one is generated when absent.",
+    ),
+]
+Qos = Annotated[int, Meta(ge=0, le=2, description="MQTT QoS; only with protocol mqtt.")]
+Status = Literal["accepted", "published", "failed", "expired"]
+PROTOCOL_OPTIONS = {"qos": "mqtt", "retain": "mqtt", "confirmable": "coap"}
+_INT64 = 2**63
+
+
+class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A command for one device, as posted to POST /api/v1/commands."""
+
+    device_id: DeviceId
+    command_type: CommandType
+    payload: dict[str, Any]
+    protocol: Protocol
+    parser_script_ref: ScriptRef | None = None
+    metadata: dict[str, Any] | None = None
+    qos: Qos | None = None
+    retain: bool | None = None
+    confirmable: Annotated[bool, Meta(description="CoAP confirmable; only with protocol coap.")] | None = None
+    request_id: RequestId | None = None
+
+
+class BatchCommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Several commands, validated and published one by one, in order."""
+
+    commands: list[CommandRequest]
+
+
+class _BatchEnvelope(Struct, forbid_unknown_fields=True):
+    """The batch body with items left undecoded, so that each item is validated on its own."""
+
+    commands: list[msgspec.Raw]
+
+
+class FieldError(Struct):
+    """Where a field is (msgspec path) and what is wrong with it."""
+
+    loc: str
+    msg: str
+
+
+class Problem(Struct, kw_only=True, omit_defaults=True):
+    """An RFC 9457 problem details object (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class CommandResponse(Struct, kw_only=True, omit_defaults=True):
+    """The outcome of one command; in a batch, a failed item carries `error` instead of an offset."""
+
+    success: bool
+    request_id: str | None
+    status: Literal["published", "rejected", "failed"]
+    message: str
+    timestamp: datetime
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    error: Problem | None = None
+
+
+class BatchCommandResponse(Struct, kw_only=True):
+    """The outcomes of a batch, in request order."""
+
+    total_commands: int
+    successful: int
+    failed: int
+    results: list[CommandResponse]
+
+
+class CommandStatus(Struct, kw_only=True):
+    """What this process knows about a command it handled."""
+
+    request_id: str
+    device_id: str
+    command_type: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    error: str | None = None
+
+
+class Health(Struct):
+    """Liveness: the process answers."""
+
+    status: Literal["healthy"]
+
+
+class Readiness(Struct, kw_only=True):
+    """Readiness: Kafka metadata for the command topic is reachable."""
+
+    ready: bool
+    reason: str | None = None
+    topic: str
+    partitions: int | None = None
+
+
+class Counters(Struct, kw_only=True):
+    """Command counters since the process started."""
+
+    commands_processed: int = 0
+    commands_failed: int = 0
+    commands_rejected: int = 0
+    batches: int = 0
+    kafka_unavailable: int = 0
+    publish_latency_ms_avg: float = 0.0
+
+
+class ServiceStatus(Struct, kw_only=True):
+    """Detailed service status."""
+
+    service: str
+    version: str
+    kafka_connected: bool
+    uptime_seconds: float
+    commands_processed: int
+    commands_failed: int
+    last_error: str | None
+    last_error_at: datetime | None
+    command_topic: str
+    partitions: int | None
+
+
+class CommandMessage(Struct, kw_only=True):
+    """The Kafka record value the MQTT and CoAP connectors read (every key always present)."""
+
+    request_id: str
+    device_id: str
+    command_type: str
+    payload: dict[str, Any]
+    protocol: str
+    parser_script_ref: str | None
+    metadata: dict[str, Any]
+    timestamp: datetime
+    expires_at: datetime | None = None
+
+
+def problem_for(error: BaseException, request_id: str | None = None, instance: str | None = None) -> Problem:
+    """The problem+json body for an error; anything not ours gets the fixed 500 body."""
+    if not isinstance(error, PusherError):
+        error = PusherError("An unexpected error occurred; the log has the details under this request id")
+    errors = getattr(error, "errors", None)
+    return Problem(
+        type=f"/problems/{error.slug}",
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        instance=instance,
+        request_id=request_id,
+        errors=[FieldError(loc=e.loc, msg=e.msg) for e in errors] if errors else None,
+    )
+
+
+JSON_ENCODER = msgspec.json.Encoder()
+MSGPACK_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS = {
+    "json": {
+        CommandRequest: msgspec.json.Decoder(CommandRequest),
+        _BatchEnvelope: msgspec.json.Decoder(_BatchEnvelope),
+    },
+    "msgpack": {
+        CommandRequest: msgspec.msgpack.Decoder(CommandRequest),
+        _BatchEnvelope: msgspec.msgpack.Decoder(_BatchEnvelope),
+    },
+}
+
+
+def _decode(body: bytes, kind: type, fmt: str, prefix: str = "$") -> Any:
+    """Decode `body` as `kind`; malformed → MalformedBody, wrong shape → ValidationFailed."""
+    try:
+        return _DECODERS[fmt][kind].decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed([_field_problem(str(exc), prefix)]) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(_malformed_detail(str(exc), fmt)) from None
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"Body is not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise MalformedBody("Body is nested too deeply") from None
+
+
+def _malformed_detail(message: str, fmt: str) -> str:
+    if message == "Input data was truncated":
+        return "Body is empty or truncated"
+    return message.replace("JSON is malformed", "Body is not valid JSON").replace(
+        "MessagePack data is malformed", "Body is not valid MessagePack"
+    )
+
+
+_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<loc>\$[^`]*)`)?$", re.S)
+
+
+_PATTERN_HINTS = {
+    "parser_script_ref": "Must be a plain file name: no '/', '\\', '..' or control characters",
+    "request_id": "Only letters, digits and . _ ~ : - are allowed",
+    "protocol": "Only lowercase letters, digits, '_' and '-' are allowed",
+}
+
+
+def _field_problem(message: str, prefix: str) -> FieldProblem:
+    """Split msgspec's 'msg - at `$.path`' and root the path at `prefix`."""
+    match = _PATH.match(message)
+    msg, loc = match["msg"], match["loc"] or "$"
+    if "matching regex" in msg:
+        msg = _PATTERN_HINTS.get(loc.rsplit(".", 1)[-1], "Must not contain control characters")
+    if msg.startswith("Object contains unknown field"):
+        field = msg.split("`")[1]
+        loc, msg = f"{loc}.{field}", "Unknown field"
+    elif msg.startswith("Object missing required field"):
+        field = msg.split("`")[1]
+        loc, msg = f"{loc}.{field}", "Field required"
+    return FieldProblem(loc=prefix + loc[1:], msg=msg)
+
+
+def decode_command(body: bytes, fmt: str) -> CommandRequest:
+    """Decode one command body (JSON or msgpack)."""
+    return _decode(body, CommandRequest, fmt)
+
+
+def decode_batch(body: bytes, fmt: str) -> list[msgspec.Raw]:
+    """Decode the batch envelope only; its items stay raw for item-by-item validation."""
+    return _decode(body, _BatchEnvelope, fmt).commands
+
+
+def decode_batch_item(raw: msgspec.Raw, fmt: str, index: int) -> CommandRequest:
+    """Decode one raw batch item; error paths read `$.commands[index]…`."""
+    return _decode(bytes(raw), CommandRequest, fmt, prefix=f"$.commands[{index}]")
+
+
+def check_command(
+    cmd: CommandRequest, allowed_protocols: tuple[str, ...], max_depth: int, prefix: str = "$"
+) -> list[FieldProblem]:
+    """The rules a Struct cannot express: allowed protocol, per-protocol options, metadata conflicts, depth."""
+    problems: list[FieldProblem] = []
+    if cmd.protocol not in allowed_protocols:
+        problems.append(FieldProblem(f"{prefix}.protocol", f"Must be one of: {', '.join(allowed_protocols)}"))
+    metadata = cmd.metadata or {}
+    for option, protocol in PROTOCOL_OPTIONS.items():
+        value = getattr(cmd, option)
+        if value is None:
+            continue
+        if cmd.protocol != protocol:
+            problems.append(FieldProblem(f"{prefix}.{option}", f"Only allowed with protocol {protocol}"))
+        elif option in metadata and metadata[option] != value:
+            problems.append(
+                FieldProblem(f"{prefix}.{option}", f"Conflicts with metadata.{option}={metadata[option]!r}")
+            )
+    for field in ("payload", "metadata"):
+        value = getattr(cmd, field)
+        if value is not None:
+            where = _find_unsafe_value(value, max_depth, f"{prefix}.{field}")
+            if where:
+                problems.append(where)
+    return problems
+
+
+def _find_unsafe_value(value: Any, max_depth: int, loc: str, depth: int = 1) -> FieldProblem | None:
+    """First place where `value` nests deeper than `max_depth` or holds an integer outside 64 bits."""
+    if isinstance(value, dict | list):
+        if depth > max_depth:
+            return FieldProblem(loc, f"Nested deeper than {max_depth} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            found = _find_unsafe_value(
+                item, max_depth, f"{loc}.{key}" if isinstance(key, str) else f"{loc}[{key}]", depth + 1
+            )
+            if found:
+                return found
+    elif isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        return FieldProblem(loc, "Integer outside the signed 64-bit range")
+    return None
+
+
+def merged_metadata(cmd: CommandRequest) -> dict[str, Any]:
+    """The command's metadata with its protocol options (qos, retain, confirmable) folded in."""
+    metadata = dict(cmd.metadata or {})
+    for option in PROTOCOL_OPTIONS:
+        value = getattr(cmd, option)
+        if value is not None:
+            metadata[option] = value
+    return metadata
+
+
+# ---------------------------------------------------------------- OpenAPI 3.1
+
+PLAN_EXAMPLE = {
+    "device_id": "efento_device_001",
+    "command_type": "config_update",
+    "payload": {"measurement_interval": 600},
+    "protocol": "coap",
+    "parser_script_ref": "efento_bidirectional_parser.py",
+}
+PLAN_BATCH_EXAMPLE = {
+    "commands": [
+        {
+            "device_id": "device_001",
+            "command_type": "reboot",
+            "payload": {},
+            "protocol": "coap",
+            "parser_script_ref": "device_parser.py",
+        },
+        {
+            "device_id": "device_002",
+            "command_type": "update",
+            "payload": {"version": "1.2.3"},
+            "protocol": "mqtt",
+            "parser_script_ref": "mqtt_parser.py",
+            "metadata": {"topic": "devices/device_002/commands"},
+        },
+    ]
+}
+
+_SCHEMA_TYPES = (
+    CommandRequest,
+    BatchCommandRequest,
+    CommandResponse,
+    BatchCommandResponse,
+    CommandStatus,
+    Problem,
+    Health,
+    Readiness,
+    ServiceStatus,
+    Counters,
+    CommandMessage,
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+_BODY_ERRORS = {
+    "400": _problem("Malformed body (not JSON / MessagePack), with the byte position"),
+    "413": _problem("Body larger than MAX_BODY_BYTES"),
+    "415": _problem("Content-Type is not application/json or application/msgpack"),
+    "422": _problem("Validation failed; `errors` lists each field by path"),
+}
+
+
+def _body(name: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _ref(name), "example": example},
+            "application/msgpack": {"schema": _ref(name)},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, built from the Structs above."""
+    _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
+    unavailable = {
+        **_problem("Kafka unavailable or did not acknowledge within PUBLISH_TIMEOUT"),
+        "headers": _RETRY_AFTER,
+    }
+    paths: dict[str, Any] = {
+        "/api/v1/commands": {
+            "post": {
+                "operationId": "pushCommand",
+                "summary": "Push a single command to a device",
+                "tags": ["commands"],
+                "requestBody": _body("CommandRequest", PLAN_EXAMPLE),
+                "responses": {
+                    "200": _json("CommandResponse", "Published: Kafka acknowledged it (acks=all)"),
+                    **_BODY_ERRORS,
+                    "502": _problem("Kafka refused the command for good"),
+                    "503": unavailable,
+                },
+            }
+        },
+        "/api/v1/commands/batch": {
+            "post": {
+                "operationId": "pushCommandsBatch",
+                "summary": "Push several commands; each item is validated and published on its own, in order",
+                "tags": ["commands"],
+                "requestBody": _body("BatchCommandRequest", PLAN_BATCH_EXAMPLE),
+                "responses": {
+                    "200": _json("BatchCommandResponse", "Every command was published"),
+                    "207": _json("BatchCommandResponse", "Some commands failed; see each result"),
+                    **_BODY_ERRORS,
+                    "503": unavailable,
+                },
+            }
+        },
+        "/api/v1/commands/{request_id}/status": {
+            "get": {
+                "operationId": "getCommandStatus",
+                "summary": "Status of a command this process handled",
+                "tags": ["commands"],
+                "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json("CommandStatus", "Known command"), "404": _problem("Unknown request id")},
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness",
+                "tags": ["health"],
+                "responses": {"200": _json("Health", "The process answers")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
+                "summary": "Readiness: Kafka metadata for the command topic is reachable",
+                "tags": ["health"],
+                "responses": {
+                    "200": _json("Readiness", "Ready"),
+                    "503": _json("Readiness", "Not ready, with the reason"),
+                },
+            }
+        },
+        "/api/v1/status": {
+            "get": {
+                "operationId": "serviceStatus",
+                "summary": "Detailed service status",
+                "tags": ["health"],
+                "responses": {"200": _json("ServiceStatus", "Status")},
+            }
+        },
+        "/api/v1/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Service counters as JSON",
+                "tags": ["health"],
+                "responses": {"200": _json("Counters", "Counters since start")},
+            }
+        },
+    }
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"].setdefault("500", _problem("Unexpected error; fixed body, details in the log"))
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Preservarium Pusher API",
+            "version": VERSION,
+            "description": "Send commands to IoT devices over HTTP; they are published to Kafka for the "
+            "MQTT and CoAP connectors. Errors are RFC 9457 application/problem+json.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,119 @@
+"""Real parts for the tests: the service as a process, topics, and a consumer that reads back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka_local import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def new_topic(bootstrap: str, partitions: int = 3, name: str | None = None) -> str:
+    """Create a fresh topic (one per test keeps tests independent) and return its name."""
+    name = name or f"cmd-{uuid.uuid4().hex[:12]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        spec = {"num_partitions": partitions, "replication_factor": 1}
+        admin.create_topics({name: spec}, wait_for_metadata=True)
+    finally:
+        admin.close()
+    return name
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
+    """Read every record of `topic` from the beginning until `count` arrived (or more, or the timeout)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + 10
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(topic) or set()
+        assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assignment)
+        consumer.seek_to_beginning(*assignment)
+        records: list = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+            if len(records) >= count:
+                # one more short poll, so that surplus (duplicate) records are seen too
+                for batch in consumer.poll(timeout_ms=500).values():
+                    records.extend(batch)
+                break
+        return records
+    finally:
+        consumer.close()
+
+
+class ServiceProcess:
+    """The service as users run it (`python -m pusher`), on a free port, with its own log file."""
+
+    def __init__(self, log_dir: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"pusher-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(self.port),
+            "LOG_FORMAT": "json",
+            "ENV_FILE": "/nonexistent",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> ServiceProcess:
+        """Start the process and wait for /health (and /ready unless told not to)."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pusher"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        path = "/ready" if wait_ready else "/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service not answering {path} within {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the process and wait for it; return its exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def log(self) -> str:
+        """What the process printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def command(device_id: str = "device_001", **extra) -> dict:
+    """A valid command body, overridable field by field."""
+    body = {"device_id": device_id, "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    body.update(extra)
+    return body
