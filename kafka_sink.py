@@ -56,6 +56,7 @@ class SinkHealth:
     reason: str | None
     partitions: int | None
     brokers: int
+    topic_missing: bool = False
 
 
 class SinkState(Enum):
@@ -160,6 +161,8 @@ class KafkaSink:
             future.set_exception(SinkUnavailable("The service is shutting down"))
         elif self._producer is None:
             future.set_exception(SinkUnavailable("Not connected to Kafka yet"))
+        elif self._health.topic_missing:
+            future.set_exception(SinkUnavailable(f"The command topic {self.topic!r} does not exist"))
         else:
             deadline = time.monotonic() + self.settings.publish_timeout
             self._jobs.put(_Job(loop, future, key, value, headers, deadline))
@@ -277,7 +280,7 @@ class KafkaSink:
             reason = f"topic {self.topic!r} does not exist (set KAFKA_CREATE_TOPIC=true to create it)"
             if self._health.reason != reason:
                 log.error("command topic missing", topic=self.topic)
-            return SinkHealth(False, reason, None, brokers)
+            return SinkHealth(False, reason, None, brokers, topic_missing=True)
         partitions = len(topic.get("partitions", []))
         if self._producer is None:
             return SinkHealth(False, "producer not connected yet", partitions, brokers)
