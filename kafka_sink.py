@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ _PERMANENT = (
     kerr.UnsupportedForMessageFormatError,
 )
 _STOP = object()
+_NO_BROKER = "no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,9 @@ class KafkaSink:
 
     def _connect(self) -> KafkaProducer | None:
         s = self.settings
+        if not self._any_broker_listens():
+            self._set_health(SinkHealth(False, _NO_BROKER, None, 0))
+            return None
         request_timeout_ms = int(min(s.kafka_producer_timeout, s.publish_timeout) * 1000) - s.kafka_linger_ms
         try:
             producer = KafkaProducer(
@@ -248,14 +253,17 @@ class KafkaSink:
         admin: KafkaAdminClient | None = None
         while not self._stop.is_set():
             try:
-                if admin is None:
+                if admin is None and not self._any_broker_listens():
+                    self._set_health(SinkHealth(False, _NO_BROKER, None, 0))
+                elif admin is None:
                     admin = KafkaAdminClient(
                         bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
                         client_id=f"{self.settings.kafka_client_id}-monitor",
                         request_timeout_ms=5000,
                         bootstrap_timeout_ms=5000,
                     )
-                self._set_health(self._check_topic(admin))
+                if admin is not None:
+                    self._set_health(self._check_topic(admin))
             except Exception as exc:
                 self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
                 if admin is not None:
@@ -294,6 +302,17 @@ class KafkaSink:
             log.info("command topic created", topic=self.topic, **spec)
         except kerr.TopicAlreadyExistsError:
             pass
+
+    def _any_broker_listens(self) -> bool:
+        """A plain TCP probe first: kafka-python leaks sockets when a client's bootstrap fails."""
+        for server in self.settings.kafka_bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]") or "localhost", int(port or 9092)), timeout=1).close()
+                return True
+            except (OSError, ValueError):
+                continue
+        return False
 
     def _set_health(self, health: SinkHealth) -> None:
         if health.connected != self._health.connected:

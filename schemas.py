@@ -13,16 +13,17 @@ from errors import FieldProblem, MalformedBody, PusherError, ValidationFailed
 
 VERSION = "1.0.0"
 
-_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]+$"
+# `$` alone would let one trailing newline through (Python's re); the look-aheads forbid it.
+_NO_CONTROL = r"^(?!.*[\x00-\x1f\x7f-\x9f])"
 DeviceId = Annotated[str, Meta(min_length=1, max_length=255, pattern=_NO_CONTROL, examples=["efento_device_001"])]
 CommandType = Annotated[str, Meta(min_length=1, max_length=128, pattern=_NO_CONTROL, examples=["config_update"])]
-Protocol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$", examples=["coap"])]
+Protocol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$(?!\n)", examples=["coap"])]
 ScriptRef = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=255,
-        pattern=r"^(?!.*\.\.)[^/\\\x00-\x1f\x7f-\x9f]+$",
+        pattern=r"^(?!.*\.\.)[^/\\\x00-\x1f\x7f-\x9f]+$(?!\n)",
         description="A plain file name: no '/', '\\' or '..'.",
         examples=["efento_bidirectional_parser.py"],
     ),
@@ -32,7 +33,7 @@ RequestId = Annotated[
     Meta(
         min_length=1,
         max_length=128,
-        pattern=r"^[A-Za-z0-9._~:-]+$",
+        pattern=r"^[A-Za-z0-9._~:-]+$(?!\n)",
         description="Client-chosen id (letters, digits, . _ ~ : -); one is generated when absent.",
     ),
 ]

@@ -1,0 +1,198 @@
+"""The HTTP layer in process: error bodies, limits, content types, ids — Kafka deliberately unreachable."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+from helpers import command
+from kafka_local import free_port
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from structlog.testing import capture_logs
+
+from pusher import create_app
+from settings import load_settings
+
+PROBLEM = "application/problem+json"
+
+
+async def _boom(request):
+    raise RuntimeError("secret internal detail /etc/passwd")
+
+
+@pytest.fixture(scope="module")
+def client():
+    """The app with its lifespan running, pointed at a port where no Kafka listens."""
+    settings = load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+            "KAFKA_PRODUCER_TIMEOUT": "1",
+            "PUBLISH_TIMEOUT": "1",
+            "MAX_BATCH": "3",
+            "MAX_BODY_BYTES": "4096",
+        },
+        env_file="/nonexistent",
+    )
+    app = create_app(settings)
+    app.router.routes.append(Route("/boom", _boom))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _problem(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"].startswith("/problems/")
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+def test_validation_error_names_the_field(client):
+    """A 422 lists each broken field with its path and a readable message."""
+    body = _problem(client.post("/api/v1/commands", json=command(qos=9, protocol="mqtt")), 422)
+    assert body["errors"] == [{"loc": "$.qos", "msg": "Expected `int` <= 2"}]
+    body = _problem(client.post("/api/v1/commands", json=command(protocol="coap", qos=1, retain=True)), 422)
+    assert [e["loc"] for e in body["errors"]] == ["$.qos", "$.retain"]
+
+
+def test_malformed_body_is_400_with_position(client):
+    """Broken JSON is a 400 that says where."""
+    body = _problem(
+        client.post("/api/v1/commands", content=b'{"device_id": }', headers={"content-type": "application/json"}), 400
+    )
+    assert "byte 14" in body["detail"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_other_content_types_are_415(client, content_type):
+    """Only JSON and MessagePack bodies are read."""
+    headers = {"content-type": content_type} if content_type else {}
+    _problem(client.post("/api/v1/commands", content=b"{}", headers=headers), 415)
+
+
+def test_json_with_charset_is_accepted(client):
+    """`application/json; charset=utf-8` is JSON (the 422 proves the body was read)."""
+    response = client.post(
+        "/api/v1/commands", content=b'{"device_id": ""}', headers={"content-type": "application/json; charset=utf-8"}
+    )
+    _problem(response, 422)
+
+
+def test_oversized_body_is_413_before_reading(client):
+    """A Content-Length over MAX_BODY_BYTES is refused without reading the body."""
+    big = json.dumps(command(payload={"blob": "x" * 5000})).encode()
+    body = _problem(client.post("/api/v1/commands", content=big, headers={"content-type": "application/json"}), 413)
+    assert "4096" in body["detail"]
+
+
+def test_oversized_chunked_body_is_413(client):
+    """A chunked body is counted as it streams and stopped at the limit."""
+
+    def chunks():
+        yield b'{"device_id": "d", "payload": {"blob": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}}'
+
+    response = client.post("/api/v1/commands", content=chunks(), headers={"content-type": "application/json"})
+    _problem(response, 413)
+
+
+def test_unknown_route_and_method_are_problems(client):
+    """404 and 405 answer problem+json too."""
+    _problem(client.get("/api/v2/nothing"), 404)
+    response = client.delete("/api/v1/commands")
+    _problem(response, 405)
+    assert "POST" in response.headers["allow"]
+
+
+def test_unexpected_error_is_a_fixed_500_with_the_traceback_only_in_the_log(client):
+    """An internal error never leaks its text; the log has the traceback under the request id."""
+    with capture_logs() as logs:
+        response = client.get("/boom", headers={"x-request-id": "trace-me-1"})
+    body = _problem(response, 500)
+    assert "secret" not in response.text and "passwd" not in response.text
+    assert body["request_id"] == "trace-me-1"
+    [error] = [entry for entry in logs if entry["event"] == "unhandled error"]
+    assert error["log_level"] == "error" and error["exc_info"]
+
+
+def test_request_id_is_echoed_or_generated(client):
+    """A sane X-Request-ID comes back; an unsafe one is replaced."""
+    assert client.get("/health", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    generated = client.get("/health", headers={"x-request-id": "bad id\r\n"}).headers["x-request-id"]
+    assert len(generated) == 32
+
+
+def test_one_summary_line_per_request(client):
+    """Each request logs method, route template, status and duration."""
+    with capture_logs() as logs:
+        client.get("/api/v1/commands/abc/status")
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert line["method"] == "GET" and line["route"] == "/api/v1/commands/{request_id}/status"
+    assert line["status"] == 404 and line["duration_ms"] >= 0
+
+
+def test_kafka_unreachable_is_503_with_retry_after(client):
+    """With no broker, a valid command is a 503 problem with Retry-After — never a 2xx."""
+    response = client.post("/api/v1/commands", json=command())
+    body = _problem(response, 503)
+    assert response.headers["retry-after"] == "2"
+    assert "Kafka" in body["detail"]
+
+
+def test_msgpack_body_reaches_the_send_path(client):
+    """A valid MessagePack command passes validation (and meets the unreachable Kafka)."""
+    response = client.post(
+        "/api/v1/commands", content=msgspec.msgpack.encode(command()), headers={"content-type": "application/msgpack"}
+    )
+    _problem(response, 503)
+    response = client.post("/api/v1/commands", content=b"\xc1", headers={"content-type": "application/msgpack"})
+    _problem(response, 400)
+
+
+def test_batch_envelope_errors(client):
+    """An invalid envelope, an empty list or more than MAX_BATCH commands is a 422 for the whole batch."""
+    _problem(client.post("/api/v1/commands/batch", json={"commands": "x"}), 422)
+    body = _problem(client.post("/api/v1/commands/batch", json={"commands": []}), 422)
+    assert body["errors"][0]["loc"] == "$.commands"
+    body = _problem(client.post("/api/v1/commands/batch", json={"commands": [command()] * 4}), 422)
+    assert "MAX_BATCH=3" in body["errors"][0]["msg"]
+
+
+def test_batch_items_fail_alone_when_kafka_is_down(client):
+    """Each item gets its own result: invalid ones 'rejected' with field errors, valid ones 'failed' (207)."""
+    response = client.post("/api/v1/commands/batch", json={"commands": [command(), command(protocol="x")]})
+    assert response.status_code == 207
+    body = response.json()
+    assert (body["successful"], body["failed"]) == (0, 2)
+    first, second = body["results"]
+    assert first["status"] == "failed" and first["error"]["status"] == 503 and first["request_id"]
+    assert second["status"] == "rejected" and second["error"]["errors"][0]["loc"] == "$.commands[1].protocol"
+
+
+def test_probes_without_kafka(client):
+    """Liveness stays 200; readiness is 503 and says why."""
+    assert client.get("/health").json() == {"status": "healthy"}
+    response = client.get("/ready")
+    assert response.status_code == 503 and response.json()["reason"]
+
+
+def test_security_headers_and_no_server_banner(client):
+    """Every answer carries nosniff; problem bodies never carry a server version."""
+    response = client.get("/health")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "server" not in response.headers
+
+
+def test_openapi_and_docs_are_served(client):
+    """/openapi.json is the document; /docs and its assets come from the app itself, no CDN."""
+    doc = client.get("/openapi.json").json()
+    assert doc["openapi"] == "3.1.0" and "/api/v1/commands" in doc["paths"]
+    page = client.get("/docs").text
+    assert "/docs/assets/swagger-ui-bundle.js" in page and "http" not in page.split("<body>")[1]
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert "SwaggerUIBundle" in client.get("/docs/init.js").text

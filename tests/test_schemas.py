@@ -1,0 +1,252 @@
+"""Validation rules and hostile bodies, decided by schemas.py alone (no server, no Kafka)."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from errors import MalformedBody, ValidationFailed
+from schemas import (
+    PLAN_BATCH_EXAMPLE,
+    PLAN_EXAMPLE,
+    check_command,
+    decode_batch,
+    decode_batch_item,
+    decode_command,
+    merged_metadata,
+    openapi_document,
+)
+
+PROTOCOLS = ("mqtt", "coap")
+
+
+def valid(**changes) -> dict:
+    body = {"device_id": "d1", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def problems(body: dict | bytes) -> list[tuple[str, str]]:
+    """All field problems for a body, decoded as JSON then checked by the rules."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        cmd = decode_command(raw, "json")
+    except ValidationFailed as exc:
+        return [(e.loc, e.msg) for e in exc.errors]
+    return [(p.loc, p.msg) for p in check_command(cmd, PROTOCOLS, 32)]
+
+
+def test_plan_examples_are_valid():
+    """The plan's single and batch examples decode and pass every rule."""
+    assert problems(PLAN_EXAMPLE) == []
+    raw = json.dumps(PLAN_BATCH_EXAMPLE).encode()
+    for index, item in enumerate(decode_batch(raw, "json")):
+        assert check_command(decode_batch_item(item, "json", index), PROTOCOLS, 32) == []
+
+
+@pytest.mark.parametrize("field", ["device_id", "command_type", "payload", "protocol"])
+def test_required_fields(field):
+    """Each required field, when missing, is named in the error."""
+    assert problems(valid(**{field: ...})) == [(f"$.{field}", "Field required")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc"),
+    [
+        ({"device_id": ""}, "$.device_id"),
+        ({"device_id": "x" * 256}, "$.device_id"),
+        ({"device_id": "a\x00b"}, "$.device_id"),
+        ({"device_id": "a\r\nb"}, "$.device_id"),
+        ({"device_id": "a\x85b"}, "$.device_id"),
+        ({"command_type": ""}, "$.command_type"),
+        ({"command_type": "x" * 129}, "$.command_type"),
+        ({"command_type": "reboot\n"}, "$.command_type"),
+        ({"protocol": "MQTT"}, "$.protocol"),
+        ({"protocol": ""}, "$.protocol"),
+        ({"parser_script_ref": "../etc/passwd"}, "$.parser_script_ref"),
+        ({"parser_script_ref": "dir/parser.py"}, "$.parser_script_ref"),
+        ({"parser_script_ref": "dir\\parser.py"}, "$.parser_script_ref"),
+        ({"parser_script_ref": ".."}, "$.parser_script_ref"),
+        ({"parser_script_ref": ""}, "$.parser_script_ref"),
+        ({"qos": 3}, "$.qos"),
+        ({"qos": -1}, "$.qos"),
+        ({"qos": "1"}, "$.qos"),
+        ({"qos": True}, "$.qos"),
+        ({"retain": "yes"}, "$.retain"),
+        ({"payload": []}, "$.payload"),
+        ({"payload": "text"}, "$.payload"),
+        ({"metadata": [1]}, "$.metadata"),
+        ({"device_id": 7}, "$.device_id"),
+        ({"request_id": "has space"}, "$.request_id"),
+        ({"request_id": "a/b"}, "$.request_id"),
+        ({"request_id": "x" * 129}, "$.request_id"),
+        ({"request_id": "abc\n"}, "$.request_id"),
+        ({"parser_script_ref": "parser.py\n"}, "$.parser_script_ref"),
+        ({"protocol": "mqtt\n"}, "$.protocol"),
+        ({"device_id": "d1\n"}, "$.device_id"),
+        ({"extra": 1}, "$.extra"),
+    ],
+)
+def test_field_rules(changes, loc):
+    """Bounded strings without control characters, plain file names, ranges and types: one error naming the field."""
+    found = problems(valid(**changes))
+    assert [where for where, _ in found] == [loc], found
+
+
+def test_messages_are_readable():
+    """Pattern failures explain the rule instead of printing a regex."""
+    [(_, msg)] = problems(valid(parser_script_ref="../x"))
+    assert msg.startswith("Must be a plain file name")
+    [(_, msg)] = problems(valid(device_id="a\nb"))
+    assert msg == "Must not contain control characters"
+    [(_, msg)] = problems(valid(extra=1))
+    assert msg == "Unknown field"
+
+
+def test_protocol_must_be_allowed():
+    """A well-formed protocol outside ALLOWED_PROTOCOLS is refused with the list."""
+    assert problems(valid(protocol="zigbee")) == [("$.protocol", "Must be one of: mqtt, coap")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc", "msg"),
+    [
+        ({"protocol": "coap", "qos": 1}, "$.qos", "Only allowed with protocol mqtt"),
+        ({"protocol": "coap", "retain": False}, "$.retain", "Only allowed with protocol mqtt"),
+        ({"protocol": "mqtt", "confirmable": True}, "$.confirmable", "Only allowed with protocol coap"),
+        ({"qos": 1, "metadata": {"qos": 2}}, "$.qos", "Conflicts with metadata.qos=2"),
+        ({"protocol": "coap", "confirmable": True, "metadata": {"confirmable": False}}, "$.confirmable", None),
+    ],
+)
+def test_protocol_options(changes, loc, msg):
+    """qos/retain only with mqtt, confirmable only with coap, and never contradicting metadata."""
+    [(where, text)] = problems(valid(**changes))
+    assert where == loc
+    if msg:
+        assert text == msg
+
+
+def test_protocol_options_merge_into_metadata():
+    """Options fold into metadata; the same value in both places is fine."""
+    cmd = decode_command(json.dumps(valid(qos=1, retain=True, metadata={"qos": 1, "topic": "t"})).encode(), "json")
+    assert check_command(cmd, PROTOCOLS, 32) == []
+    assert merged_metadata(cmd) == {"qos": 1, "topic": "t", "retain": True}
+    assert merged_metadata(decode_command(json.dumps(valid()).encode(), "json")) == {}
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+def test_payload_nesting_is_bounded():
+    """A payload nested deeper than MAX_PAYLOAD_DEPTH is a 422 naming where."""
+    assert problems(valid(payload=_nested(32))) == []
+    [(loc, msg)] = problems(valid(payload=_nested(33)))
+    assert loc.startswith("$.payload.k.k") and msg == "Nested deeper than 32 levels"
+
+
+def test_absurd_nesting_is_a_400_not_a_crash():
+    """Nesting beyond the decoder's recursion limit is a malformed body."""
+    body = b'{"device_id":"d","command_type":"c","protocol":"mqtt","payload":{"a":' + b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(MalformedBody, match="nested too deeply"):
+        decode_command(body + b"}}", "json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b'{"device_id":"d","command_type":"c","protocol":"mqtt","payload":{"x":NaN}}', "not valid JSON"),
+        (b'{"device_id":"d","command_type":"c","protocol":"mqtt","payload":{"x":Infinity}}', "not valid JSON"),
+        (b'{"device_id":"\xff","command_type":"c","protocol":"mqtt","payload":{}}', "not valid UTF-8"),
+        (
+            b'{"device_id":"d","command_type":"c","protocol":"mqtt","payload":{}} trailing',
+            r"trailing characters \(byte",
+        ),
+        (b'{"device_id":"d",', "empty or truncated"),
+        (b"", "empty or truncated"),
+        (b"\x00\x01", "not valid JSON"),
+    ],
+)
+def test_malformed_json_is_400_with_position(raw, match):
+    """NaN, invalid UTF-8, trailing garbage and truncation are malformed bodies, with the byte where it broke."""
+    with pytest.raises(MalformedBody, match=match):
+        decode_command(raw, "json")
+
+
+def test_numbers_out_of_range():
+    """1e400 and integers beyond 64 bits are refused: connectors in other languages could not read them."""
+    assert problems(b'{"device_id":"d","command_type":"c","protocol":"mqtt","payload":{"x":1e400}}')[0][0].startswith(
+        "$.payload"
+    )
+    assert problems(valid(payload={"x": 2**64})) == [("$.payload.x", "Integer outside the signed 64-bit range")]
+    assert problems(valid(payload={"x": [-(2**63), 2**63 - 1]})) == []
+
+
+def test_duplicate_keys_last_one_wins():
+    """Duplicate keys resolve as in most JSON parsers (the last wins); Kafka gets only the validated value."""
+    raw = b'{"device_id":"a","device_id":"b","command_type":"c","protocol":"mqtt","payload":{}}'
+    assert decode_command(raw, "json").device_id == "b"
+
+
+def test_not_an_object():
+    """A JSON array or string is a 422 at the root."""
+    assert problems(b"[1, 2]") == [("$", "Expected `object`, got `array`")]
+    assert problems(b'"x"') == [("$", "Expected `object`, got `str`")]
+
+
+def test_msgpack_bodies():
+    """MessagePack decodes to the same command, and garbage is a malformed body."""
+    cmd = decode_command(msgspec.msgpack.encode(PLAN_EXAMPLE), "msgpack")
+    assert cmd.device_id == "efento_device_001" and cmd.payload == {"measurement_interval": 600}
+    with pytest.raises(MalformedBody, match="not valid MessagePack"):
+        decode_command(b"\xc1", "msgpack")
+
+
+def test_batch_items_carry_their_index_in_paths():
+    """A batch item's error path starts with $.commands[i]."""
+    raw = json.dumps({"commands": [valid(), valid(qos=7)]}).encode()
+    items = decode_batch(raw, "json")
+    decode_batch_item(items[0], "json", 0)
+    with pytest.raises(ValidationFailed) as caught:
+        decode_batch_item(items[1], "json", 1)
+    assert [(e.loc, e.msg) for e in caught.value.errors] == [("$.commands[1].qos", "Expected `int` <= 2")]
+
+
+def test_batch_envelope_is_strict():
+    """The envelope must be an object with a `commands` list and nothing else."""
+    for raw in (b"[]", b'{"commands": {}}', b'{"commands": [], "x": 1}', b"{}"):
+        with pytest.raises(ValidationFailed):
+            decode_batch(raw, "json")
+
+
+def test_openapi_lists_every_route_with_problem_responses():
+    """The OpenAPI 3.1 document names every operation, its body, its responses and the plan's examples."""
+    doc = openapi_document()
+    assert doc["openapi"] == "3.1.0"
+    assert set(doc["paths"]) == {
+        "/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/{request_id}/status",
+        "/health", "/ready", "/api/v1/status", "/api/v1/metrics",
+    }  # fmt: skip
+    single = doc["paths"]["/api/v1/commands"]["post"]
+    assert single["requestBody"]["content"]["application/json"]["example"] == PLAN_EXAMPLE
+    assert "application/msgpack" in single["requestBody"]["content"]
+    assert set(single["responses"]) >= {"200", "400", "413", "415", "422", "500", "503"}
+    assert "application/problem+json" in single["responses"]["422"]["content"]
+    schemas = doc["components"]["schemas"]
+    assert {"CommandRequest", "CommandResponse", "Problem", "BatchCommandResponse", "CommandStatus"} <= set(schemas)
+    assert schemas["CommandRequest"]["properties"]["qos"]["anyOf"][0]["maximum"] == 2
+    refs = json.dumps(doc).count("#/components/schemas/")
+    assert refs > 10 and all(ref.split("/")[-1] in schemas for ref in _refs(doc))
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []

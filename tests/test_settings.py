@@ -1,0 +1,80 @@
+"""Settings: names from the plan, .env support, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+from settings import Settings, SettingsError, load_settings
+
+
+def test_defaults():
+    """With nothing set, the documented defaults apply."""
+    settings = load_settings({}, env_file="/nonexistent")
+    assert settings == Settings()
+    assert settings.kafka_command_topic == "device_commands"
+    assert settings.publish_timeout == 5.0 and settings.max_batch == 500 and settings.max_body_bytes == 1_048_576
+    assert settings.allowed_protocols == ("mqtt", "coap")
+
+
+def test_environment_values_are_converted():
+    """Strings from the environment become numbers, booleans and lists."""
+    settings = load_settings(
+        {
+            "API_PORT": "9000",
+            "PUBLISH_TIMEOUT": "2.5",
+            "KAFKA_CREATE_TOPIC": "true",
+            "ALLOWED_PROTOCOLS": "mqtt, coap ,lwm2m",
+            "LOG_LEVEL": "debug",
+            "UNRELATED": "ignored",
+        },
+        env_file="/nonexistent",
+    )
+    assert settings.api_port == 9000 and settings.publish_timeout == 2.5 and settings.kafka_create_topic is True
+    assert settings.allowed_protocols == ("mqtt", "coap", "lwm2m") and settings.log_level == "DEBUG"
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path):
+    """A .env file supplies values; the real environment overrides it."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("KAFKA_COMMAND_TOPIC=from_file\nAPI_PORT=7000\n")
+    settings = load_settings({"API_PORT": "7001"}, env_file=env_file)
+    assert settings.kafka_command_topic == "from_file" and settings.api_port == 7001
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("API_PORT", "eighty"),
+        ("API_PORT", "70000"),
+        ("PUBLISH_TIMEOUT", "0"),
+        ("KAFKA_CREATE_TOPIC", "maybe"),
+        ("LOG_LEVEL", "LOUD"),
+        ("MAX_BATCH", "0"),
+        ("KAFKA_COMMAND_TOPIC", "bad topic"),
+        ("ALLOWED_PROTOCOLS", "MQTT"),
+    ],
+)
+def test_bad_value_names_the_variable(name, value):
+    """The error message starts with the variable's name and its value."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({name: value}, env_file="/nonexistent")
+    assert str(caught.value).startswith(f"{name}=")
+
+
+def test_bad_value_stops_the_start_with_one_line():
+    """`python -m pusher` with a bad setting exits 2 and prints one line naming it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pusher"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "API_PORT": "eighty", "ENV_FILE": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pusher: API_PORT='eighty' is invalid")
