@@ -9,21 +9,35 @@ import structlog
 
 
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    """Route structlog (and the stdlib loggers of uvicorn and kafka-python) to stdout at `level`."""
+    """Route structlog and the stdlib loggers (uvicorn, kafka-python) to stdout, one format for all."""
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    numeric = logging.getLevelNamesMapping()[level]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
-    # kafka-python is chatty at INFO while a broker is down; its failures surface through our own lines.
-    logging.basicConfig(level=level, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level]))
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # kafka-python logs each failed reconnect at ERROR, dozens a second in an outage; our own lines
+    # say when Kafka comes and goes and why a command failed. LOG_LEVEL=DEBUG shows its lines again.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)

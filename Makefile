@@ -1,0 +1,45 @@
+# Every target does one thing; CI calls these same targets.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SYSTEM_PYTHON ?= python3
+
+.PHONY: install system-packages run test lint kafka-up kafka-down clean
+
+install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+system-packages:  ## Debian packages the tests need (Java, Maven, Chromium), when missing
+	scripts/system-packages.sh
+
+run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service
+	@if [ -z "$$KAFKA_BOOTSTRAP_SERVERS" ]; then \
+	  bootstrap=$$($(SYSTEM_PYTHON) scripts/kafka_local.py up) || exit 1; \
+	  echo "Local Kafka at $$bootstrap (stop it with: make kafka-down)"; \
+	  export KAFKA_BOOTSTRAP_SERVERS=$$bootstrap KAFKA_CREATE_TOPIC=$${KAFKA_CREATE_TOPIC:-true}; \
+	fi; \
+	url=http://$${API_HOST:-127.0.0.1}:$${API_PORT:-8000}; \
+	echo "Preservarium Pusher on $$url   API docs: $$url/docs"; \
+	echo "Try: curl -X POST $$url/api/v1/commands -H 'Content-Type: application/json' \\"; \
+	echo "       -d '{\"device_id\": \"efento_device_001\", \"command_type\": \"config_update\", \"payload\": {\"measurement_interval\": 600}, \"protocol\": \"coap\"}'"; \
+	exec $(PY) -m pusher
+
+test: install system-packages  ## the whole suite, against a real Kafka broker it starts itself
+	$(PY) -m pytest
+
+lint: install  ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+kafka-up:  ## start the local Kafka broker (127.0.0.1:9092, or KAFKA_LOCAL_PORT)
+	@$(SYSTEM_PYTHON) scripts/kafka_local.py up
+
+kafka-down:  ## stop the local Kafka broker started by kafka-up / run
+	@$(SYSTEM_PYTHON) scripts/kafka_local.py down
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

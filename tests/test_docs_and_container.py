@@ -1,0 +1,136 @@
+"""What a person sees and runs: /docs in a real headless Chromium, and the Containerfile's commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from helpers import ROOT, ServiceProcess
+from kafka_local import free_port
+
+from settings import Settings
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_docs_page_lists_the_operations_in_chromium(tmp_path):
+    """Swagger UI, served by the app from a PyPI package, renders every operation in a real browser."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test (make test installs it)"
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start(wait_ready=False)
+    try:
+        result = subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                service.url + "/docs",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        service.stop()
+    dom = result.stdout
+    assert "swagger-ui" in dom, result.stderr[-2000:]
+    assert "Preservarium Pusher API" in dom
+    operations = set(re.findall(r'data-path="([^"]+)"', dom))
+    assert {"/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/{request_id}/status"} <= operations
+    assert {"/health", "/ready", "/api/v1/status", "/api/v1/metrics"} <= operations
+    assert "Push a single command to a device" in dom
+
+
+def _containerfile() -> tuple[list[str], list[str], list[str]]:
+    """CMD, HEALTHCHECK CMD (exec forms) and the files COPY puts into /app."""
+    text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M)[1])
+    health = json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)[1])
+    copied = re.search(r"^COPY (?!--from)(?!requirements)(.+) \./$", text, re.M)[1].split()
+    return cmd, health, copied
+
+
+def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_bootstrap, topic):
+    """The tree the Containerfile copies is complete: its CMD serves, and its HEALTHCHECK passes (no curl)."""
+    cmd, health, copied = _containerfile()
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    for name in copied:
+        shutil.copy(ROOT / name, app_dir / name)
+    assert cmd[:2] == ["uvicorn", "pusher:app"] and health[0] == "python"
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / cmd[0]), *cmd[1:]]
+    cmd[cmd.index("--port") + 1] = str(port)
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "API_PORT": str(port),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA_COMMAND_TOPIC": topic,
+        "LOG_FORMAT": "json",
+        "ENV_FILE": "/nonexistent",
+    }
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(cmd, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            probe = subprocess.run([sys.executable, *health[1:]], env=env, capture_output=True)
+            if probe.returncode == 0:
+                break
+            assert server.poll() is None, log_path.read_text()
+            time.sleep(0.3)
+        else:
+            pytest.fail("HEALTHCHECK never passed")
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/commands",
+            json={"device_id": "c1", "command_type": "reboot", "payload": {}, "protocol": "mqtt"},
+        )
+        assert response.status_code == 200, response.text
+        assert "server" not in response.headers
+    finally:
+        server.terminate()
+        server.wait(30)
+    # a stopped service fails the HEALTHCHECK
+    assert subprocess.run([sys.executable, *health[1:]], env=env, capture_output=True).returncode != 0
+
+
+def test_container_copies_every_module_the_app_imports():
+    """Every top-level module of the project that the service imports is in the image."""
+    _, _, copied = _containerfile()
+    modules = {p.name for p in ROOT.glob("*.py")}
+    assert modules <= set(copied), modules - set(copied)
+
+
+def test_compose_file_wires_kafka_and_the_service():
+    """compose.yaml builds the Containerfile, health-checks both services, and sets only real settings."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    kafka, pusher = compose["services"]["kafka"], compose["services"]["pusher"]
+    assert kafka["image"].startswith("apache/kafka:4") and kafka["environment"]["KAFKA_PROCESS_ROLES"]
+    assert "healthcheck" in kafka and "healthcheck" in pusher
+    assert pusher["build"]["dockerfile"] == "Containerfile"
+    assert pusher["depends_on"]["kafka"]["condition"] == "service_healthy"
+    known = {name.upper() for name in Settings.__struct_fields__}
+    assert set(pusher["environment"]) <= known
+    assert any(volume.endswith(":/data") for volume in pusher["volumes"])
+    assert os.path.basename(pusher["healthcheck"]["test"][1]) == "python"
