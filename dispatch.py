@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import structlog
@@ -139,27 +140,7 @@ class Dispatcher:
         self.counters.commands_processed += 1
         self._latency_total_ms += (time.perf_counter() - started) * 1000
         self.counters.publish_latency_ms_avg = round(self._latency_total_ms / self.counters.commands_processed, 3)
-        self.index.put(
-            CommandStatus(
-                request_id=request_id,
-                device_id=cmd.device_id,
-                command_type=cmd.command_type,
-                status="published",
-                created_at=now,
-                updated_at=utc_now(),
-                topic=delivery.topic,
-                partition=delivery.partition,
-                offset=delivery.offset,
-            )
-        )
-        log.info(
-            "command published",
-            command_id=request_id,
-            device_id=cmd.device_id,
-            command_type=cmd.command_type,
-            partition=delivery.partition,
-            offset=delivery.offset,
-        )
+        self._remember(cmd, request_id, now, "published", delivery=delivery)
         return CommandResponse(
             success=True,
             request_id=request_id,
@@ -177,23 +158,38 @@ class Dispatcher:
             self.counters.kafka_unavailable += 1
         detail = error.detail if isinstance(error, PusherError) else "unexpected error"
         self.last_error, self.last_error_at = detail, utc_now()
+        self._remember(cmd, request_id, now, "failed", error=detail)
+
+    def _remember(
+        self,
+        cmd: CommandRequest,
+        request_id: str,
+        now: datetime,
+        status: str,
+        delivery: Delivery | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Keep the outcome in the status index and log it, one line per command."""
+        where = asdict(delivery) if delivery else {}
         self.index.put(
             CommandStatus(
                 request_id=request_id,
                 device_id=cmd.device_id,
                 command_type=cmd.command_type,
-                status="failed",
+                status=status,
                 created_at=now,
-                updated_at=self.last_error_at,
-                error=detail,
+                updated_at=utc_now(),
+                error=error,
+                **where,
             )
         )
-        log.warning(
-            "command not published",
+        (log.info if delivery else log.warning)(
+            f"command {status}",
             command_id=request_id,
             device_id=cmd.device_id,
             command_type=cmd.command_type,
-            error=detail,
+            error=error,
+            **where,
         )
 
     def rejected(self, count: int = 1) -> None:

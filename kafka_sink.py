@@ -105,7 +105,6 @@ class KafkaSink:
         self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.in_flight = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,17 +224,14 @@ class KafkaSink:
         except Exception as exc:
             job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
             return
-        self.in_flight += 1
         record.add_callback(self._on_ack, job)
         record.add_errback(self._on_error, job)
 
     def _on_ack(self, job: _Job, metadata) -> None:
-        self.in_flight -= 1
         delivery = Delivery(metadata.topic, metadata.partition, metadata.offset)
         job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
-        self.in_flight -= 1
         job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
 
     def _fail_queued(self, error: SinkError) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka_local import free_port
+from kafka_local import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,14 +96,7 @@ class ServiceProcess:
         """Signal the process and wait for it; return its exit code."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        code = self.process.returncode
+        code = stop_process(self.process, sig, timeout)
         self.process = None
         return code
 
