@@ -1,22 +1,27 @@
-"""The send path: a validated command becomes a Kafka record, is published, and its outcome is recorded.
+"""The send path: journal first, then Kafka.
 
-A reader follows a command from HTTP to Kafka through pusher.py (decode, answer) and this
-module (build the record, publish, wait, remember). Nothing here touches kafka-python.
+A validated command becomes its Kafka record here, is written to the journal (group-committed,
+fsynced), handed to the forwarder, and answered: 200 when Kafka acknowledged it within
+PUBLISH_TIMEOUT, 202 when it is safely journaled and will follow. A reader follows a command
+from HTTP to Kafka through pusher.py (decode, answer), this module, and forwarder.py.
+Nothing here touches kafka-python or sqlite3.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import asdict
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+import msgspec
 import structlog
 
-from errors import PusherError, SinkError, SinkTimeout
-from kafka_sink import Delivery, KafkaSink
+from errors import IdempotencyConflict, JournalError, MessageRejected, PusherError
+from forwarder import Forwarder, Outcome
+from journal import Accepted, Journal, JournalRow, NewCommand, Pending
 from schemas import (
     JSON_ENCODER,
     BatchCommandResponse,
@@ -25,12 +30,14 @@ from schemas import (
     CommandResponse,
     CommandStatus,
     Counters,
+    Transition,
     merged_metadata,
     problem_for,
 )
 from settings import Settings
 
 log = structlog.get_logger("dispatch")
+_HASH_ENCODER = msgspec.json.Encoder(order="sorted")
 
 
 def utc_now() -> datetime:
@@ -38,41 +45,41 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class StatusIndex:
-    """The most recent command statuses of this process, oldest evicted first (the journal makes it durable)."""
+def _at(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, CommandStatus] = OrderedDict()
 
-    def put(self, status: CommandStatus) -> None:
-        """Record or replace a command's status."""
-        self._items[status.request_id] = status
-        self._items.move_to_end(status.request_id)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A command's result and the HTTP status it earns (200 published, 202 accepted)."""
 
-    def get(self, request_id: str) -> CommandStatus | None:
-        """The command's status, or None when unknown (never seen, or evicted)."""
-        return self._items.get(request_id)
-
-    def __len__(self) -> int:
-        return len(self._items)
+    response: CommandResponse
+    http_status: int
 
 
 class Dispatcher:
-    """Publishes commands through the sink, waits for Kafka's acknowledgement, and keeps the counters."""
+    """Journals commands, hands them to the forwarder, waits briefly for Kafka, and keeps the counters."""
 
-    def __init__(self, settings: Settings, sink: KafkaSink) -> None:
+    def __init__(self, settings: Settings, journal: Journal, forwarder: Forwarder) -> None:
         self.settings = settings
-        self.sink = sink
-        self.index = StatusIndex(settings.status_index_size)
+        self.journal = journal
+        self.forwarder = forwarder
         self.counters = Counters()
         self.last_error: str | None = None
         self.last_error_at: datetime | None = None
         self._latency_total_ms = 0.0
+        self._latency_count = 0
 
-    def _record(self, cmd: CommandRequest, request_id: str, now: datetime, traceparent: str | None):
+    # ------------------------------------------------------------------ building records
+
+    def _new_command(
+        self, cmd: CommandRequest, idem_key: str | None, traceparent: str | None, now: datetime
+    ) -> NewCommand:
+        request_id = cmd.request_id or str(uuid.uuid4())
+        expires_at = cmd.expires_at.astimezone(UTC) if cmd.expires_at else None
+        ttl = cmd.ttl_seconds or (self.settings.default_ttl or None)
+        if expires_at is None and ttl:
+            expires_at = now + timedelta(seconds=ttl)
         message = CommandMessage(
             request_id=request_id,
             device_id=cmd.device_id,
@@ -82,123 +89,249 @@ class Dispatcher:
             parser_script_ref=cmd.parser_script_ref,
             metadata=merged_metadata(cmd),
             timestamp=now,
+            expires_at=expires_at,
         )
         headers = [("request_id", request_id.encode()), ("content-type", b"application/json")]
         if traceparent:
             headers.append(("traceparent", traceparent.encode()))
-        return cmd.device_id.encode(), JSON_ENCODER.encode(message), headers
-
-    def _start(self, cmd: CommandRequest, traceparent: str | None) -> tuple[str, datetime, asyncio.Future[Delivery]]:
-        request_id = cmd.request_id or str(uuid.uuid4())
-        now = utc_now()
-        key, value, headers = self._record(cmd, request_id, now, traceparent)
-        return request_id, now, self.sink.publish(key, value, headers)
-
-    async def push(self, cmd: CommandRequest, traceparent: str | None = None) -> CommandResponse:
-        """Publish one command and wait for Kafka's ack; raises SinkError when it is not acknowledged."""
-        request_id, now, future = self._start(cmd, traceparent)
-        started = time.perf_counter()
-        try:
-            delivery = await asyncio.wait_for(future, self.settings.publish_timeout)
-        except (SinkError, TimeoutError) as exc:
-            error = exc if isinstance(exc, SinkError) else SinkTimeout("Kafka did not acknowledge in time")
-            self._failed(cmd, request_id, now, error)
-            raise error from None
-        return self._published(cmd, request_id, now, delivery, started)
-
-    async def push_batch(
-        self, items: list[CommandRequest | PusherError], traceparent: str | None = None
-    ) -> BatchCommandResponse:
-        """Publish every valid item in order and wait for all acks; invalid items fail alone."""
-        self.counters.batches += 1
-        started = time.perf_counter()
-        pending = [item if isinstance(item, PusherError) else (item, *self._start(item, traceparent)) for item in items]
-        futures = [entry[3] for entry in pending if not isinstance(entry, PusherError)]
-        if futures:
-            await asyncio.wait(futures, timeout=self.settings.publish_timeout)
-        results: list[CommandResponse] = []
-        for entry in pending:
-            if isinstance(entry, PusherError):
-                results.append(failed_result(None, entry, "rejected"))
-                continue
-            cmd, request_id, now, future = entry
-            if future.done() and future.exception() is None:
-                results.append(self._published(cmd, request_id, now, future.result(), started))
-                continue
-            error = future.exception() if future.done() else SinkTimeout("Kafka did not acknowledge in time")
-            future.cancel()
-            self._failed(cmd, request_id, now, error)
-            results.append(failed_result(request_id, error, "failed"))
-        successful = sum(r.success for r in results)
-        return BatchCommandResponse(
-            total_commands=len(results), successful=successful, failed=len(results) - successful, results=results
-        )
-
-    def _published(
-        self, cmd: CommandRequest, request_id: str, now: datetime, delivery: Delivery, started: float
-    ) -> CommandResponse:
-        self.counters.commands_processed += 1
-        self._latency_total_ms += (time.perf_counter() - started) * 1000
-        self.counters.publish_latency_ms_avg = round(self._latency_total_ms / self.counters.commands_processed, 3)
-        self._remember(cmd, request_id, now, "published", delivery=delivery)
-        return CommandResponse(
-            success=True,
+        if expires_at is not None:
+            headers.append(("expires_at", JSON_ENCODER.encode(expires_at)[1:-1]))
+        return NewCommand(
             request_id=request_id,
-            status="published",
-            message="Command published to Kafka",
-            timestamp=now,
-            topic=delivery.topic,
-            partition=delivery.partition,
-            offset=delivery.offset,
-        )
-
-    def _failed(self, cmd: CommandRequest, request_id: str, now: datetime, error: BaseException) -> None:
-        self.counters.commands_failed += 1
-        if isinstance(error, SinkError) and error.retriable:
-            self.counters.kafka_unavailable += 1
-        detail = error.detail if isinstance(error, PusherError) else "unexpected error"
-        self.last_error, self.last_error_at = detail, utc_now()
-        self._remember(cmd, request_id, now, "failed", error=detail)
-
-    def _remember(
-        self,
-        cmd: CommandRequest,
-        request_id: str,
-        now: datetime,
-        status: str,
-        delivery: Delivery | None = None,
-        error: str | None = None,
-    ) -> None:
-        """Keep the outcome in the status index and log it, one line per command."""
-        where = asdict(delivery) if delivery else {}
-        self.index.put(
-            CommandStatus(
-                request_id=request_id,
-                device_id=cmd.device_id,
-                command_type=cmd.command_type,
-                status=status,
-                created_at=now,
-                updated_at=utc_now(),
-                error=error,
-                **where,
-            )
-        )
-        (log.info if delivery else log.warning)(
-            f"command {status}",
-            command_id=request_id,
+            idem_key=idem_key,
+            client_request_id=cmd.request_id is not None,
+            body_hash=hashlib.sha256(_HASH_ENCODER.encode(cmd)).digest(),
             device_id=cmd.device_id,
             command_type=cmd.command_type,
-            error=error,
-            **where,
+            created_at=now.timestamp(),
+            expires_at=expires_at.timestamp() if expires_at else None,
+            key=cmd.device_id.encode(),
+            value=JSON_ENCODER.encode(message),
+            headers=headers,
         )
+
+    # ------------------------------------------------------------------ the send path
+
+    async def push(
+        self,
+        cmd: CommandRequest,
+        idem_key: str | None = None,
+        prefer_async: bool = False,
+        traceparent: str | None = None,
+    ) -> Answer:
+        """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502."""
+        started = time.perf_counter()
+        new = self._new_command(cmd, idem_key, traceparent, utc_now())
+        [accepted] = await self.journal.accept([new])
+        future, handed_over = self._submit(new, accepted)
+        if handed_over and not prefer_async:
+            await asyncio.wait({future}, timeout=self.settings.publish_timeout)
+        answer = self._answer(new, accepted, future, started)
+        if not answer.response.success and answer.response.error is not None:
+            raise _error_from(answer.response, accepted)
+        return answer
+
+    async def push_batch(
+        self,
+        items: list[CommandRequest | PusherError],
+        idem_key: str | None = None,
+        prefer_async: bool = False,
+        traceparent: str | None = None,
+    ) -> tuple[BatchCommandResponse, int]:
+        """Journal every valid item in one transaction, hand them over in order, wait once for all."""
+        self.counters.batches += 1
+        started = time.perf_counter()
+        now = utc_now()
+        news = {
+            i: self._new_command(item, f"{idem_key}#{i}" if idem_key else None, traceparent, now)
+            for i, item in enumerate(items)
+            if not isinstance(item, PusherError)
+        }
+        accepted = dict(zip(news, await self.journal.accept(list(news.values())), strict=True)) if news else {}
+        submitted = {i: self._submit(news[i], accepted[i]) for i in news}
+        futures = {i: future for i, (future, _) in submitted.items()}
+        waiting = {future for future, handed_over in submitted.values() if handed_over}
+        if waiting and not prefer_async:
+            await asyncio.wait(waiting, timeout=self.settings.publish_timeout)
+        results = [
+            failed_result(None, item, "rejected")
+            if isinstance(item, PusherError)
+            else self._answer(news[i], accepted[i], futures[i], started).response
+            for i, item in enumerate(items)
+        ]
+        if (
+            accepted
+            and all(a.outcome in ("full", "unavailable") for a in accepted.values())
+            and len(news) == len(items)
+        ):
+            raise next(iter(accepted.values())).error
+        successful = sum(r.success for r in results)
+        body = BatchCommandResponse(
+            total_commands=len(results), successful=successful, failed=len(results) - successful, results=results
+        )
+        if body.failed:
+            return body, 207
+        return body, 202 if any(r.status == "accepted" for r in results) else 200
+
+    def _submit(self, new: NewCommand, accepted: Accepted) -> tuple[asyncio.Future[Outcome] | None, bool]:
+        """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""
+        if accepted.outcome != "inserted":
+            return None, False
+        self.counters.commands_accepted += 1
+        pending = Pending(
+            seq=accepted.row.seq,
+            request_id=new.request_id,
+            device_id=new.device_id,
+            created_at=new.created_at,
+            expires_at=new.expires_at,
+            key=new.key,
+            value=new.value,
+            headers=new.headers,
+        )
+        return self.forwarder.submit(pending)
+
+    def _answer(
+        self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None, started: float
+    ) -> Answer:
+        if accepted.outcome == "replayed":
+            self.counters.commands_replayed += 1
+            return _replay(accepted.row)
+        if accepted.outcome == "conflict":
+            error = IdempotencyConflict(
+                f"This key was used for request_id {accepted.row.request_id!r} with a different body"
+            )
+            return Answer(failed_result(accepted.row.request_id, error, "rejected"), 409)
+        if accepted.outcome in ("full", "unavailable"):
+            self._note_error(accepted.error.detail)
+            return Answer(failed_result(None, accepted.error, "failed"), accepted.error.status)
+        expires = _at(new.expires_at)
+        created = _at(new.created_at)
+        if future is None or not future.done():
+            return Answer(_accepted(new.request_id, created, expires), 202)
+        outcome = future.result()
+        if outcome.status == "published":
+            self._latency_total_ms += (time.perf_counter() - started) * 1000
+            self._latency_count += 1
+            self.counters.publish_latency_ms_avg = round(self._latency_total_ms / self._latency_count, 3)
+            d = outcome.delivery
+            response = CommandResponse(
+                success=True,
+                request_id=new.request_id,
+                status="published",
+                message="Command published to Kafka",
+                timestamp=created,
+                topic=d.topic,
+                partition=d.partition,
+                offset=d.offset,
+                expires_at=expires,
+            )
+            return Answer(response, 200)
+        self._note_error(outcome.error)
+        error = MessageRejected(f"{outcome.error} (request_id {new.request_id!r})")
+        if outcome.status == "expired":
+            return Answer(
+                CommandResponse(
+                    success=False,
+                    request_id=new.request_id,
+                    status="expired",
+                    message="Command expired before it could be published",
+                    timestamp=created,
+                    expires_at=expires,
+                ),
+                200,
+            )
+        return Answer(failed_result(new.request_id, error, "failed"), 502)
+
+    def _note_error(self, detail: str | None) -> None:
+        self.last_error, self.last_error_at = detail, utc_now()
 
     def rejected(self, count: int = 1) -> None:
         """Count commands refused by validation."""
         self.counters.commands_rejected += count
 
+    # ------------------------------------------------------------------ reads
+
+    def status(self, request_id: str) -> CommandStatus | None:
+        """The journal's view of one command."""
+        row = self.journal.get(request_id)
+        return None if row is None else command_status(row)
+
+    def snapshot(self) -> Counters:
+        """The counters, with the forwarder's outcomes and the backlog filled in."""
+        c = self.counters
+        f = self.forwarder.counters
+        c.commands_processed, c.commands_expired, c.commands_failed = f["published"], f["expired"], f["failed"]
+        c.backlog = self.journal.pending_count
+        oldest = self.journal.oldest_pending_created_at()
+        c.oldest_pending_age_seconds = None if oldest is None else round(max(0.0, time.time() - oldest), 3)
+        return c
+
+
+def command_status(row: JournalRow) -> CommandStatus:
+    """A journal row as the status API shows it."""
+    return CommandStatus(
+        request_id=row.request_id,
+        device_id=row.device_id,
+        command_type=row.command_type,
+        status=row.status,
+        created_at=_at(row.created_at),
+        updated_at=_at(row.updated_at),
+        expires_at=_at(row.expires_at),
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        error=row.error,
+        history=[Transition(status=s, at=_at(at), detail=detail) for s, at, detail in row.history],
+    )
+
+
+def _accepted(request_id: str, created: datetime, expires: datetime | None) -> CommandResponse:
+    return CommandResponse(
+        success=True,
+        request_id=request_id,
+        status="accepted",
+        message="Command stored; it will be published when Kafka acknowledges it",
+        timestamp=created,
+        expires_at=expires,
+    )
+
+
+def _replay(row: JournalRow) -> Answer:
+    """The original result of a repeated request, with its current status."""
+    created, expires = _at(row.created_at), _at(row.expires_at)
+    if row.status == "accepted":
+        response = _accepted(row.request_id, created, expires)
+        return Answer(msgspec.structs.replace(response, replayed=True), 202)
+    response = CommandResponse(
+        success=row.status == "published",
+        request_id=row.request_id,
+        status=row.status,
+        message={
+            "published": "Command published to Kafka",
+            "expired": "Command expired before it could be published",
+            "failed": f"Command failed: {row.error}",
+        }[row.status],
+        timestamp=created,
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        expires_at=expires,
+        replayed=True,
+    )
+    return Answer(response, 200)
+
+
+def _error_from(response: CommandResponse, accepted: Accepted) -> PusherError:
+    """The exception a failed single command answers with (the batch keeps it inside its result)."""
+    if accepted.outcome == "conflict":
+        return IdempotencyConflict(response.error.detail)
+    if isinstance(accepted.error, JournalError):
+        return accepted.error
+    return MessageRejected(response.error.detail)
+
 
 def failed_result(request_id: str | None, error: BaseException, status: str) -> CommandResponse:
-    """A batch item's failure, carrying its problem."""
+    """A failed command's result, carrying its problem."""
     problem = problem_for(error)
     return CommandResponse(
         success=False, request_id=request_id, status=status, message=problem.title, timestamp=utc_now(), error=problem

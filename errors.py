@@ -7,11 +7,15 @@
     │   ├── UnsupportedMediaType     415
     │   ├── ValidationFailed         422: field errors with their paths ($.commands[3].qos)
     │   ├── NotFound                 404
-    │   └── MethodNotAllowed         405
+    │   ├── MethodNotAllowed         405
+    │   └── IdempotencyConflict      409: the key was used before with another body
     └── SinkError                    Kafka could not take the command
         ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
         ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
         └── MessageRejected          502: Kafka refused it for good (too large, not authorised, …)
+    └── JournalError                 503: the command could not be made durable locally
+        ├── JournalFull              JOURNAL_MAX_PENDING or JOURNAL_MAX_BYTES reached
+        └── JournalUnavailable       the file cannot be written (disk full, read-only, I/O error)
 
 kafka-python's own errors are translated into these in kafka_sink.py, and nowhere else.
 """
@@ -103,6 +107,7 @@ class SinkError(PusherError):
     title = "Kafka unavailable"
     retriable = True
     retry_after = 2
+    uncertain = False  # True when the record may have reached Kafka despite the error
 
 
 class SinkUnavailable(SinkError):
@@ -132,3 +137,31 @@ class MethodNotAllowed(RequestError):
     status = 405
     slug = "method-not-allowed"
     title = "Method not allowed"
+
+
+class IdempotencyConflict(RequestError):
+    """The Idempotency-Key (or client request_id) was used before with a different body."""
+
+    status = 409
+    slug = "idempotency-conflict"
+    title = "Idempotency key reused with a different request"
+
+
+class JournalError(PusherError):
+    """The command could not be made durable in the local journal; nothing was stored."""
+
+    status = 503
+    slug = "journal-unavailable"
+    title = "Journal unavailable"
+    retry_after = 5
+
+
+class JournalFull(JournalError):
+    """Too many commands are waiting for Kafka (JOURNAL_MAX_PENDING / JOURNAL_MAX_BYTES)."""
+
+    slug = "journal-full"
+    title = "Journal full"
+
+
+class JournalUnavailable(JournalError):
+    """The journal file cannot be written: disk full, read-only, or an I/O error."""

@@ -1,10 +1,16 @@
 """The one kafka-python producer of the process, on its own thread, with its futures bridged into asyncio.
 
-Handlers call `KafkaSink.publish()`, which only puts a job on a queue and returns an asyncio
-future: the event loop never blocks on Kafka. The sender thread owns the producer (creating it,
-and re-creating it while no broker answers); a monitor thread checks the command topic's
-metadata for `/ready` and creates the topic when asked to. kafka-python's errors become the
-`SinkError`s of errors.py here, and nowhere else.
+`KafkaSink.publish()` only puts a job on a queue and returns an asyncio future: the event
+loop never blocks on Kafka. The sender thread owns the producer (creating it, and trying
+again while no broker answers); a monitor thread checks the command topic's metadata for
+`/ready` and creates the topic when asked to. kafka-python's errors become the `SinkError`s
+of errors.py here, and nowhere else.
+
+Order: once one record could not be handed to the producer, the sink holds, refusing every
+later record, until the forwarder calls `resume()` after putting the failed ones back in
+front. Otherwise a later command to a device could overtake an earlier one. The producer
+never gives a record up on its own (its delivery timeout is effectively infinite): while
+Kafka is away, records already inside it wait there and go out, in order, when it returns.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from enum import Enum
 
 import kafka.errors as kerr
 import structlog
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
 from settings import Settings
@@ -76,19 +82,22 @@ class _Job:
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
-    deadline: float
 
 
-def translate(exc: BaseException) -> SinkError:
-    """Map a kafka-python error to our SinkError, marked retriable or not."""
+def translate(exc: BaseException, sent: bool) -> SinkError:
+    """Map a kafka-python error to our SinkError; `sent` errors leave the record's fate uncertain."""
     name = type(exc).__name__
     if isinstance(exc, SinkError):
         return exc
     if isinstance(exc, _PERMANENT):
         return MessageRejected(f"Kafka refused the record: {name}")
-    if isinstance(exc, kerr.KafkaTimeoutError):
-        return SinkTimeout("Kafka did not acknowledge the command in time")
-    return SinkUnavailable(f"Kafka is unavailable ({name})")
+    error = (
+        SinkTimeout("Kafka did not acknowledge the command in time")
+        if isinstance(exc, kerr.KafkaTimeoutError)
+        else SinkUnavailable(f"Kafka is unavailable ({name})")
+    )
+    error.uncertain = sent
+    return error
 
 
 class KafkaSink:
@@ -104,6 +113,7 @@ class KafkaSink:
         self._health = SinkHealth(False, "not checked yet", None, 0)
         self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
+        self._holding = threading.Event()  # set: refuse records until resume()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,16 +168,23 @@ class KafkaSink:
         """Queue one record; the future resolves with its Delivery or a SinkError."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Delivery] = loop.create_future()
+        refusal = None
         if self.state is not SinkState.RUNNING:
-            future.set_exception(SinkUnavailable("The service is shutting down"))
+            refusal = SinkUnavailable("The service is shutting down")
         elif self._producer is None:
-            future.set_exception(SinkUnavailable("Not connected to Kafka yet"))
+            refusal = SinkUnavailable("Not connected to Kafka yet")
         elif self._health.topic_missing:
-            future.set_exception(SinkUnavailable(f"The command topic {self.topic!r} does not exist"))
+            refusal = SinkUnavailable(f"The command topic {self.topic!r} does not exist")
+        if refusal is not None:
+            self._holding.set()
+            future.set_exception(refusal)
         else:
-            deadline = time.monotonic() + self.settings.publish_timeout
-            self._jobs.put(_Job(loop, future, key, value, headers, deadline))
+            self._jobs.put(_Job(loop, future, key, value, headers))
         return future
+
+    def resume(self) -> None:
+        """Take records again after a refusal; the caller has put the refused ones back in order."""
+        self._holding.clear()
 
     def _sender_loop(self) -> None:
         while not self._stop.is_set():
@@ -188,7 +205,6 @@ class KafkaSink:
         if not self._any_broker_listens():
             self._set_health(SinkHealth(False, _NO_BROKER, None, 0))
             return None
-        request_timeout_ms = int(min(s.kafka_producer_timeout, s.publish_timeout) * 1000) - s.kafka_linger_ms
         try:
             producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap_servers.split(","),
@@ -197,11 +213,11 @@ class KafkaSink:
                 enable_idempotence=True,
                 linger_ms=s.kafka_linger_ms,
                 compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
-                # A record not acknowledged within PUBLISH_TIMEOUT was answered 503: let the producer
-                # give it up rather than deliver it long after the client was told it failed.
-                delivery_timeout_ms=int(s.publish_timeout * 1000),
-                request_timeout_ms=max(request_timeout_ms, 1000),
-                max_block_ms=int(s.publish_timeout * 1000),
+                # The journal holds every record until it is acknowledged, so the producer may keep
+                # retrying (idempotently, in order) for as long as Kafka is away.
+                delivery_timeout_ms=2**31 - 1,
+                request_timeout_ms=int(s.kafka_producer_timeout * 1000),
+                max_block_ms=int(min(s.publish_timeout, 5.0) * 1000),
                 bootstrap_timeout_ms=int(min(s.kafka_producer_timeout, 5.0) * 1000),
                 allow_auto_create_topics=False,
             )
@@ -214,15 +230,14 @@ class KafkaSink:
         return producer
 
     def _send(self, job: _Job) -> None:
-        if job.future.done():  # the handler gave up already
-            return
-        if time.monotonic() > job.deadline:
-            job.loop.call_soon_threadsafe(_settle, job.future, None, SinkTimeout("Kafka did not take it in time"))
+        if self._holding.is_set():
+            job.loop.call_soon_threadsafe(_settle, job.future, None, SinkUnavailable("Held after a failed send"))
             return
         try:
             record = self._producer.send(self.topic, value=job.value, key=job.key, headers=job.headers)
         except Exception as exc:
-            job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
+            self._holding.set()
+            job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc, sent=False))
             return
         record.add_callback(self._on_ack, job)
         record.add_errback(self._on_error, job)
@@ -232,7 +247,7 @@ class KafkaSink:
         job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
-        job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc))
+        job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc, sent=True))
 
     def _fail_queued(self, error: SinkError) -> None:
         while True:
@@ -241,7 +256,53 @@ class KafkaSink:
             except queue.Empty:
                 return
             if job is not _STOP:
+                self._holding.set()
                 job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+
+    # ------------------------------------------------------------------ reconciliation
+
+    def find_published(self, request_ids: set[str], since: float, timeout: float = 60.0) -> dict[str, Delivery]:
+        """Read the command topic from `since` (epoch seconds) to its end; return which request ids are in it.
+
+        Blocking (run it in a thread). Records are matched by their `request_id` header.
+        """
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
+            client_id=f"{self.settings.kafka_client_id}-reconcile",
+            enable_auto_commit=False,
+            request_timeout_ms=int(self.settings.kafka_producer_timeout * 1000),
+        )
+        try:
+            partitions = [
+                TopicPartition(self.topic, p) for p in sorted(consumer.partitions_for_topic(self.topic) or ())
+            ]
+            if not partitions:
+                raise SinkUnavailable(f"No partitions known for {self.topic!r}")
+            consumer.assign(partitions)
+            starts = consumer.offsets_for_times({tp: int(since * 1000) for tp in partitions})
+            ends = consumer.end_offsets(partitions)
+            remaining = {}
+            for tp in partitions:
+                start = starts.get(tp)
+                if start is not None and start.offset < ends[tp]:
+                    consumer.seek(tp, start.offset)
+                    remaining[tp] = ends[tp]
+            found: dict[str, Delivery] = {}
+            deadline = time.monotonic() + timeout
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise SinkTimeout("Reading the command topic back took too long")
+                for tp, records in consumer.poll(timeout_ms=500).items():
+                    for record in records:
+                        request_id = dict(record.headers).get("request_id", b"").decode(errors="replace")
+                        if request_id in request_ids:
+                            found[request_id] = Delivery(tp.topic, tp.partition, record.offset)
+                for tp in list(remaining):
+                    if consumer.position(tp) >= remaining[tp]:
+                        del remaining[tp]
+            return found
+        finally:
+            consumer.close()
 
     # ------------------------------------------------------------------ monitoring
 

@@ -5,14 +5,17 @@ Run it with `make run`, `python -m pusher`, or `uvicorn pusher:app`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import sqlite3
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import structlog
 import uvicorn
 from starlette.applications import Starlette
@@ -24,10 +27,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-from dispatch import Dispatcher
+from dispatch import Dispatcher, command_status
 from errors import (
     BodyTooLarge,
     FieldProblem,
+    JournalError,
     MethodNotAllowed,
     NotFound,
     PusherError,
@@ -35,19 +39,25 @@ from errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from forwarder import Forwarder
+from journal import Journal
 from kafka_sink import KafkaSink
 from logs import configure_logging
 from schemas import (
     JSON_ENCODER,
     VERSION,
+    CommandList,
     CommandRequest,
+    DeviceId,
     Health,
     Readiness,
     ServiceStatus,
+    Status,
     check_command,
     decode_batch,
     decode_batch_item,
     decode_command,
+    field_problem,
     openapi_document,
     problem_for,
 )
@@ -55,8 +65,9 @@ from settings import Settings, SettingsError, load_settings
 
 log = structlog.get_logger("pusher")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _JSON_TYPES = {"application/json"}
 _MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 
@@ -98,7 +109,7 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -119,7 +130,8 @@ class RequestContextMiddleware:
 
         try:
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            # A very long digit string is over any limit; never hand it to int() (it caps digits).
+            if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_body_bytes):
                 error = BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
                 if not length.isdigit():
                     error = RequestError("Content-Length is not a number")
@@ -176,31 +188,62 @@ def _body_format(request: Request) -> str:
 
 def _traceparent(request: Request) -> str | None:
     value = request.headers.get("traceparent", "").strip().lower()
-    return value if _TRACEPARENT.match(value) else None
+    return value if _TRACEPARENT.fullmatch(value) else None
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationFailed(
+            [FieldProblem("header Idempotency-Key", "1 to 255 visible ASCII characters (no spaces or controls)")]
+        )
+    return key
+
+
+def _prefers_async(request: Request) -> bool:
+    """RFC 7240 `Prefer: respond-async`."""
+    prefs = {p.strip().split("=")[0].lower() for h in request.headers.getlist("prefer") for p in h.split(",")}
+    return "respond-async" in prefs
 
 
 def _dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
+def _headers(replayed: bool, prefer_async: bool) -> dict[str, str]:
+    headers = {}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if prefer_async:
+        headers["Preference-Applied"] = "respond-async"
+    return headers
+
+
 async def push_command(request: Request) -> Response:
-    """POST /api/v1/commands: validate, publish, answer 200 with the offset (503 when Kafka did not ack)."""
+    """POST /api/v1/commands: validate, journal, publish; 200 published, 202 stored for later."""
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
     try:
+        idem_key = _idempotency_key(request)
         cmd = decode_command(await request.body(), fmt)
         _check(cmd, dispatcher.settings)
     except RequestError:
         dispatcher.rejected()
         raise
-    return JSONResponse(await dispatcher.push(cmd, _traceparent(request)))
+    prefer_async = _prefers_async(request)
+    answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request))
+    headers = _headers(answer.response.replayed, prefer_async)
+    return JSONResponse(answer.response, answer.http_status, headers=headers)
 
 
 async def push_commands_batch(request: Request) -> Response:
-    """POST /api/v1/commands/batch: each item validated and published on its own; 207 when some failed."""
+    """POST /api/v1/commands/batch: each item validated on its own; 200 / 202 / 207."""
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
     settings = dispatcher.settings
+    idem_key = _idempotency_key(request)
     raw_items = decode_batch(await request.body(), fmt)
     if not raw_items:
         raise ValidationFailed([FieldProblem("$.commands", "Must hold at least one command")])
@@ -215,8 +258,9 @@ async def push_commands_batch(request: Request) -> Response:
         except RequestError as exc:
             dispatcher.rejected()
             items.append(exc)
-    result = await dispatcher.push_batch(items, _traceparent(request))
-    return JSONResponse(result, 200 if result.failed == 0 else 207)
+    prefer_async = _prefers_async(request)
+    body, status = await dispatcher.push_batch(items, idem_key, prefer_async, _traceparent(request))
+    return JSONResponse(body, status, headers=_headers(any(r.replayed for r in body.results), prefer_async))
 
 
 def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
@@ -225,13 +269,35 @@ def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
         raise ValidationFailed(problems)
 
 
-async def command_status(request: Request) -> Response:
-    """GET /api/v1/commands/{request_id}/status: the status of a command this process handled."""
+async def get_command_status(request: Request) -> Response:
+    """GET /api/v1/commands/{request_id}/status: current status and every transition, from the journal."""
     request_id = request.path_params["request_id"]
-    status = _dispatcher(request).index.get(request_id)
+    status = _dispatcher(request).status(request_id)
     if status is None:
-        raise NotFound(f"No command with request_id {request_id!r} is known to this instance")
+        raise NotFound(f"No command with request_id {request_id!r} is known")
     return JSONResponse(status)
+
+
+class _ListQuery(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: DeviceId | None = None
+    status: Status | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+    before: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+async def list_commands(request: Request) -> Response:
+    """GET /api/v1/commands?device_id=&status=&limit=&before=: recent commands, newest first."""
+    try:
+        query = msgspec.convert(dict(request.query_params), _ListQuery, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed([field_problem(str(exc), "query")]) from None
+    dispatcher = _dispatcher(request)
+    rows = dispatcher.journal.recent(query.device_id, query.status, query.limit + 1, query.before)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    return JSONResponse(
+        CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
+    )
 
 
 async def health(request: Request) -> Response:
@@ -240,26 +306,46 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """GET /ready: 200 only while Kafka metadata for the command topic is reachable."""
+    """GET /ready: 200 while the journal accepts commands; says when Kafka is down (they are stored meanwhile)."""
     sink: KafkaSink = request.app.state.sink
+    journal: Journal = request.app.state.journal
     h = sink.health
-    ok = sink.connected
-    body = Readiness(ready=ok, reason=None if ok else h.reason, topic=sink.topic, partitions=h.partitions)
+    ok = journal.writable and request.app.state.accepting
+    reason = None
+    if not request.app.state.accepting:
+        reason = "shutting down"
+    elif not journal.writable:
+        reason = journal.last_error
+    elif not sink.connected:
+        reason = f"Kafka unavailable ({h.reason}); commands are journaled and forwarded when it returns"
+    body = Readiness(
+        ready=ok,
+        kafka_connected=sink.connected,
+        journal_writable=journal.writable,
+        reason=reason,
+        topic=sink.topic,
+        partitions=h.partitions,
+        backlog=journal.pending_count,
+    )
     return JSONResponse(body, 200 if ok else 503)
 
 
 async def service_status(request: Request) -> Response:
-    """GET /api/v1/status: version, uptime, Kafka connection and the command counters."""
+    """GET /api/v1/status: version, uptime, Kafka and journal state, counters, backlog."""
     dispatcher = _dispatcher(request)
     sink: KafkaSink = request.app.state.sink
+    counters = dispatcher.snapshot()
     return JSONResponse(
         ServiceStatus(
             service="preservarium-pusher",
             version=VERSION,
             kafka_connected=sink.connected,
+            journal_writable=dispatcher.journal.writable,
             uptime_seconds=round(time.monotonic() - request.app.state.started, 3),
-            commands_processed=dispatcher.counters.commands_processed,
-            commands_failed=dispatcher.counters.commands_failed,
+            commands_processed=counters.commands_processed,
+            commands_failed=counters.commands_failed,
+            backlog=counters.backlog,
+            oldest_pending_age_seconds=counters.oldest_pending_age_seconds,
             last_error=dispatcher.last_error,
             last_error_at=dispatcher.last_error_at,
             command_topic=sink.topic,
@@ -269,8 +355,8 @@ async def service_status(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """GET /api/v1/metrics: the command counters as JSON."""
-    return JSONResponse(_dispatcher(request).counters)
+    """GET /api/v1/metrics: the command counters and backlog as JSON."""
+    return JSONResponse(_dispatcher(request).snapshot())
 
 
 async def openapi(request: Request) -> Response:
@@ -322,27 +408,55 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the app; the lifespan starts the Kafka sink and closes it, flushed, on shutdown."""
+    """Build the app; the lifespan opens the journal, starts the sink and forwarder, and closes them in reverse."""
     settings = settings or load_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        journal = Journal(
+            settings.journal_path,
+            settings.journal_sync,
+            settings.journal_max_pending,
+            settings.journal_max_bytes,
+            settings.journal_retention,
+        )
+        try:
+            recovered = await asyncio.to_thread(journal.open)
+        except (JournalError, sqlite3.Error, OSError) as exc:
+            log.error("journal cannot be opened", path=settings.journal_path, error=str(exc))
+            raise RuntimeError(f"journal {settings.journal_path} cannot be opened: {exc}") from None
         sink = KafkaSink(settings)
         sink.start()
-        app.state.sink = sink
-        app.state.dispatcher = Dispatcher(settings, sink)
+        forwarder = Forwarder(journal, sink, settings.publish_timeout, settings.forward_backoff_max)
+        forwarder.start(recovered)
+        app.state.journal, app.state.sink = journal, sink
+        app.state.dispatcher = Dispatcher(settings, journal, forwarder)
         app.state.started = time.monotonic()
-        log.info("started", topic=settings.kafka_command_topic, bootstrap=settings.kafka_bootstrap_servers)
+        app.state.accepting = True
+        log.info(
+            "started",
+            topic=settings.kafka_command_topic,
+            bootstrap=settings.kafka_bootstrap_servers,
+            journal=settings.journal_path,
+            recovered=len(recovered),
+        )
         try:
             yield
         finally:
-            sink.close(timeout=max(settings.publish_timeout, 5.0))
-            log.info("stopped")
+            app.state.accepting = False
+            await forwarder.stop()
+            # Flush the producer off the loop, so its acknowledgements can still be journaled.
+            await asyncio.to_thread(sink.close, max(settings.publish_timeout, 5.0))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await asyncio.to_thread(journal.close)
+            log.info("stopped", backlog=journal.pending_count)
 
     routes = [
         Route("/api/v1/commands", push_command, methods=["POST"]),
+        Route("/api/v1/commands", list_commands, methods=["GET"]),
         Route("/api/v1/commands/batch", push_commands_batch, methods=["POST"]),
-        Route("/api/v1/commands/{request_id}/status", command_status, methods=["GET"]),
+        Route("/api/v1/commands/{request_id}/status", get_command_status, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/api/v1/status", service_status, methods=["GET"]),

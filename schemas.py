@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -39,6 +40,7 @@ RequestId = Annotated[
 ]
 Qos = Annotated[int, Meta(ge=0, le=2, description="MQTT QoS; only with protocol mqtt.")]
 Status = Literal["accepted", "published", "failed", "expired"]
+MAX_TTL = 30 * 86400
 PROTOCOL_OPTIONS = {"qos": "mqtt", "retain": "mqtt", "confirmable": "coap"}
 _INT64 = 2**63
 
@@ -56,6 +58,10 @@ class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     retain: bool | None = None
     confirmable: Annotated[bool, Meta(description="CoAP confirmable; only with protocol coap.")] | None = None
     request_id: RequestId | None = None
+    ttl_seconds: (
+        Annotated[int, Meta(ge=1, le=MAX_TTL, description="Expire this many seconds after acceptance.")] | None
+    ) = None
+    expires_at: Annotated[datetime, Meta(tz=True, description="Expire at this time (with a UTC offset).")] | None = None
 
 
 class BatchCommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -94,12 +100,14 @@ class CommandResponse(Struct, kw_only=True, omit_defaults=True):
 
     success: bool
     request_id: str | None
-    status: Literal["published", "rejected", "failed"]
+    status: Literal["published", "accepted", "expired", "rejected", "failed"]
     message: str
     timestamp: datetime
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+    expires_at: datetime | None = None
+    replayed: bool = False
     error: Problem | None = None
 
 
@@ -112,8 +120,16 @@ class BatchCommandResponse(Struct, kw_only=True):
     results: list[CommandResponse]
 
 
+class Transition(Struct):
+    """One step of a command's lifecycle."""
+
+    status: Status
+    at: datetime
+    detail: str | None = None
+
+
 class CommandStatus(Struct, kw_only=True):
-    """What this process knows about a command it handled."""
+    """A command as the journal knows it: current status and every transition with its time."""
 
     request_id: str
     device_id: str
@@ -121,10 +137,19 @@ class CommandStatus(Struct, kw_only=True):
     status: Status
     created_at: datetime
     updated_at: datetime
+    expires_at: datetime | None = None
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
     error: str | None = None
+    history: list[Transition] = []
+
+
+class CommandList(Struct, kw_only=True):
+    """A page of commands, newest first; pass `next_before` as `before` for the next page."""
+
+    items: list[CommandStatus]
+    next_before: int | None = None
 
 
 class Health(Struct):
@@ -134,22 +159,29 @@ class Health(Struct):
 
 
 class Readiness(Struct, kw_only=True):
-    """Readiness: Kafka metadata for the command topic is reachable."""
+    """Readiness: the journal accepts commands (Kafka may be down: they are stored and forwarded)."""
 
     ready: bool
+    kafka_connected: bool
+    journal_writable: bool
     reason: str | None = None
     topic: str
     partitions: int | None = None
+    backlog: int = 0
 
 
 class Counters(Struct, kw_only=True):
-    """Command counters since the process started."""
+    """Command counters since the process started, and the backlog now."""
 
+    commands_accepted: int = 0
     commands_processed: int = 0
     commands_failed: int = 0
+    commands_expired: int = 0
     commands_rejected: int = 0
+    commands_replayed: int = 0
     batches: int = 0
-    kafka_unavailable: int = 0
+    backlog: int = 0
+    oldest_pending_age_seconds: float | None = None
     publish_latency_ms_avg: float = 0.0
 
 
@@ -159,9 +191,12 @@ class ServiceStatus(Struct, kw_only=True):
     service: str
     version: str
     kafka_connected: bool
+    journal_writable: bool
     uptime_seconds: float
     commands_processed: int
     commands_failed: int
+    backlog: int
+    oldest_pending_age_seconds: float | None
     last_error: str | None
     last_error_at: datetime | None
     command_topic: str
@@ -217,7 +252,7 @@ def _decode(body: bytes, kind: type, fmt: str, prefix: str = "$") -> Any:
     try:
         return _DECODERS[fmt][kind].decode(body)
     except msgspec.ValidationError as exc:
-        raise ValidationFailed([_field_problem(str(exc), prefix)]) from None
+        raise ValidationFailed([field_problem(str(exc), prefix)]) from None
     except msgspec.DecodeError as exc:
         raise MalformedBody(_malformed_detail(str(exc), fmt)) from None
     except UnicodeDecodeError as exc:
@@ -234,7 +269,7 @@ def _malformed_detail(message: str, fmt: str) -> str:
     )
 
 
-_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<loc>\$[^`]*)`)?$", re.S)
+_PATH = re.compile(r"^(?P<msg>.*?)(?: - at (?:`key` in )?`(?P<loc>\$[^`]*)`)?$", re.S)
 
 
 _PATTERN_HINTS = {
@@ -244,7 +279,7 @@ _PATTERN_HINTS = {
 }
 
 
-def _field_problem(message: str, prefix: str) -> FieldProblem:
+def field_problem(message: str, prefix: str) -> FieldProblem:
     """Split msgspec's 'msg - at `$.path`' and root the path at `prefix`."""
     match = _PATH.match(message)
     msg, loc = match["msg"], match["loc"] or "$"
@@ -298,23 +333,52 @@ def check_command(
             where = _find_unsafe_value(value, max_depth, f"{prefix}.{field}")
             if where:
                 problems.append(where)
+    expiry = expiry_problem(cmd, datetime.now(UTC), prefix)
+    if expiry:
+        problems.append(expiry)
     return problems
 
 
 def _find_unsafe_value(value: Any, max_depth: int, loc: str, depth: int = 1) -> FieldProblem | None:
-    """First place where `value` nests deeper than `max_depth` or holds an integer outside 64 bits."""
+    """First place where `value` is not plain JSON, nests deeper than `max_depth`, or overflows 64 bits.
+
+    JSON bodies can only hold plain JSON, but MessagePack can also carry binary, extension
+    types, non-string keys and NaN; the Kafka record is JSON, so those are refused here.
+    """
     if isinstance(value, dict | list):
         if depth > max_depth:
             return FieldProblem(loc, f"Nested deeper than {max_depth} levels")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            found = _find_unsafe_value(
-                item, max_depth, f"{loc}.{key}" if isinstance(key, str) else f"{loc}[{key}]", depth + 1
-            )
-            if found:
-                return found
-    elif isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
-        return FieldProblem(loc, "Integer outside the signed 64-bit range")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return FieldProblem(loc, "Object keys must be strings")
+                found = _find_unsafe_value(item, max_depth, f"{loc}.{key}", depth + 1)
+                if found:
+                    return found
+        else:
+            for index, item in enumerate(value):
+                found = _find_unsafe_value(item, max_depth, f"{loc}[{index}]", depth + 1)
+                if found:
+                    return found
+        return None
+    if value is None or isinstance(value, str | bool):
+        return None
+    if isinstance(value, int):
+        return None if -_INT64 <= value < _INT64 else FieldProblem(loc, "Integer outside the signed 64-bit range")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else FieldProblem(loc, "Numbers must be finite (no NaN or Infinity)")
+    return FieldProblem(loc, f"Not a JSON value ({type(value).__name__})")
+
+
+def expiry_problem(cmd: CommandRequest, now: datetime, prefix: str = "$") -> FieldProblem | None:
+    """ttl_seconds and expires_at exclude each other, and expires_at must lie ahead (at most MAX_TTL)."""
+    if cmd.ttl_seconds is not None and cmd.expires_at is not None:
+        return FieldProblem(f"{prefix}.expires_at", "Give ttl_seconds or expires_at, not both")
+    if cmd.expires_at is not None:
+        if cmd.expires_at <= now:
+            return FieldProblem(f"{prefix}.expires_at", "Already in the past")
+        if (cmd.expires_at - now).total_seconds() > MAX_TTL:
+            return FieldProblem(f"{prefix}.expires_at", f"At most {MAX_TTL} seconds ahead")
     return None
 
 

@@ -12,6 +12,9 @@ from dotenv import dotenv_values
 from msgspec import Meta
 
 Positive = Annotated[float, Meta(gt=0)]
+_HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}"
+_HOST_PORTS = rf"^{_HOST_PORT}(,{_HOST_PORT})*$"
+_HINTS = {"kafka_bootstrap_servers": "expected host:port[,host:port…]"}
 Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
@@ -22,7 +25,7 @@ class SettingsError(Exception):
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
     """Every setting of the service; field `kafka_bootstrap_servers` is read from KAFKA_BOOTSTRAP_SERVERS."""
 
-    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_bootstrap_servers: Annotated[str, Meta(pattern=_HOST_PORTS)] = "localhost:9092"
     kafka_command_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "device_commands"
     kafka_client_id: str = "preservarium-pusher"
     kafka_producer_timeout: Positive = 30.0
@@ -35,8 +38,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     max_payload_depth: Annotated[int, Meta(ge=1, le=256)] = 32
-    allowed_protocols: tuple[Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")], ...] = ("mqtt", "coap")
-    status_index_size: Annotated[int, Meta(ge=1)] = 100_000
+    allowed_protocols: Annotated[
+        tuple[Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")], ...], Meta(min_length=1)
+    ] = ("mqtt", "coap")
+    journal_path: str = "./data/journal.db"
+    journal_sync: Literal["full", "normal"] = "full"
+    journal_max_pending: Annotated[int, Meta(ge=1)] = 100_000
+    journal_max_bytes: Annotated[int, Meta(ge=65536)] = 256 * 1024 * 1024
+    journal_retention: Annotated[float, Meta(ge=0)] = 7 * 86400.0
+    default_ttl: Annotated[int, Meta(ge=0, le=30 * 86400)] = 0
+    forward_backoff_max: Positive = 30.0
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -62,8 +73,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             continue
         if name in _LIST_FIELDS:
             raw[name] = [part.strip() for part in value.split(",") if part.strip()]
-        elif name == "log_level":
+        elif name in ("log_level",):
             raw[name] = value.strip().upper()
+        elif name in ("journal_sync", "kafka_compression"):
+            raw[name] = value.strip().lower()
         else:
             raw[name] = value.strip()
     try:
@@ -78,4 +91,6 @@ def _name_the_variable(message: str, raw: Mapping[str, object]) -> str:
     if not where:
         return f"invalid configuration: {message}"
     field = where.split("`")[0].split("[")[0]
+    if "matching regex" in text:
+        text = _HINTS.get(field, "not an allowed value")
     return f"{field.upper()}={raw.get(field)!r} is invalid: {text}"

@@ -69,12 +69,13 @@ class ServiceProcess:
             "API_PORT": str(self.port),
             "LOG_FORMAT": "json",
             "ENV_FILE": "/nonexistent",
+            "JOURNAL_PATH": str(Path(log_dir) / f"journal-{self.port}.db"),
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> ServiceProcess:
-        """Start the process and wait for /health (and /ready unless told not to)."""
+        """Start the process and wait for /health (and, unless told not to, for /ready with Kafka connected)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pusher"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -85,7 +86,8 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                response = httpx.get(self.url + path, timeout=1)
+                if response.status_code == 200 and (not wait_ready or response.json()["kafka_connected"]):
                     return self
             except httpx.TransportError:
                 pass

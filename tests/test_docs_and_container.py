@@ -88,6 +88,7 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
         "KAFKA_COMMAND_TOPIC": topic,
         "LOG_FORMAT": "json",
         "ENV_FILE": "/nonexistent",
+        "JOURNAL_PATH": str(tmp_path / "data" / "journal.db"),
     }
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -22,8 +24,9 @@ def _wait_for(predicate, timeout: float = 60.0, interval: float = 0.25):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
-def _post(url: str, body: dict) -> httpx.Response:
-    return httpx.post(url + "/api/v1/commands", json=body, timeout=30)
+def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return httpx.post(url + "/api/v1/commands", json=body, headers=headers, timeout=30)
 
 
 @pytest.fixture
@@ -34,38 +37,51 @@ def own_broker(tmp_path):
     broker.stop()
 
 
+def _ready(url: str) -> dict:
+    return httpx.get(url + "/ready").json()
+
+
+def _status(url: str, request_id: str) -> str:
+    return httpx.get(f"{url}/api/v1/commands/{request_id}/status").json()["status"]
+
+
 def test_service_starts_without_kafka_and_recovers_by_itself(own_broker, tmp_path):
-    """Kafka down at start: /health 200, /ready 503, commands 503 at once; Kafka up: ready and 200."""
+    """Kafka down at start: ready (journal), commands 202 at once; Kafka up: the stored one follows, new ones 200."""
     service = ServiceProcess(
         tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC="boot", PUBLISH_TIMEOUT="2"
     ).start(wait_ready=False)
     try:
         assert httpx.get(service.url + "/health").json() == {"status": "healthy"}
-        not_ready = httpx.get(service.url + "/ready")
-        assert not_ready.status_code == 503 and not_ready.json()["reason"]
+        ready = _ready(service.url)
+        assert ready["ready"] is True and ready["kafka_connected"] is False and "Kafka unavailable" in ready["reason"]
         started = time.monotonic()
-        refused = _post(service.url, command())
-        assert refused.status_code == 503 and time.monotonic() - started < 2
-        assert refused.headers["retry-after"] == "2"
-        assert refused.headers["content-type"] == "application/problem+json"
+        stored = _post(service.url, command(payload={"n": 0}))
+        assert stored.status_code == 202 and time.monotonic() - started < 1
+        assert stored.json()["status"] == "accepted"
+        stored_id = stored.json()["request_id"]
 
         own_broker.start()
         new_topic(own_broker.bootstrap, name="boot")
-        _wait_for(lambda: httpx.get(service.url + "/ready").status_code == 200)
-        accepted = _post(service.url, command(payload={"n": 1}))
-        assert accepted.status_code == 200, accepted.text
-        [record] = read_topic(own_broker.bootstrap, "boot", 1)
-        assert record.offset == accepted.json()["offset"]
+        _wait_for(lambda: _ready(service.url)["kafka_connected"])
+        _wait_for(lambda: _status(service.url, stored_id) == "published")
+        accepted = _wait_for(
+            lambda: (r := _post(service.url, command(payload={"n": 1}), "n-1")).status_code == 200 and r
+        )
+        records = read_topic(own_broker.bootstrap, "boot", 2)
+        assert [json.loads(r.value)["payload"]["n"] for r in sorted(records, key=lambda r: r.offset)] == [0, 1]
+        assert records[-1].offset == accepted.json()["offset"] or accepted.json()["offset"] in {
+            r.offset for r in records
+        }
     finally:
         service.stop()
 
 
-def test_broker_stop_gives_503_and_restart_gives_200_without_restarting_the_service(own_broker, tmp_path):
-    """A running broker stops: 503 with Retry-After and /ready false; it returns: 200 again, same process."""
+def test_broker_stop_gives_202_and_restart_publishes_without_restarting_the_service(own_broker, tmp_path):
+    """A running broker stops: 202 (stored) and /ready says Kafka is down; it returns: backlog drains, 200 again."""
     own_broker.start()
     topic = new_topic(own_broker.bootstrap)
     service = ServiceProcess(
-        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="2"
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
     ).start()
     try:
         first = _post(service.url, command(payload={"phase": "before"}))
@@ -73,58 +89,55 @@ def test_broker_stop_gives_503_and_restart_gives_200_without_restarting_the_serv
         pid = service.process.pid
 
         own_broker.stop()
-        during = _post(service.url, command(payload={"phase": "during"}))
-        assert during.status_code == 503, during.text
-        assert during.headers["retry-after"] == "2"
-        assert during.json()["status"] == 503
-        _wait_for(lambda: httpx.get(service.url + "/ready").status_code == 503)
-        assert httpx.get(service.url + "/health").status_code == 200
+        during = [_post(service.url, command(payload={"phase": "during", "n": n})) for n in range(5)]
+        assert [r.status_code for r in during] == [202] * 5
+        _wait_for(lambda: _ready(service.url)["kafka_connected"] is False)
+        assert _ready(service.url)["ready"] is True and _ready(service.url)["backlog"] >= 1
 
         own_broker.start()
-        after = _wait_for(
-            lambda: (r := _post(service.url, command(payload={"phase": "after"}))).status_code == 200 and r
+        _wait_for(
+            lambda: (r := _post(service.url, command(payload={"phase": "after"}), "after-1")).status_code == 200 and r
         )
         assert service.process.pid == pid
-        _wait_for(lambda: httpx.get(service.url + "/ready").status_code == 200)
-        records = read_topic(own_broker.bootstrap, topic, 2)
-        offsets = {(r.partition, r.offset) for r in records}
-        for response in (first, after):
-            assert (response.json()["partition"], response.json()["offset"]) in offsets
-        status = httpx.get(service.url + "/api/v1/status").json()
-        assert status["commands_failed"] >= 1 and status["last_error"]
+        for request_id in [r.json()["request_id"] for r in during]:
+            _wait_for(lambda rid=request_id: _status(service.url, rid) == "published")
+        records = read_topic(own_broker.bootstrap, topic, 7)
+        phases = [json.loads(r.value)["payload"].get("n", json.loads(r.value)["payload"]["phase"]) for r in records]
+        assert phases == ["before", 0, 1, 2, 3, 4, "after"]
+        assert _ready(service.url)["backlog"] == 0
     finally:
         service.stop()
 
 
-def test_missing_topic_is_not_ready_and_can_be_created(kafka_bootstrap, tmp_path):
-    """A missing topic is one clear log line and /ready false; KAFKA_CREATE_TOPIC=true creates it."""
+def test_missing_topic_holds_commands_and_can_be_created(kafka_bootstrap, tmp_path):
+    """A missing topic is one clear log line and kafka_connected false; KAFKA_CREATE_TOPIC=true creates it."""
     name = f"missing-{time.monotonic_ns()}"
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=name)
     service.start(wait_ready=False)
     try:
-        reason = _wait_for(lambda: (r := httpx.get(service.url + "/ready")).status_code == 503 and r.json()["reason"])
-        _wait_for(lambda: "does not exist" in (httpx.get(service.url + "/ready").json()["reason"] or ""))
-        refused = _post(service.url, command())
-        assert refused.status_code == 503 and "does not exist" in refused.json()["detail"], reason
+        _wait_for(lambda: "does not exist" in (_ready(service.url)["reason"] or ""))
+        stored = _post(service.url, command())
+        assert stored.status_code == 202
         assert service.log().count('"command topic missing"') == 1
     finally:
         service.stop()
 
     creating = ServiceProcess(
         tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=name, KAFKA_CREATE_TOPIC="true",
-        KAFKA_TOPIC_PARTITIONS="2",
+        KAFKA_TOPIC_PARTITIONS="2", JOURNAL_PATH=service.env["JOURNAL_PATH"],
     ).start()  # fmt: skip
     try:
-        assert httpx.get(creating.url + "/ready").json()["partitions"] == 2
+        assert _ready(creating.url)["partitions"] == 2
+        _wait_for(lambda: _status(creating.url, stored.json()["request_id"]) == "published")
         assert _post(creating.url, command()).status_code == 200
     finally:
         creating.stop()
 
 
 def test_sigterm_during_load_loses_no_acknowledged_command(kafka_bootstrap, topic, tmp_path):
-    """SIGTERM while clients are sending: every command answered 200 is in Kafka, and the exit is clean."""
+    """SIGTERM while clients are sending: every 2xx command is in Kafka once (202s after the next start)."""
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
-    acknowledged: list[tuple[str, int, int]] = []
+    acknowledged: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -137,10 +150,9 @@ def test_sigterm_during_load_loses_no_acknowledged_command(kafka_bootstrap, topi
                 except httpx.TransportError:
                     return
                 seq += 1
-                if response.status_code == 200:
-                    body = response.json()
+                if response.status_code in (200, 202):
                     with lock:
-                        acknowledged.append((body["request_id"], body["partition"], body["offset"]))
+                        acknowledged.append(response.json()["request_id"])
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -154,8 +166,16 @@ def test_sigterm_during_load_loses_no_acknowledged_command(kafka_bootstrap, topi
     assert code in (0, -signal.SIGTERM), service.log()[-2000:]
     assert '"stopped"' in service.log() and "Application shutdown complete" in service.log()
 
+    again = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic,
+        JOURNAL_PATH=service.env["JOURNAL_PATH"],
+    ).start()  # fmt: skip
+    try:
+        _wait_for(lambda: _ready(again.url)["backlog"] == 0)
+    finally:
+        again.stop()
     records = read_topic(kafka_bootstrap, topic, len(acknowledged))
-    in_kafka = {dict(r.headers)["request_id"].decode(): (r.partition, r.offset) for r in records}
-    missing = [rid for rid, *_ in acknowledged if rid not in in_kafka]
+    in_kafka = Counter(dict(r.headers)["request_id"].decode() for r in records)
+    missing = [rid for rid in acknowledged if rid not in in_kafka]
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged commands are not in Kafka"
-    assert all(in_kafka[rid] == (p, o) for rid, p, o in acknowledged)
+    assert all(in_kafka[rid] == 1 for rid in acknowledged)

@@ -23,10 +23,11 @@ async def _boom(request):
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
     """The app with its lifespan running, pointed at a port where no Kafka listens."""
     settings = load_settings(
         {
+            "JOURNAL_PATH": str(tmp_path_factory.mktemp("journal") / "journal.db"),
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
             "KAFKA_PRODUCER_TIMEOUT": "1",
             "PUBLISH_TIMEOUT": "1",
@@ -136,20 +137,22 @@ def test_one_summary_line_per_request(client):
     assert line["status"] == 404 and line["duration_ms"] >= 0
 
 
-def test_kafka_unreachable_is_503_with_retry_after(client):
-    """With no broker, a valid command is a 503 problem with Retry-After — never a 2xx."""
+def test_kafka_unreachable_is_202_stored_at_once(client):
+    """With no broker, a valid command is journaled and answered 202 at once (no wait for Kafka)."""
     response = client.post("/api/v1/commands", json=command())
-    body = _problem(response, 503)
-    assert response.headers["retry-after"] == "2"
-    assert "Kafka" in body["detail"]
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["success"] is True and body["status"] == "accepted" and body["request_id"]
+    assert float(client.get(f"/api/v1/commands/{body['request_id']}/status").json()["history"][0]["at"][:4]) > 2000
+    assert response.elapsed.total_seconds() < 0.5
 
 
 def test_msgpack_body_reaches_the_send_path(client):
-    """A valid MessagePack command passes validation (and meets the unreachable Kafka)."""
+    """A valid MessagePack command passes validation and is stored."""
     response = client.post(
         "/api/v1/commands", content=msgspec.msgpack.encode(command()), headers={"content-type": "application/msgpack"}
     )
-    _problem(response, 503)
+    assert response.status_code == 202
     response = client.post("/api/v1/commands", content=b"\xc1", headers={"content-type": "application/msgpack"})
     _problem(response, 400)
 
@@ -164,21 +167,29 @@ def test_batch_envelope_errors(client):
 
 
 def test_batch_items_fail_alone_when_kafka_is_down(client):
-    """Each item gets its own result: invalid ones 'rejected' with field errors, valid ones 'failed' (207)."""
+    """Each item gets its own result: valid ones stored ('accepted'), invalid ones 'rejected' with field errors."""
     response = client.post("/api/v1/commands/batch", json={"commands": [command(), command(protocol="x")]})
     assert response.status_code == 207
     body = response.json()
-    assert (body["successful"], body["failed"]) == (0, 2)
+    assert (body["successful"], body["failed"]) == (1, 1)
     first, second = body["results"]
-    assert first["status"] == "failed" and first["error"]["status"] == 503 and first["request_id"]
+    assert first["status"] == "accepted" and first["success"] and first["request_id"]
     assert second["status"] == "rejected" and second["error"]["errors"][0]["loc"] == "$.commands[1].protocol"
 
 
+def test_batch_all_stored_is_202(client):
+    """A batch whose items are all stored but not yet in Kafka answers 202."""
+    response = client.post("/api/v1/commands/batch", json={"commands": [command("b1"), command("b2")]})
+    assert response.status_code == 202
+    assert [r["status"] for r in response.json()["results"]] == ["accepted", "accepted"]
+
+
 def test_probes_without_kafka(client):
-    """Liveness stays 200; readiness is 503 and says why."""
+    """Liveness and readiness stay 200 (the journal accepts); readiness says Kafka is down and why."""
     assert client.get("/health").json() == {"status": "healthy"}
-    response = client.get("/ready")
-    assert response.status_code == 503 and response.json()["reason"]
+    body = client.get("/ready").json()
+    assert body["ready"] is True and body["kafka_connected"] is False and body["journal_writable"] is True
+    assert "Kafka unavailable" in body["reason"] and body["backlog"] >= 1
 
 
 def test_security_headers_and_no_server_banner(client):

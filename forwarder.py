@@ -1,0 +1,277 @@
+"""Store-and-forward: hands journaled commands to Kafka in acceptance order, and keeps that order.
+
+The rule that keeps every device's commands in order: records reach the producer strictly in
+journal order (seq), and a record is handed over only when nothing older is waiting. The one
+idempotent producer keeps that order per partition. When a hand-over fails, everything that
+failed goes back to the head of the queue in seq order, the sink refuses further records
+until the forwarder has taken stock (`sink.resume()`), and only then does sending go on.
+
+A record whose fate is unknown (the process died with it in the producer, or the producer
+reported an error after sending) is looked up in Kafka by its `request_id` header before it
+is sent again, so a crash does not publish it twice.
+
+Expiry: a command still in the queue when its `expires_at` passes is marked expired and never
+sent. A command already inside the producer when Kafka goes away cannot be called back; it
+carries `expires_at` (body and header) so connectors refuse it if it arrives late. The sink
+stops taking new records as soon as Kafka is seen down, which keeps that window small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import heapq
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from errors import MessageRejected, SinkError
+from journal import Journal, Pending
+from kafka_sink import Delivery, KafkaSink
+
+log = structlog.get_logger("forwarder")
+
+MAX_IN_FLIGHT = 4096
+RECONCILE_MARGIN = 300.0  # seconds before a record's acceptance to start looking for it (clock skew)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a handed-over command ended."""
+
+    status: Literal["published", "expired", "failed"]
+    delivery: Delivery | None = None
+    error: str | None = None
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        """The next delay, growing with each failure."""
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        """Back to the shortest delay after a success."""
+        self.attempt = 0
+
+
+class Forwarder:
+    """Publishes journaled commands in order, retries while Kafka is down, reconciles after a crash."""
+
+    def __init__(self, journal: Journal, sink: KafkaSink, stall_after: float, backoff_cap: float = 30.0) -> None:
+        self.journal = journal
+        self.sink = sink
+        self.stall_after = stall_after
+        self.backoff = Backoff(cap=backoff_cap)
+        self._ready: deque[Pending] = deque()
+        self._in_flight: dict[int, Pending] = {}
+        self._waiters: dict[int, asyncio.Future[Outcome]] = {}
+        self._expiries: list[tuple[float, int]] = []
+        self._expired: set[int] = set()
+        self._uncertain: dict[int, Pending] = {}
+        self._recovering = False
+        self._retry_at = 0.0
+        self._last_progress = time.monotonic()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.counters = {"published": 0, "expired": 0, "failed": 0, "reconciled": 0, "resent": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, recovered: list[Pending]) -> None:
+        """Take the journal's unfinished commands (their fate unknown) and start forwarding."""
+        for pending in recovered:
+            self._queue(pending)
+            self._uncertain[pending.seq] = pending
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="forwarder")
+
+    async def stop(self) -> None:
+        """Stop handing records over; what is left stays in the journal for the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def backlog(self) -> int:
+        """Commands accepted and not yet acknowledged by Kafka."""
+        return len(self._ready) - len(self._expired & {p.seq for p in self._ready}) + len(self._in_flight)
+
+    @property
+    def stalled(self) -> bool:
+        """Records are in the producer but Kafka has acknowledged nothing for `stall_after` seconds."""
+        return bool(self._in_flight) and time.monotonic() - self._last_progress > self.stall_after
+
+    def can_hand_over(self) -> bool:
+        """True when a new record may go to the producer right now."""
+        return (
+            not self._recovering
+            and not self._uncertain
+            and self.sink.connected
+            and len(self._in_flight) < MAX_IN_FLIGHT
+            and not self.stalled
+            and time.monotonic() >= self._retry_at
+        )
+
+    # ------------------------------------------------------------------ the send path
+
+    def submit(self, pending: Pending) -> tuple[asyncio.Future[Outcome], bool]:
+        """Queue a freshly journaled command; returns its outcome future and whether it went to Kafka at once."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[pending.seq] = future
+        if pending.expires_at is not None:
+            heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
+        if not self._ready and self.can_hand_over():
+            self._hand_over(pending)
+            return future, True
+        self._ready.append(pending)
+        self._wake.set()
+        return future, False
+
+    def _queue(self, pending: Pending) -> None:
+        self._ready.append(pending)
+        if pending.expires_at is not None:
+            heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
+
+    def _hand_over(self, pending: Pending) -> None:
+        if not self._in_flight:
+            self._last_progress = time.monotonic()
+        self._in_flight[pending.seq] = pending
+        future = self.sink.publish(pending.key, pending.value, pending.headers)
+        future.add_done_callback(lambda f, p=pending: self._on_done(p, f))
+
+    def _on_done(self, pending: Pending, future: asyncio.Future[Delivery]) -> None:
+        self._in_flight.pop(pending.seq, None)
+        error = future.exception()
+        if error is None:
+            self._last_progress = time.monotonic()
+            self.backoff.reset()
+            self._published(pending, future.result())
+        elif isinstance(error, MessageRejected):
+            self._last_progress = time.monotonic()
+            self._finish(pending, Outcome("failed", error=error.detail))
+        else:
+            # Back to the head of the queue, in seq order; nothing newer is handed over until we take stock.
+            bisect.insort(self._ready, pending, key=lambda p: p.seq)
+            if isinstance(error, SinkError) and error.uncertain:
+                self._uncertain[pending.seq] = pending
+            if not self._recovering:
+                log.warning("kafka send failed; holding new commands", error=getattr(error, "detail", str(error)))
+            self._recovering = True
+            self._retry_at = time.monotonic() + self.backoff.next()
+        self._wake.set()
+
+    def _published(self, pending: Pending, delivery: Delivery) -> None:
+        self.journal.mark(
+            pending.seq, "published", topic=delivery.topic, partition=delivery.partition, offset=delivery.offset
+        )
+        self._finish(pending, Outcome("published", delivery), journal=False)
+
+    def _finish(self, pending: Pending, outcome: Outcome, journal: bool = True) -> None:
+        if journal:
+            self.journal.mark(pending.seq, outcome.status, error=outcome.error)
+        self.counters[outcome.status] += 1
+        waiter = self._waiters.pop(pending.seq, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+        if outcome.status != "published":
+            log.warning(
+                f"command {outcome.status}",
+                command_id=pending.request_id,
+                device_id=pending.device_id,
+                error=outcome.error,
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+            self._wake.clear()
+            try:
+                await self._step()
+            except Exception:
+                log.exception("forwarder step failed")
+                self._retry_at = time.monotonic() + self.backoff.next()
+
+    async def _step(self) -> None:
+        self._expire_due()
+        if not self._ready or (self._recovering and self._in_flight) or time.monotonic() < self._retry_at:
+            return
+        if not self.sink.connected:
+            self._retry_at = time.monotonic() + self.backoff.next()
+            return
+        if self._uncertain:
+            await self._reconcile()
+            if self._uncertain:
+                return
+        if self._recovering:
+            self.sink.resume()
+            self._recovering = False
+            log.info("kafka sending resumed", backlog=self.backlog)
+        self._drain()
+
+    def _drain(self) -> None:
+        now = time.time()
+        while self._ready and self.can_hand_over():
+            pending = self._ready.popleft()
+            if pending.seq in self._expired:
+                self._expired.discard(pending.seq)
+                continue
+            if pending.expires_at is not None and pending.expires_at <= now:
+                self._finish(pending, Outcome("expired", error="expired before it could be published"))
+                continue
+            self._hand_over(pending)
+
+    def _expire_due(self) -> None:
+        now = time.time()
+        queued = None
+        while self._expiries and self._expiries[0][0] <= now:
+            _, seq = heapq.heappop(self._expiries)
+            if seq in self._in_flight or (seq not in self._waiters and seq not in self._uncertain):
+                if queued is None:
+                    queued = {p.seq: p for p in self._ready}
+                if seq not in queued:
+                    continue
+            queued = queued if queued is not None else {p.seq: p for p in self._ready}
+            pending = queued.get(seq)
+            if pending is None or seq in self._expired or seq in self._uncertain:
+                continue
+            self._expired.add(seq)
+            self._finish(pending, Outcome("expired", error="expired before it could be published"))
+
+    async def _reconcile(self) -> None:
+        """Look the uncertain records up in Kafka; mark the ones found, keep the rest for sending."""
+        uncertain = dict(self._uncertain)
+        since = min(p.created_at for p in uncertain.values()) - RECONCILE_MARGIN
+        by_id = {p.request_id: p for p in uncertain.values()}
+        try:
+            found = await asyncio.to_thread(self.sink.find_published, set(by_id), since)
+        except Exception as exc:
+            self._retry_at = time.monotonic() + self.backoff.next()
+            log.warning("reconcile failed; will retry", error=type(exc).__name__)
+            return
+        for request_id, delivery in found.items():
+            pending = by_id[request_id]
+            self._ready.remove(pending)
+            self._published(pending, delivery)
+        for seq in uncertain:
+            self._uncertain.pop(seq, None)
+        self.counters["reconciled"] += len(found)
+        self.counters["resent"] += len(uncertain) - len(found)
+        log.info("reconciled with kafka", checked=len(uncertain), already_published=len(found))

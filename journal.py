@@ -1,0 +1,499 @@
+"""The local durable journal: every accepted command is in SQLite (WAL) before any 2xx.
+
+One writer thread owns the writing connection and does group commit: whatever inserts and
+status updates are queued when it wakes go into one transaction, so many concurrent requests
+share one fsync. Handlers await their insert through an asyncio future; the event loop never
+waits on the disk. Reads (status, lists) use a second connection; WAL lets them run beside
+the writer.
+
+Idempotency lives here too, because only the writer sees every insert in order: a repeated
+Idempotency-Key or client request_id finds the earlier row in the same transaction stream,
+so even concurrent duplicates resolve to one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import structlog
+
+from errors import JournalError, JournalFull, JournalUnavailable
+
+log = structlog.get_logger("journal")
+
+FINAL = ("published", "expired", "failed")
+_SYNC = {"full": 2, "normal": 1}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL UNIQUE,
+    idem_key       TEXT UNIQUE,
+    body_hash      BLOB NOT NULL,
+    device_id      TEXT NOT NULL,
+    command_type   TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    expires_at     REAL,
+    record_key     BLOB NOT NULL,
+    record_value   BLOB,
+    record_headers BLOB,
+    topic          TEXT,
+    partition      INTEGER,
+    "offset"       INTEGER,
+    error          TEXT,
+    history        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands(seq) WHERE status = 'accepted';
+CREATE INDEX IF NOT EXISTS commands_device ON commands(device_id, seq);
+CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE status != 'accepted';
+"""
+_ROW = (
+    'seq, request_id, device_id, command_type, status, created_at, updated_at, expires_at, topic, partition, "offset", '
+    "error, history, body_hash"
+)
+_HEADERS = msgspec.msgpack.Encoder()
+_HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+
+
+class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated command with its Kafka record built, ready to be journaled."""
+
+    request_id: str
+    idem_key: str | None
+    client_request_id: bool
+    body_hash: bytes
+    device_id: str
+    command_type: str
+    created_at: float
+    expires_at: float | None
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A command as the journal knows it (without the record bytes)."""
+
+    seq: int
+    request_id: str
+    device_id: str
+    command_type: str
+    status: Literal["accepted", "published", "expired", "failed"]
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    error: str | None
+    history: list[tuple[str, float, str | None]]
+    body_hash: bytes
+
+
+class Pending(msgspec.Struct, kw_only=True):
+    """A command still to be published: what the forwarder hands to Kafka."""
+
+    seq: int
+    request_id: str
+    device_id: str
+    created_at: float
+    expires_at: float | None
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The journal's answer to one insert."""
+
+    outcome: Literal["inserted", "replayed", "conflict", "full", "unavailable"]
+    row: JournalRow | None = None
+    error: JournalError | None = None
+
+
+@dataclass(slots=True)
+class _Insert:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Accepted]]
+    items: list[NewCommand]
+
+
+@dataclass(slots=True)
+class _Mark:
+    seq: int
+    status: str
+    at: float
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Flush:
+    event: threading.Event = field(default_factory=threading.Event)
+
+
+_STOP = object()
+
+
+def _row(values: tuple) -> JournalRow:
+    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash) = values
+    return JournalRow(
+        seq=seq,
+        request_id=rid,
+        device_id=device,
+        command_type=ctype,
+        status=status,
+        created_at=created,
+        updated_at=updated,
+        expires_at=expires,
+        topic=topic,
+        partition=part,
+        offset=off,
+        error=err,
+        history=[tuple(h) for h in json.loads(hist)],
+        body_hash=body_hash,
+    )
+
+
+def describe(exc: sqlite3.Error) -> JournalUnavailable:
+    """A clear, internals-free reason for a failed write."""
+    text = str(exc).lower()
+    if "full" in text:
+        return JournalUnavailable("The journal's disk is full; nothing was stored")
+    if "readonly" in text or "read-only" in text:
+        return JournalUnavailable("The journal file is read-only; nothing was stored")
+    return JournalUnavailable("The journal cannot be written (I/O error); nothing was stored")
+
+
+class Journal:
+    """The SQLite journal: group-committed inserts and status marks, point reads, retention."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        sync: Literal["full", "normal"] = "full",
+        max_pending: int = 100_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        retention: float = 7 * 86400,
+        housekeeping_interval: float = 60.0,
+    ) -> None:
+        self.path = Path(path)
+        self.sync = sync
+        self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self.retention = retention
+        self.housekeeping_interval = housekeeping_interval
+        self.pending_count = 0
+        self.writable = True
+        self.last_error: str | None = None
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._retry_marks: list[_Mark] = []
+        self._txn_delta = 0  # pending-count change of the transaction being built
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={_SYNC[self.sync]}")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        got = conn.execute("PRAGMA synchronous").fetchone()[0]
+        if got != _SYNC[self.sync]:
+            raise JournalError(f"SQLite refused PRAGMA synchronous={self.sync.upper()} (reads back {got})")
+        return conn
+
+    def open(self) -> list[Pending]:
+        """Open (creating if needed), start the writer thread, and return the commands still to publish."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._writer.executescript(_SCHEMA)
+        self._reader = self._connect()
+        rows = self._writer.execute(
+            "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
+            "FROM commands WHERE status = 'accepted' ORDER BY seq"
+        ).fetchall()
+        pending = [
+            Pending(
+                seq=seq,
+                request_id=rid,
+                device_id=device,
+                created_at=created,
+                expires_at=expires,
+                key=key,
+                value=value,
+                headers=_HEADERS_DECODER.decode(headers),
+            )
+            for seq, rid, device, created, expires, key, value, headers in rows
+        ]
+        self.pending_count = len(pending)
+        self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._thread.start()
+        log.info("journal open", path=str(self.path), sync=self.sync, pending=len(pending))
+        return pending
+
+    def close(self) -> None:
+        """Commit what is queued, checkpoint, and close both connections."""
+        if self._thread is not None:
+            self._ops.put(_STOP)
+            self._thread.join(30)
+            self._thread = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
+
+    # ------------------------------------------------------------------ writes
+
+    async def accept(self, items: list[NewCommand]) -> list[Accepted]:
+        """Insert commands durably (or find their earlier twins); resolves after the commit's fsync."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Accepted]] = loop.create_future()
+        self._ops.put(_Insert(loop, future, items))
+        return await future
+
+    def mark(
+        self,
+        seq: int,
+        status: str,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Queue a status transition; it is committed with the writer's next transaction."""
+        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Block until everything queued so far is committed (shutdown, tests)."""
+        op = _Flush()
+        self._ops.put(op)
+        return op.event.wait(timeout)
+
+    def _write_loop(self) -> None:
+        next_housekeeping = time.monotonic() + self.housekeeping_interval
+        stopping = False
+        while not stopping:
+            timeout = max(0.0, next_housekeeping - time.monotonic())
+            try:
+                ops = [self._ops.get(timeout=timeout)]
+            except queue.Empty:
+                ops = []
+            while len(ops) < 2000:
+                try:
+                    ops.append(self._ops.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in ops:
+                stopping = True
+                ops = [op for op in ops if op is not _STOP]
+            self._commit(ops)
+            if stopping or time.monotonic() >= next_housekeeping:
+                self._housekeeping()
+                next_housekeeping = time.monotonic() + self.housekeeping_interval
+
+    def _commit(self, ops: list) -> None:
+        inserts = [op for op in ops if isinstance(op, _Insert)]
+        marks = self._retry_marks + [op for op in ops if isinstance(op, _Mark)]
+        flushes = [op for op in ops if isinstance(op, _Flush)]
+        self._retry_marks = []
+        if inserts or marks:
+            conn = self._writer
+            self._txn_delta = 0
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                results = [self._insert_all(conn, op.items) for op in inserts]
+                for mark in marks:
+                    self._apply_mark(conn, mark)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                error = describe(exc)
+                self.writable, self.last_error = False, error.detail
+                log.error("journal write failed", error=error.detail, sqlite_error=str(exc))
+                self._retry_marks = marks
+                results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
+            else:
+                self.pending_count += self._txn_delta
+                if not self.writable:
+                    log.info("journal writable again")
+                self.writable, self.last_error = True, None
+            for op, result in zip(inserts, results, strict=True):
+                op.loop.call_soon_threadsafe(_settle, op.future, result)
+        for flush in flushes:
+            flush.event.set()
+
+    def _insert_all(self, conn: sqlite3.Connection, items: list[NewCommand]) -> list[Accepted]:
+        results = []
+        for item in items:
+            existing = self._find_twin(conn, item)
+            if existing is not None:
+                outcome = "replayed" if existing.body_hash == item.body_hash else "conflict"
+                results.append(Accepted(outcome, existing))
+                continue
+            if self.pending_count + self._txn_delta >= self.max_pending:
+                results.append(
+                    Accepted("full", error=JournalFull(f"{self.max_pending} commands are waiting for Kafka"))
+                )
+                continue
+            if self._used_bytes(conn) >= self.max_bytes:
+                results.append(Accepted("full", error=JournalFull(f"The journal holds {self.max_bytes} bytes")))
+                continue
+            history = json.dumps([["accepted", item.created_at, None]])
+            cursor = conn.execute(
+                "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
+                "updated_at, expires_at, record_key, record_value, record_headers, history) "
+                "VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item.request_id,
+                    item.idem_key,
+                    item.body_hash,
+                    item.device_id,
+                    item.command_type,
+                    item.created_at,
+                    item.created_at,
+                    item.expires_at,
+                    item.key,
+                    item.value,
+                    _HEADERS.encode(item.headers),
+                    history,
+                ),
+            )
+            self._txn_delta += 1
+            row = JournalRow(
+                seq=cursor.lastrowid,
+                request_id=item.request_id,
+                device_id=item.device_id,
+                command_type=item.command_type,
+                status="accepted",
+                created_at=item.created_at,
+                updated_at=item.created_at,
+                expires_at=item.expires_at,
+                topic=None,
+                partition=None,
+                offset=None,
+                error=None,
+                history=[("accepted", item.created_at, None)],
+                body_hash=item.body_hash,
+            )
+            results.append(Accepted("inserted", row))
+        return results
+
+    def _find_twin(self, conn: sqlite3.Connection, item: NewCommand) -> JournalRow | None:
+        if item.idem_key is not None:
+            found = conn.execute(f"SELECT {_ROW} FROM commands WHERE idem_key = ?", (item.idem_key,)).fetchone()
+            if found:
+                return _row(found)
+        if item.client_request_id:
+            found = conn.execute(f"SELECT {_ROW} FROM commands WHERE request_id = ?", (item.request_id,)).fetchone()
+            if found:
+                return _row(found)
+        return None
+
+    def _used_bytes(self, conn: sqlite3.Connection) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def _apply_mark(self, conn: sqlite3.Connection, mark: _Mark) -> None:
+        detail = mark.error
+        if mark.status == "published":
+            detail = f"{mark.topic}/{mark.partition}@{mark.offset}"
+        updated = conn.execute(
+            "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
+            'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
+            "history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
+            "record_value = CASE WHEN ? IN ('published', 'expired', 'failed') THEN NULL ELSE record_value END "
+            "WHERE seq = ? AND status = 'accepted'",
+            (
+                mark.status,
+                mark.at,
+                mark.topic,
+                mark.partition,
+                mark.offset,
+                mark.error,
+                mark.status,
+                mark.at,
+                detail,
+                mark.status,
+                mark.seq,
+            ),
+        ).rowcount
+        if updated and mark.status in FINAL:
+            self._txn_delta -= 1
+
+    def _housekeeping(self) -> None:
+        """Purge finished commands past the retention period and checkpoint the WAL."""
+        conn = self._writer
+        cutoff = time.time() - self.retention
+        try:
+            while True:
+                deleted = conn.execute(
+                    "DELETE FROM commands WHERE seq IN (SELECT seq FROM commands "
+                    "WHERE status != 'accepted' AND updated_at < ? LIMIT 5000)",
+                    (cutoff,),
+                ).rowcount
+                if deleted < 5000:
+                    break
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("journal housekeeping failed", sqlite_error=str(exc))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, request_id: str) -> JournalRow | None:
+        """One command by request id."""
+        found = self._reader.execute(f"SELECT {_ROW} FROM commands WHERE request_id = ?", (request_id,)).fetchone()
+        return _row(found) if found else None
+
+    def recent(
+        self, device_id: str | None, status: str | None, limit: int, before: int | None = None
+    ) -> list[JournalRow]:
+        """Newest first, optionally for one device and/or one status, paged by `before` (a seq)."""
+        where, args = [], []
+        if device_id is not None:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._reader.execute(
+            f"SELECT {_ROW} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def oldest_pending_created_at(self) -> float | None:
+        """When the oldest command still waiting for Kafka was accepted."""
+        found = self._reader.execute(
+            "SELECT created_at FROM commands WHERE status = 'accepted' ORDER BY seq LIMIT 1"
+        ).fetchone()
+        return found[0] if found else None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _settle(future: asyncio.Future, result: list[Accepted]) -> None:
+    if not future.done():
+        future.set_result(result)
