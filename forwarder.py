@@ -107,11 +107,6 @@ class Forwarder:
     # ------------------------------------------------------------------ state
 
     @property
-    def backlog(self) -> int:
-        """Commands accepted and not yet acknowledged by Kafka."""
-        return len(self._ready) - len(self._expired & {p.seq for p in self._ready}) + len(self._in_flight)
-
-    @property
     def stalled(self) -> bool:
         """Records are in the producer but Kafka has acknowledged nothing for `stall_after` seconds."""
         return bool(self._in_flight) and time.monotonic() - self._last_progress > self.stall_after
@@ -210,12 +205,12 @@ class Forwarder:
                 self._retry_at = time.monotonic() + self.backoff.next()
 
     async def _step(self) -> None:
+        """One pass: expire what is due, then (Kafka permitting) reconcile, resume and drain, in that order."""
         self._expire_due()
-        if not self._ready or (self._recovering and self._in_flight) or time.monotonic() < self._retry_at:
-            return
-        if not self.sink.connected:
-            self._retry_at = time.monotonic() + self.backoff.next()
-            return
+        if (self._recovering and self._in_flight) or time.monotonic() < self._retry_at:
+            return  # wait until every outstanding record has resolved, or for the backoff
+        if not (self._uncertain or self._recovering or self._ready) or not self.sink.connected:
+            return  # nothing to do, or Kafka is away: checked again on the next tick (0.25 s)
         if self._uncertain:
             await self._reconcile()
             if self._uncertain:
@@ -223,7 +218,7 @@ class Forwarder:
         if self._recovering:
             self.sink.resume()
             self._recovering = False
-            log.info("kafka sending resumed", backlog=self.backlog)
+            log.info("kafka sending resumed", queued=len(self._ready))
         self._drain()
 
     def _drain(self) -> None:
@@ -239,17 +234,17 @@ class Forwarder:
             self._hand_over(pending)
 
     def _expire_due(self) -> None:
+        """Mark queued commands whose expires_at passed; they stay skipped when the queue drains."""
         now = time.time()
-        queued = None
+        due = []
         while self._expiries and self._expiries[0][0] <= now:
-            _, seq = heapq.heappop(self._expiries)
-            if seq in self._in_flight or (seq not in self._waiters and seq not in self._uncertain):
-                if queued is None:
-                    queued = {p.seq: p for p in self._ready}
-                if seq not in queued:
-                    continue
-            queued = queued if queued is not None else {p.seq: p for p in self._ready}
+            due.append(heapq.heappop(self._expiries)[1])
+        if not due:
+            return
+        queued = {p.seq: p for p in self._ready}
+        for seq in due:
             pending = queued.get(seq)
+            # In flight: too late to call back. Uncertain: may be in Kafka already; settled after reconciling.
             if pending is None or seq in self._expired or seq in self._uncertain:
                 continue
             self._expired.add(seq)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -198,6 +199,7 @@ class Journal:
         self.retention = retention
         self.housekeeping_interval = housekeeping_interval
         self.pending_count = 0
+        self.commits = 0
         self.writable = True
         self.last_error: str | None = None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -222,6 +224,9 @@ class Journal:
     def open(self) -> list[Pending]:
         """Open (creating if needed), start the writer thread, and return the commands still to publish."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for place in (self.path.parent, self.path):
+            if place.exists() and not os.access(place, os.W_OK):
+                raise JournalError(f"{place} is not writable (read-only file system or permissions)")
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
         self._reader = self._connect()
@@ -322,6 +327,7 @@ class Journal:
                 for mark in marks:
                     self._apply_mark(conn, mark)
                 conn.execute("COMMIT")
+                self.commits += 1
             except sqlite3.Error as exc:
                 _rollback(conn)
                 error = describe(exc)

@@ -1,0 +1,247 @@
+"""The journal on a real SQLite file: durability settings, group commit, idempotency, limits, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+from kafka_local import free_port
+
+from errors import JournalError
+from journal import Journal, NewCommand
+
+
+def new(request_id: str, device: str = "d1", body: bytes = b"h", idem_key: str | None = None, **extra) -> NewCommand:
+    fields = dict(
+        request_id=request_id,
+        idem_key=idem_key,
+        client_request_id=False,
+        body_hash=body,
+        device_id=device,
+        command_type="reboot",
+        created_at=time.time(),
+        expires_at=None,
+        key=device.encode(),
+        value=b'{"x": 1}',
+        headers=[("request_id", request_id.encode())],
+    )
+    fields.update(extra)
+    return NewCommand(**fields)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    yield j
+    j.close()
+
+
+def accept(journal: Journal, *items: NewCommand):
+    return asyncio.run(journal.accept(list(items)))
+
+
+def test_synchronous_full_is_set_and_checked(tmp_path):
+    """FULL by default and NORMAL on request, each read back from SQLite; WAL mode on."""
+    for sync, code in (("full", 2), ("normal", 1)):
+        j = Journal(tmp_path / f"{sync}.db", sync=sync)
+        j.open()
+        assert j._writer.execute("PRAGMA synchronous").fetchone()[0] == code
+        assert j._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        j.close()
+
+
+def test_accepted_commands_survive_reopening_and_come_back_as_pending(tmp_path):
+    """What was accepted is pending after a reopen, in acceptance order, with its record bytes."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    accept(j, new("a"), new("b", device="d2"))
+    j.mark(1, "published", topic="t", partition=0, offset=7)
+    j.close()
+    j = Journal(tmp_path / "j.db")
+    pending = j.open()
+    try:
+        assert [p.request_id for p in pending] == ["b"]
+        assert pending[0].key == b"d2" and pending[0].headers == [("request_id", b"b")]
+        assert j.pending_count == 1
+        row = j.get("a")
+        assert (row.status, row.partition, row.offset) == ("published", 0, 7)
+        assert [h[0] for h in row.history] == ["accepted", "published"]
+    finally:
+        j.close()
+
+
+def test_concurrent_accepts_share_transactions(journal):
+    """200 concurrent single inserts are committed in far fewer transactions (group commit)."""
+
+    async def many():
+        return await asyncio.gather(*(journal.accept([new(f"r{i}")]) for i in range(200)))
+
+    before = journal.commits
+    results = asyncio.run(many())
+    assert all(r[0].outcome == "inserted" for r in results)
+    assert journal.commits - before < 50
+    assert journal.pending_count == 200
+
+
+def test_replay_and_conflict_by_idempotency_key(journal):
+    """The same key and body is a replay of the first row; the same key with another body is a conflict."""
+    [first] = accept(journal, new("r1", idem_key="k1", body=b"A"))
+    [again] = accept(journal, new("r2", idem_key="k1", body=b"A"))
+    [other] = accept(journal, new("r3", idem_key="k1", body=b"B"))
+    assert first.outcome == "inserted"
+    assert again.outcome == "replayed" and again.row.request_id == "r1"
+    assert other.outcome == "conflict" and other.row.request_id == "r1"
+    assert journal.pending_count == 1
+
+
+def test_client_request_id_is_an_idempotency_key(journal):
+    """A repeated client request_id replays; with another body it conflicts."""
+    accept(journal, new("mine", client_request_id=True, body=b"A"))
+    [again] = accept(journal, new("mine", client_request_id=True, body=b"A"))
+    [other] = accept(journal, new("mine", client_request_id=True, body=b"B"))
+    assert (again.outcome, other.outcome) == ("replayed", "conflict")
+
+
+def test_duplicates_inside_one_transaction_resolve_to_one_row(journal):
+    """Fifty identical concurrent requests give one row and forty-nine replays."""
+
+    async def fifty():
+        return await asyncio.gather(*(journal.accept([new(f"x{i}", idem_key="same")]) for i in range(50)))
+
+    outcomes = [r[0].outcome for r in asyncio.run(fifty())]
+    assert outcomes.count("inserted") == 1 and outcomes.count("replayed") == 49
+
+
+def test_max_pending_refuses_then_recovers(tmp_path):
+    """At JOURNAL_MAX_PENDING further commands are refused (full); a published one makes room."""
+    j = Journal(tmp_path / "j.db", max_pending=2)
+    j.open()
+    try:
+        results = accept(j, new("a"), new("b"), new("c"))
+        assert [r.outcome for r in results] == ["inserted", "inserted", "full"]
+        assert results[2].error.status == 503
+        j.mark(results[0].row.seq, "published", topic="t", partition=0, offset=0)
+        assert j.flush()
+        assert [r.outcome for r in accept(j, new("d"))] == ["inserted"]
+    finally:
+        j.close()
+
+
+def test_max_bytes_refuses(tmp_path):
+    """Past JOURNAL_MAX_BYTES of records, further commands are refused."""
+    j = Journal(tmp_path / "j.db", max_bytes=200_000)
+    j.open()
+    try:
+        big = b"x" * 20_000
+        outcomes = [accept(j, new(f"r{i}", value=big))[0].outcome for i in range(30)]
+        assert "full" in outcomes and outcomes[0] == "inserted"
+    finally:
+        j.close()
+
+
+def test_marks_are_final_and_purged_after_retention(tmp_path):
+    """A finished command keeps its history; past the retention period it is purged, pending ones never."""
+    j = Journal(tmp_path / "j.db", retention=0.0)
+    j.open()
+    try:
+        done, _ = accept(j, new("done"), new("waiting"))
+        j.mark(done.row.seq, "expired", error="ttl")
+        j.mark(done.row.seq, "published", topic="t", partition=0, offset=1)  # ignored: already final
+        assert j.flush()
+        row = j.get("done")
+        assert row.status == "expired" and row.error == "ttl"
+        j._housekeeping()
+        assert j.get("done") is None and j.get("waiting") is not None
+    finally:
+        j.close()
+
+
+def test_recent_lists_newest_first_with_paging(journal):
+    """Per-device listing is newest first and pages with `before`."""
+    for i in range(5):
+        accept(journal, new(f"r{i}", device="dev"))
+    accept(journal, new("other", device="else"))
+    page = journal.recent("dev", None, 3)
+    assert [r.request_id for r in page] == ["r4", "r3", "r2"]
+    assert [r.request_id for r in journal.recent("dev", None, 3, before=page[-1].seq)] == ["r1", "r0"]
+    assert journal.recent(None, "accepted", 10)[0].request_id == "other"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs mount for disk-full and read-only tests (needs root, as CI runs)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    assert result.returncode == 0, f"mounting a tmpfs needs root: {result.stderr.decode()}"
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_a_clear_error_and_recovers(small_disk):
+    """On a full disk inserts fail with a clear reason (nothing stored); freeing space lets them succeed again."""
+    j = Journal(small_disk / "j.db", sync="full")
+    j.open()
+    try:
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        results = [accept(j, new(f"r{i}", value=b"y" * 8192))[0] for i in range(50)]
+        failed = [r for r in results if r.outcome == "unavailable"]
+        assert failed, "the disk never filled"
+        assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
+        assert not j.writable
+        filler.unlink()
+        [ok] = accept(j, new("after"))
+        assert ok.outcome == "inserted" and j.writable
+    finally:
+        j.close()
+
+
+def test_read_only_journal_stops_the_start_with_a_clear_line(small_disk, tmp_path):
+    """A journal on a read-only file system cannot be opened: the service exits naming the file, serving nothing."""
+    j = Journal(small_disk / "j.db")
+    j.open()
+    accept(j, new("r"))
+    j.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises((JournalError, sqlite3.Error)):
+        Journal(small_disk / "j.db").open()
+    result = subprocess.run(
+        [sys.executable, "-m", "pusher"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "JOURNAL_PATH": str(small_disk / "j.db"),
+            "API_PORT": str(free_port()),
+            "LOG_FORMAT": "json",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    [line] = [json.loads(x) for x in result.stdout.splitlines() if '"journal cannot be opened"' in x]
+    assert line["path"] == str(small_disk / "j.db") and "is not writable" in line["error"]
+
+
+def test_unopenable_journal_path_raises(tmp_path):
+    """A path that cannot hold a database fails at open, not at the first command."""
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises((JournalError, sqlite3.Error, OSError)):
+        Journal(Path(tmp_path / "file" / "j.db")).open()
+    assert os.path.exists(tmp_path / "file")
