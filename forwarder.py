@@ -164,10 +164,10 @@ class Forwarder:
             bisect.insort(self._ready, pending, key=lambda p: p.seq)
             if isinstance(error, SinkError) and error.uncertain:
                 self._uncertain[pending.seq] = pending
-            if not self._recovering:
+            if not self._recovering:  # one backoff step per episode, not per record that failed with it
                 log.warning("kafka send failed; holding new commands", error=getattr(error, "detail", str(error)))
-            self._recovering = True
-            self._retry_at = time.monotonic() + self.backoff.next()
+                self._recovering = True
+                self._retry_at = time.monotonic() + self.backoff.next()
         self._wake.set()
 
     def _published(self, pending: Pending, delivery: Delivery) -> None:

@@ -27,6 +27,7 @@ from enum import Enum
 import kafka.errors as kerr
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
 from settings import Settings
@@ -44,6 +45,7 @@ _PERMANENT = (
     kerr.UnsupportedForMessageFormatError,
 )
 _STOP = object()
+_WAKE = object()
 _NO_BROKER = "no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS"
 
 
@@ -65,6 +67,7 @@ class SinkHealth:
     partitions: int | None
     brokers: int
     topic_missing: bool = False
+    max_message_bytes: int | None = None
 
 
 class SinkState(Enum):
@@ -114,6 +117,7 @@ class KafkaSink:
         self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
         self._holding = threading.Event()  # set: refuse records until resume()
+        self._poisoned = False  # Kafka refused a record: replace the producer before the next send
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -178,6 +182,12 @@ class KafkaSink:
         if refusal is not None:
             self._holding.set()
             future.set_exception(refusal)
+        elif self._health.max_message_bytes and _record_size(key, value, headers) > self._health.max_message_bytes:
+            future.set_exception(
+                MessageRejected(
+                    f"Kafka refused the record: larger than the topic's {self._health.max_message_bytes} bytes"
+                )
+            )
         else:
             self._jobs.put(_Job(loop, future, key, value, headers))
         return future
@@ -197,8 +207,23 @@ class KafkaSink:
             job = self._jobs.get()
             if job is _STOP:
                 break
-            self._send(job)
+            if self._poisoned:
+                self._replace_producer()
+            if job is not _WAKE:
+                self._send(job)
         self._fail_queued(SinkUnavailable("The service is shutting down"))
+
+    def _replace_producer(self) -> None:
+        """After Kafka refused a record, kafka-python's idempotent producer refuses the rest of that
+        partition as well (its sequence numbers have a gap); a new producer starts clean."""
+        log.warning("replacing the kafka producer after a refused record")
+        old, self._producer = self._producer, None
+        try:
+            old.close(timeout=0)  # records still inside it fail as uncertain and are reconciled
+        except Exception:
+            log.exception("producer close failed")
+        self._poisoned = False
+        self._producer = self._connect()
 
     def _connect(self) -> KafkaProducer | None:
         s = self.settings
@@ -220,6 +245,9 @@ class KafkaSink:
                 max_block_ms=int(min(s.publish_timeout, 5.0) * 1000),
                 bootstrap_timeout_ms=int(min(s.kafka_producer_timeout, 5.0) * 1000),
                 allow_auto_create_topics=False,
+                # kafka-python backs reconnects off up to 30 s by default: after an outage the backlog
+                # would wait that long. A small gateway reconnecting every 2 s costs nothing.
+                reconnect_backoff_max_ms=2000,
             )
         except Exception as exc:
             self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
@@ -236,8 +264,10 @@ class KafkaSink:
         try:
             record = self._producer.send(self.topic, value=job.value, key=job.key, headers=job.headers)
         except Exception as exc:
-            self._holding.set()
-            job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc, sent=False))
+            error = translate(exc, sent=False)
+            if not isinstance(error, MessageRejected):  # a refused record leaves the order of the rest intact
+                self._holding.set()
+            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
             return
         record.add_callback(self._on_ack, job)
         record.add_errback(self._on_error, job)
@@ -247,7 +277,17 @@ class KafkaSink:
         job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
-        job.loop.call_soon_threadsafe(_settle, job.future, None, translate(exc, sent=True))
+        error = translate(exc, sent=True)
+        if isinstance(error, MessageRejected):
+            if self._poisoned:
+                # Refused only because an earlier record of the partition was: not this record's fault.
+                error = SinkUnavailable("Producer reset after a refused record")
+                error.uncertain = True
+            else:
+                self._poisoned = True
+                self._holding.set()
+                self._jobs.put(_WAKE)
+        job.loop.call_soon_threadsafe(_settle, job.future, None, error)
 
     def _fail_queued(self, error: SinkError) -> None:
         while True:
@@ -318,6 +358,7 @@ class KafkaSink:
                         client_id=f"{self.settings.kafka_client_id}-monitor",
                         request_timeout_ms=5000,
                         bootstrap_timeout_ms=5000,
+                        reconnect_backoff_max_ms=2000,
                     )
                 if admin is not None:
                     self._set_health(self._check_topic(admin))
@@ -347,9 +388,16 @@ class KafkaSink:
                 log.error("command topic missing", topic=self.topic)
             return SinkHealth(False, reason, None, brokers, topic_missing=True)
         partitions = len(topic.get("partitions", []))
+        max_bytes = self._max_message_bytes(admin)
         if self._producer is None:
             return SinkHealth(False, "producer not connected yet", partitions, brokers)
-        return SinkHealth(True, None, partitions, brokers)
+        return SinkHealth(True, None, partitions, brokers, max_message_bytes=max_bytes)
+
+    def _max_message_bytes(self, admin: KafkaAdminClient) -> int | None:
+        resource = ConfigResource(ConfigResourceType.TOPIC, self.topic, ["max.message.bytes"])
+        found = admin.describe_configs([resource], config_filter="all")
+        value = found.get("topic", {}).get(self.topic, {}).get("max.message.bytes", {}).get("value")
+        return int(value) if value else None
 
     def _create_topic(self, admin: KafkaAdminClient) -> None:
         s = self.settings
@@ -393,3 +441,8 @@ def _quiet_close(admin: KafkaAdminClient) -> None:
         admin.close()
     except Exception:
         logging.getLogger(__name__).debug("admin close failed", exc_info=True)
+
+
+def _record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """An upper estimate of the record batch Kafka will see for one record (v2 format overheads)."""
+    return 61 + 32 + len(key) + len(value) + sum(len(name) + len(data) + 10 for name, data in headers)

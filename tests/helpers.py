@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,12 +18,12 @@ from kafka_local import free_port, stop_process
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def new_topic(bootstrap: str, partitions: int = 3, name: str | None = None) -> str:
+def new_topic(bootstrap: str, partitions: int = 3, name: str | None = None, configs: dict | None = None) -> str:
     """Create a fresh topic (one per test keeps tests independent) and return its name."""
     name = name or f"cmd-{uuid.uuid4().hex[:12]}"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
-        spec = {"num_partitions": partitions, "replication_factor": 1}
+        spec = {"num_partitions": partitions, "replication_factor": 1, "configs": configs or {}}
         admin.create_topics({name: spec}, wait_for_metadata=True)
     finally:
         admin.close()
@@ -102,6 +103,18 @@ class ServiceProcess:
         self.process = None
         return code
 
+    def wait_drained(self, timeout: float = 120.0) -> float:
+        """Wait until nothing is waiting for Kafka; return how long it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).json()["backlog"] == 0:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"backlog not drained within {timeout}s:\n{self.log()[-3000:]}")
+
     def log(self) -> str:
         """What the process printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -112,3 +125,12 @@ def command(device_id: str = "device_001", **extra) -> dict:
     body = {"device_id": device_id, "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
     body.update(extra)
     return body
+
+
+def record_figure(name: str, value: float | int | str) -> None:
+    """Keep a measured figure in .cache/figures.json (README quotes them)."""
+    path = ROOT / ".cache" / "figures.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    figures[name] = value
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True))

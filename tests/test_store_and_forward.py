@@ -1,0 +1,359 @@
+"""The journal's promise end to end: real broker, real service processes, real files, real kills."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import ServiceProcess, command, new_topic, read_topic, record_figure
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka_local import LocalKafka
+
+from journal import Journal, NewCommand
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own (not started), so it can be stopped and started at will."""
+    broker = LocalKafka(tmp_path / "kafka")
+    yield broker
+    broker.stop()
+
+
+def _wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def _ready(url: str) -> dict:
+    return httpx.get(url + "/ready", timeout=5).json()
+
+
+def _status(url: str, request_id: str) -> dict:
+    return httpx.get(f"{url}/api/v1/commands/{request_id}/status", timeout=5).json()
+
+
+def _by_request_id(records) -> Counter:
+    return Counter(dict(r.headers)["request_id"].decode() for r in records)
+
+
+def _assert_device_order(records) -> None:
+    """Within each device, `payload.seq` rises with the offset."""
+    per_device = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        per_device[record.key].append(json.loads(record.value)["payload"]["seq"])
+    for device, seqs in per_device.items():
+        assert seqs == sorted(seqs), f"{device!r} out of order: {seqs[:20]}"
+
+
+def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_broker, tmp_path):
+    """Kafka stopped: 10,000 commands → all 202; Kafka back → all in Kafka exactly once, each device in order."""
+    own_broker.start()
+    topic = new_topic(own_broker.bootstrap)
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
+    ).start()
+    try:
+        own_broker.stop()
+        _wait_for(lambda: not _ready(service.url)["kafka_connected"])
+
+        def send(devices: list[str]) -> list[tuple[int, str]]:
+            answers = []
+            with httpx.Client(base_url=service.url, timeout=30) as http:
+                for seq in range(10_000 // 50):
+                    for device in devices:
+                        response = http.post("/api/v1/commands", json=command(device, payload={"seq": seq}))
+                        answers.append((response.status_code, response.json().get("request_id")))
+            return answers
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(5) as pool:
+            groups = [[f"dev-{g}-{i}" for i in range(10)] for g in range(5)]
+            answers = [a for part in pool.map(send, groups) for a in part]
+        record_figure("outage_accept_commands_per_s_full_sync", round(len(answers) / (time.monotonic() - started)))
+        assert len(answers) == 10_000
+        assert Counter(code for code, _ in answers) == {202: 10_000}
+        assert _ready(service.url)["backlog"] == 10_000
+
+        own_broker.start()
+        recovery = service.wait_drained(timeout=180)
+        record_figure("outage_recovery_seconds_10000", round(recovery, 2))
+        records = read_topic(own_broker.bootstrap, topic, 10_000)
+        counts = _by_request_id(records)
+        assert len(records) == 10_000 and set(counts) == {rid for _, rid in answers}
+        assert max(counts.values()) == 1
+        _assert_device_order(records)
+    finally:
+        service.stop()
+
+
+def test_sigkill_ten_times_under_load_loses_nothing_and_doubles_nothing(kafka_bootstrap, topic, tmp_path):
+    """SIGKILL ×10 during 20,000 commands from clients retrying with the same Idempotency-Key until a 2xx."""
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    per_client, clients = 2_500, 8
+    answered: dict[str, str] = {}  # idempotency key -> request id of its 2xx
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=10) as http:
+            for seq in range(per_client):
+                key = f"c{n}-{seq}"
+                body = command(f"kill-dev-{n}", payload={"seq": seq})
+                while True:
+                    try:
+                        response = http.post("/api/v1/commands", json=body, headers={"Idempotency-Key": key})
+                        if response.status_code in (200, 202):
+                            with lock:
+                                answered[key] = response.json()["request_id"]
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.02)
+
+    kills = 0
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, n) for n in range(clients)]
+        while kills < 10:
+            time.sleep(random.uniform(0.8, 1.6))
+            service.stop(signal.SIGKILL)
+            kills += 1
+            service.start(wait_ready=False)
+        for future in futures:
+            future.result()
+    try:
+        service.wait_drained(timeout=120)
+    finally:
+        service.stop()
+
+    records = read_topic(kafka_bootstrap, topic, len(answered))
+    counts = _by_request_id(records)
+    missing = [key for key, rid in answered.items() if rid not in counts]
+    duplicates = sum(c - 1 for c in counts.values())
+    record_figure("kill_test_commands", len(answered))
+    record_figure("kill_test_kills", kills)
+    record_figure("kill_test_duplicates", duplicates)
+    record_figure("kill_test_missing", len(missing))
+    assert len(answered) == per_client * clients
+    assert not missing, f"{len(missing)} commands answered 2xx are not in Kafka"
+    assert set(counts) == set(answered.values()), "Kafka holds commands nobody was answered for"
+    assert duplicates == 0, f"{duplicates} duplicates"
+    _assert_device_order(records)
+
+
+def test_ttl_expires_during_outage_and_is_never_sent(own_broker, tmp_path):
+    """A 1 s TTL command stored during an outage is marked expired and never reaches Kafka."""
+    own_broker.start()
+    topic = new_topic(own_broker.bootstrap)
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    try:
+        own_broker.stop()
+        _wait_for(lambda: not _ready(service.url)["kafka_connected"])
+        short = httpx.post(service.url + "/api/v1/commands", json=command("ttl-dev", ttl_seconds=1)).json()
+        kept = httpx.post(service.url + "/api/v1/commands", json=command("ttl-dev", ttl_seconds=600)).json()
+        assert short["status"] == "accepted" and short["expires_at"]
+        _wait_for(lambda: _status(service.url, short["request_id"])["status"] == "expired", timeout=10)
+        own_broker.start()
+        _wait_for(lambda: _status(service.url, kept["request_id"])["status"] == "published")
+        records = read_topic(own_broker.bootstrap, topic, 1)
+        assert [dict(r.headers)["request_id"].decode() for r in records] == [kept["request_id"]]
+        history = [t["status"] for t in _status(service.url, short["request_id"])["history"]]
+        assert history == ["accepted", "expired"]
+    finally:
+        service.stop()
+
+
+def test_expires_at_travels_in_body_and_header(service, kafka_bootstrap, topic):
+    """expires_at (from ttl_seconds) is in the Kafka value and in an `expires_at` header, ISO 8601 UTC."""
+    response = httpx.post(service.url + "/api/v1/commands", json=command(ttl_seconds=60))
+    assert response.status_code == 200
+    [record] = read_topic(kafka_bootstrap, topic, 1)
+    value = json.loads(record.value)
+    assert value["expires_at"] == response.json()["expires_at"] and value["expires_at"].endswith("Z")
+    assert dict(record.headers)["expires_at"].decode() == value["expires_at"]
+
+
+def test_idempotency_replay_conflict_and_fifty_concurrent_duplicates(service, kafka_bootstrap, topic):
+    """A replay returns the original result marked Idempotent-Replayed; another body is 409; 50 at once → 1 message."""
+    url = service.url + "/api/v1/commands"
+    first = httpx.post(url, json=command("idem"), headers={"Idempotency-Key": "key-1"})
+    again = httpx.post(url, json=command("idem"), headers={"Idempotency-Key": "key-1"})
+    assert first.status_code == 200 and again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert again.json()["offset"] == first.json()["offset"] and again.json()["status"] == "published"
+    conflict = httpx.post(url, json=command("idem", payload={"x": 1}), headers={"Idempotency-Key": "key-1"})
+    assert conflict.status_code == 409 and conflict.headers["content-type"] == "application/problem+json"
+
+    by_request_id = [httpx.post(url, json=command("idem", request_id="rid-7")) for _ in range(2)]
+    assert by_request_id[1].headers["idempotent-replayed"] == "true"
+    assert httpx.post(url, json=command("idem", request_id="rid-7", payload={"y": 2})).status_code == 409
+
+    def post(_):
+        return httpx.post(url, json=command("burst"), headers={"Idempotency-Key": "burst-key"}, timeout=30)
+
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(post, range(50)))
+    assert {r.status_code for r in responses} <= {200, 202}
+    assert len({r.json()["request_id"] for r in responses}) == 1
+    records = read_topic(kafka_bootstrap, topic, 3)
+    assert Counter(r.key for r in records) == {b"idem": 2, b"burst": 1}
+
+
+def test_batch_idempotency_key_covers_each_item(service, kafka_bootstrap, topic):
+    """Retrying a whole batch with its Idempotency-Key publishes nothing new."""
+    body = {"commands": [command("b1"), command("b2")]}
+    url = service.url + "/api/v1/commands/batch"
+    first = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-1"})
+    again = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-1"})
+    assert first.status_code == 200 and again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert [r["request_id"] for r in again.json()["results"]] == [r["request_id"] for r in first.json()["results"]]
+    assert len(read_topic(kafka_bootstrap, topic, 2)) == 2
+
+
+def test_prefer_respond_async_answers_after_the_commit(service):
+    """`Prefer: respond-async` answers 202 right after the journal commit; the command is published anyway."""
+    response = httpx.post(service.url + "/api/v1/commands", json=command("async"), headers={"Prefer": "respond-async"})
+    assert response.status_code == 202 and response.headers["preference-applied"] == "respond-async"
+    _wait_for(lambda: _status(service.url, response.json()["request_id"])["status"] == "published", timeout=10)
+
+
+def test_journal_full_is_503_then_recovers(own_broker, tmp_path):
+    """At JOURNAL_MAX_PENDING commands waiting for Kafka: 503 with Retry-After; Kafka back: room again."""
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC="full", JOURNAL_MAX_PENDING="5"
+    ).start(wait_ready=False)
+    try:
+        url = service.url + "/api/v1/commands"
+        stored = [httpx.post(url, json=command("full-dev", payload={"seq": i})) for i in range(5)]
+        assert [r.status_code for r in stored] == [202] * 5
+        refused = httpx.post(url, json=command("full-dev", payload={"seq": 5}))
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["type"] == "/problems/journal-full"
+        own_broker.start()
+        new_topic(own_broker.bootstrap, name="full")
+        service.wait_drained()
+        assert httpx.post(url, json=command("full-dev", payload={"seq": 6})).status_code == 200
+    finally:
+        service.stop()
+
+
+def test_permanent_kafka_error_fails_alone(kafka_bootstrap, tmp_path):
+    """A command Kafka will never take (too large for the topic) is `failed` with the reason; later ones flow."""
+    topic = new_topic(kafka_bootstrap, configs={"max.message.bytes": "2000"})
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    try:
+        url = service.url + "/api/v1/commands"
+        big = httpx.post(url, json=command("perm", payload={"blob": "x" * 5000}))
+        assert big.status_code == 502 and big.json()["type"] == "/problems/kafka-rejected"
+        failed = httpx.get(service.url + "/api/v1/commands?device_id=perm").json()["items"][0]
+        assert failed["status"] == "failed" and "larger than the topic's 2000 bytes" in failed["error"]
+        after = httpx.post(url, json=command("perm", payload={"small": 1}))
+        assert after.status_code == 200
+    finally:
+        service.stop()
+
+
+def test_refusal_by_the_broker_does_not_poison_later_commands(kafka_bootstrap, topic, tmp_path):
+    """The topic's limit shrinks behind our back: Kafka itself refuses the record; the next ones still flow."""
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    try:
+        url = service.url + "/api/v1/commands"
+        assert httpx.post(url, json=command("shrink", payload={"seq": 0})).status_code == 200
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": "2000"})])
+        admin.close()
+        big = httpx.post(url, json=command("shrink", payload={"seq": 1, "blob": "x" * 5000}))
+        assert big.status_code == 502, big.text
+        after = [httpx.post(url, json=command("shrink", payload={"seq": n})) for n in (2, 3)]
+        assert [r.status_code for r in after] == [200, 200], [r.text for r in after]
+    finally:
+        service.stop()
+    records = read_topic(kafka_bootstrap, topic, 3)
+    assert [json.loads(r.value)["payload"]["seq"] for r in sorted(records, key=lambda r: r.offset)] == [0, 2, 3]
+
+
+def test_status_and_device_list_survive_a_restart(kafka_bootstrap, topic, tmp_path):
+    """After a restart the status (with every transition) and the per-device list come from the journal."""
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    sent = [
+        httpx.post(service.url + "/api/v1/commands", json=command("listed", payload={"seq": i})).json()
+        for i in range(5)
+    ]
+    httpx.post(service.url + "/api/v1/commands", json=command("other"))
+    service.stop()
+    service.start()
+    try:
+        status = _status(service.url, sent[0]["request_id"])
+        assert status["status"] == "published" and status["offset"] == sent[0]["offset"]
+        assert [t["status"] for t in status["history"]] == ["accepted", "published"]
+        page = httpx.get(service.url + "/api/v1/commands", params={"device_id": "listed", "limit": 3}).json()
+        assert [c["request_id"] for c in page["items"]] == [s["request_id"] for s in reversed(sent)][:3]
+        rest = httpx.get(
+            service.url + "/api/v1/commands", params={"device_id": "listed", "before": page["next_before"]}
+        ).json()
+        assert [c["request_id"] for c in rest["items"]] == [sent[1]["request_id"], sent[0]["request_id"]]
+        assert rest["next_before"] is None
+        published = httpx.get(service.url + "/api/v1/commands", params={"status": "published"}).json()["items"]
+        assert len(published) == 6
+        bad = httpx.get(service.url + "/api/v1/commands", params={"limit": 0, "status": "lost"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["loc"].startswith("query.")
+    finally:
+        service.stop()
+
+
+def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp_path):
+    """A journaled command that reached Kafka before a crash is found there and not sent again; the other is sent."""
+    journal_path = tmp_path / "journal.db"
+    journal = Journal(journal_path)
+    journal.open()
+
+    def record(request_id: str) -> NewCommand:
+        value = json.dumps({"request_id": request_id, "payload": {"seq": 0}}).encode()
+        return NewCommand(
+            request_id=request_id,
+            idem_key=None,
+            client_request_id=False,
+            body_hash=b"h",
+            device_id="rec",
+            command_type="reboot",
+            created_at=time.time(),
+            expires_at=None,
+            key=b"rec",
+            value=value,
+            headers=[("request_id", request_id.encode())],
+        )
+
+    landed, lost = str(uuid.uuid4()), str(uuid.uuid4())
+    asyncio.run(journal.accept([record(landed), record(lost)]))
+    journal.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    metadata = producer.send(topic, key=b"rec", value=b"{}", headers=[("request_id", landed.encode())]).get(10)
+    producer.close()
+
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, JOURNAL_PATH=str(journal_path)
+    ).start()
+    try:
+        service.wait_drained()
+        assert _status(service.url, landed)["offset"] == metadata.offset
+        assert _status(service.url, lost)["status"] == "published"
+    finally:
+        service.stop()
+    counts = _by_request_id(read_topic(kafka_bootstrap, topic, 2))
+    assert counts == {landed: 1, lost: 1}
