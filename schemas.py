@@ -427,6 +427,7 @@ _SCHEMA_TYPES = (
     CommandResponse,
     BatchCommandResponse,
     CommandStatus,
+    CommandList,
     Problem,
     Health,
     Readiness,
@@ -471,32 +472,94 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document, built from the Structs above."""
     _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     unavailable = {
-        **_problem("Kafka unavailable or did not acknowledge within PUBLISH_TIMEOUT"),
+        **_problem("Not stored: the journal is full or cannot be written; retrying with the same key is safe"),
         "headers": _RETRY_AFTER,
     }
+    replayed = {
+        "Idempotent-Replayed": {
+            "description": "`true` when this answers a repeated request",
+            "schema": {"type": "string"},
+        }
+    }
+    send_parameters = [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Retrying with the same key never publishes twice (kept JOURNAL_RETENTION); "
+            "the same key with another body is a 409. In a batch, item i uses `<key>#i`.",
+            "schema": {"type": "string", "maxLength": 255},
+        },
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "description": "`respond-async` (RFC 7240): answer 202 right after the journal commit.",
+            "schema": {"type": "string"},
+        },
+    ]
     paths: dict[str, Any] = {
         "/api/v1/commands": {
             "post": {
                 "operationId": "pushCommand",
                 "summary": "Push a single command to a device",
                 "tags": ["commands"],
+                "parameters": send_parameters,
                 "requestBody": _body("CommandRequest", PLAN_EXAMPLE),
                 "responses": {
-                    "200": _json("CommandResponse", "Published: Kafka acknowledged it (acks=all)"),
+                    "200": {
+                        **_json("CommandResponse", "Published: Kafka acknowledged it (acks=all)"),
+                        "headers": replayed,
+                    },
+                    "202": {
+                        **_json("CommandResponse", "Stored in the journal (fsynced); published when Kafka acks"),
+                        "headers": replayed,
+                    },
                     **_BODY_ERRORS,
-                    "502": _problem("Kafka refused the command for good"),
+                    "409": _problem("The Idempotency-Key or request_id was used with a different body"),
+                    "502": _problem("Kafka refused the command for good; its status is `failed`"),
                     "503": unavailable,
                 },
-            }
+            },
+            "get": {
+                "operationId": "listCommands",
+                "summary": "Recent commands, newest first (optionally one device's, one status)",
+                "tags": ["commands"],
+                "parameters": [
+                    {"name": "device_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["accepted", "published", "failed", "expired"]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "required": False,
+                        "description": "`next_before` of the previous page",
+                        "schema": {"type": "integer"},
+                    },
+                ],
+                "responses": {"200": _json("CommandList", "A page of commands"), "422": _BODY_ERRORS["422"]},
+            },
         },
         "/api/v1/commands/batch": {
             "post": {
                 "operationId": "pushCommandsBatch",
                 "summary": "Push several commands; each item is validated and published on its own, in order",
                 "tags": ["commands"],
+                "parameters": send_parameters,
                 "requestBody": _body("BatchCommandRequest", PLAN_BATCH_EXAMPLE),
                 "responses": {
                     "200": _json("BatchCommandResponse", "Every command was published"),
+                    "202": _json("BatchCommandResponse", "Every command was stored; some are not in Kafka yet"),
                     "207": _json("BatchCommandResponse", "Some commands failed; see each result"),
                     **_BODY_ERRORS,
                     "503": unavailable,
@@ -506,7 +569,7 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/commands/{request_id}/status": {
             "get": {
                 "operationId": "getCommandStatus",
-                "summary": "Status of a command this process handled",
+                "summary": "A command's current status and every transition, from the journal",
                 "tags": ["commands"],
                 "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": _json("CommandStatus", "Known command"), "404": _problem("Unknown request id")},
@@ -523,7 +586,7 @@ def openapi_document() -> dict[str, Any]:
         "/ready": {
             "get": {
                 "operationId": "ready",
-                "summary": "Readiness: Kafka metadata for the command topic is reachable",
+                "summary": "Readiness: the journal accepts commands (says whether Kafka is reachable)",
                 "tags": ["health"],
                 "responses": {
                     "200": _json("Readiness", "Ready"),
@@ -542,7 +605,7 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/metrics": {
             "get": {
                 "operationId": "metrics",
-                "summary": "Service counters as JSON",
+                "summary": "Service counters and backlog as JSON",
                 "tags": ["health"],
                 "responses": {"200": _json("Counters", "Counters since start")},
             }

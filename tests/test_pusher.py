@@ -33,6 +33,7 @@ def client(tmp_path_factory):
             "PUBLISH_TIMEOUT": "1",
             "MAX_BATCH": "3",
             "MAX_BODY_BYTES": "4096",
+            "DEFAULT_TTL": "3600",
         },
         env_file="/nonexistent",
     )
@@ -207,3 +208,54 @@ def test_openapi_and_docs_are_served(client):
     assert "/docs/assets/swagger-ui-bundle.js" in page and "http" not in page.split("<body>")[1]
     assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
     assert "SwaggerUIBundle" in client.get("/docs/init.js").text
+
+
+def test_default_ttl_applies_when_none_is_given(client):
+    """DEFAULT_TTL gives a command without ttl_seconds/expires_at an expiry."""
+    body = client.post("/api/v1/commands", json=command("ttl")).json()
+    assert body["expires_at"] > body["timestamp"]
+    assert client.get(f"/api/v1/commands/{body['request_id']}/status").json()["expires_at"] == body["expires_at"]
+
+
+def test_replay_and_conflict_work_without_kafka(client):
+    """The journal decides idempotency: a replay is marked, another body is a 409 problem."""
+    first = client.post("/api/v1/commands", json=command("rp"), headers={"Idempotency-Key": "unit-1"})
+    again = client.post("/api/v1/commands", json=command("rp"), headers={"Idempotency-Key": "unit-1"})
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["replayed"] is True
+    assert again.json()["request_id"] == first.json()["request_id"]
+    body = _problem(client.post("/api/v1/commands", json=command("x"), headers={"Idempotency-Key": "unit-1"}), 409)
+    assert first.json()["request_id"] in body["detail"]
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "tab\there"])
+def test_bad_idempotency_key_is_422(client, key):
+    """An Idempotency-Key must be 1–255 visible ASCII characters."""
+    body = _problem(client.post("/api/v1/commands", json=command(), headers={"Idempotency-Key": key}), 422)
+    assert body["errors"][0]["loc"] == "header Idempotency-Key"
+
+
+def test_prefer_respond_async_is_acknowledged(client):
+    """`Prefer: respond-async` answers 202 with Preference-Applied."""
+    response = client.post("/api/v1/commands", json=command(), headers={"Prefer": "wait=5, respond-async"})
+    assert response.status_code == 202 and response.headers["preference-applied"] == "respond-async"
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [({"limit": "0"}, "query.limit"), ({"status": "lost"}, "query.status"), ({"before": "x"}, "query.before")],
+)
+def test_list_query_is_validated(client, params, loc):
+    """Bad list parameters are a 422 naming the parameter."""
+    body = _problem(client.get("/api/v1/commands", params=params), 422)
+    assert body["errors"][0]["loc"] == loc
+
+
+def test_huge_content_length_is_413_not_500(client):
+    """A Content-Length of thousands of digits is refused as too large."""
+    response = client.post(
+        "/api/v1/commands",
+        content=b"{}",
+        headers={"content-type": "application/json", "content-length": "0" * 5000 + "2"},
+    )
+    assert response.status_code in (400, 413)

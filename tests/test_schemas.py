@@ -250,3 +250,37 @@ def _refs(node) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc", "msg"),
+    [
+        ({"ttl_seconds": 0}, "$.ttl_seconds", "Expected `int` >= 1"),
+        ({"ttl_seconds": 31 * 86400}, "$.ttl_seconds", "Expected `int` <= 2592000"),
+        ({"expires_at": "2020-01-01T00:00:00Z"}, "$.expires_at", "Already in the past"),
+        ({"expires_at": "2999-01-01T00:00:00Z"}, "$.expires_at", "At most 2592000 seconds ahead"),
+        ({"expires_at": "2030-01-01T00:00:00"}, "$.expires_at", "Expected `datetime` with a timezone component"),
+        ({"expires_at": "soon"}, "$.expires_at", None),
+        ({"ttl_seconds": 5, "expires_at": "2999-01-01T00:00:00Z"}, "$.expires_at", "Give ttl_seconds or expires_at"),
+    ],
+)
+def test_expiry_fields(changes, loc, msg):
+    """ttl_seconds is 1 s to 30 days; expires_at needs a UTC offset, lies ahead, within 30 days; not both."""
+    [(where, text)] = problems(valid(**changes))
+    assert where == loc
+    if msg:
+        assert text.startswith(msg), text
+
+
+def test_msgpack_values_that_json_cannot_hold_are_refused():
+    """Binary, extension types, NaN and non-string keys are a 422 naming the place, not a 500."""
+    base = {"device_id": "d", "command_type": "c", "protocol": "mqtt"}
+    cases = [
+        ({"payload": {"b": b"\x00"}}, "$.payload.b", "Not a JSON value (bytes)"),
+        ({"payload": {"e": msgspec.msgpack.Ext(1, b"")}}, "$.payload.e", "Not a JSON value (Ext)"),
+        ({"payload": {"n": float("nan")}}, "$.payload.n", "Numbers must be finite (no NaN or Infinity)"),
+        ({"payload": {"deep": {1: 2}}}, "$.payload.deep", "Object keys must be strings"),
+    ]
+    for extra, loc, msg in cases:
+        cmd = decode_command(msgspec.msgpack.encode({**base, **extra}), "msgpack")
+        assert [(p.loc, p.msg) for p in check_command(cmd, PROTOCOLS, 32)] == [(loc, msg)]

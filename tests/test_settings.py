@@ -29,12 +29,15 @@ def test_environment_values_are_converted():
             "KAFKA_CREATE_TOPIC": "true",
             "ALLOWED_PROTOCOLS": "mqtt, coap ,lwm2m",
             "LOG_LEVEL": "debug",
+            "JOURNAL_SYNC": "NORMAL",
+            "KAFKA_BOOTSTRAP_SERVERS": "[::1]:9092,kafka-2:9093",
             "UNRELATED": "ignored",
         },
         env_file="/nonexistent",
     )
     assert settings.api_port == 9000 and settings.publish_timeout == 2.5 and settings.kafka_create_topic is True
     assert settings.allowed_protocols == ("mqtt", "coap", "lwm2m") and settings.log_level == "DEBUG"
+    assert settings.journal_sync == "normal" and settings.kafka_bootstrap_servers == "[::1]:9092,kafka-2:9093"
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -56,6 +59,12 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
         ("MAX_BATCH", "0"),
         ("KAFKA_COMMAND_TOPIC", "bad topic"),
         ("ALLOWED_PROTOCOLS", "MQTT"),
+        ("ALLOWED_PROTOCOLS", " , "),
+        ("KAFKA_BOOTSTRAP_SERVERS", "localhost"),
+        ("KAFKA_BOOTSTRAP_SERVERS", ""),
+        ("JOURNAL_SYNC", "sometimes"),
+        ("JOURNAL_MAX_PENDING", "0"),
+        ("DEFAULT_TTL", "-1"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
