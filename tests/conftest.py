@@ -43,3 +43,11 @@ def service(kafka_bootstrap: str, topic: str, tmp_path) -> Iterator[ServiceProce
     proc = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path) -> Iterator[LocalKafka]:
+    """A broker of this test's own (not started yet), so it can be stopped and started at will."""
+    broker = LocalKafka(tmp_path / "kafka")
+    yield broker
+    broker.stop()

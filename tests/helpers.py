@@ -134,3 +134,24 @@ def record_figure(name: str, value: float | int | str) -> None:
     figures = json.loads(path.read_text()) if path.exists() else {}
     figures[name] = value
     path.write_text(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def ready(url: str) -> dict:
+    """The service's /ready body."""
+    return httpx.get(url + "/ready", timeout=5).json()
+
+
+def status_of(url: str, request_id: str) -> dict:
+    """A command's status body."""
+    return httpx.get(f"{url}/api/v1/commands/{request_id}/status", timeout=5).json()

@@ -9,19 +9,7 @@ import time
 from collections import Counter
 
 import httpx
-import pytest
-from helpers import ServiceProcess, command, new_topic, read_topic
-from kafka_local import LocalKafka
-
-
-def _wait_for(predicate, timeout: float = 60.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+from helpers import ServiceProcess, command, new_topic, read_topic, ready, status_of, wait_for
 
 
 def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
@@ -29,20 +17,8 @@ def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
     return httpx.post(url + "/api/v1/commands", json=body, headers=headers, timeout=30)
 
 
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker of this test's own, so it can be stopped and started again."""
-    broker = LocalKafka(tmp_path / "kafka")
-    yield broker
-    broker.stop()
-
-
-def _ready(url: str) -> dict:
-    return httpx.get(url + "/ready").json()
-
-
 def _status(url: str, request_id: str) -> str:
-    return httpx.get(f"{url}/api/v1/commands/{request_id}/status").json()["status"]
+    return status_of(url, request_id)["status"]
 
 
 def test_service_starts_without_kafka_and_recovers_by_itself(own_broker, tmp_path):
@@ -52,8 +28,8 @@ def test_service_starts_without_kafka_and_recovers_by_itself(own_broker, tmp_pat
     ).start(wait_ready=False)
     try:
         assert httpx.get(service.url + "/health").json() == {"status": "healthy"}
-        ready = _ready(service.url)
-        assert ready["ready"] is True and ready["kafka_connected"] is False and "Kafka unavailable" in ready["reason"]
+        body = ready(service.url)
+        assert body["ready"] is True and body["kafka_connected"] is False and "Kafka unavailable" in body["reason"]
         started = time.monotonic()
         stored = _post(service.url, command(payload={"n": 0}))
         assert stored.status_code == 202 and time.monotonic() - started < 1
@@ -62,9 +38,9 @@ def test_service_starts_without_kafka_and_recovers_by_itself(own_broker, tmp_pat
 
         own_broker.start()
         new_topic(own_broker.bootstrap, name="boot")
-        _wait_for(lambda: _ready(service.url)["kafka_connected"])
-        _wait_for(lambda: _status(service.url, stored_id) == "published")
-        accepted = _wait_for(
+        wait_for(lambda: ready(service.url)["kafka_connected"])
+        wait_for(lambda: _status(service.url, stored_id) == "published")
+        accepted = wait_for(
             lambda: (r := _post(service.url, command(payload={"n": 1}), "n-1")).status_code == 200 and r
         )
         records = read_topic(own_broker.bootstrap, "boot", 2)
@@ -91,20 +67,20 @@ def test_broker_stop_gives_202_and_restart_publishes_without_restarting_the_serv
         own_broker.stop()
         during = [_post(service.url, command(payload={"phase": "during", "n": n})) for n in range(5)]
         assert [r.status_code for r in during] == [202] * 5
-        _wait_for(lambda: _ready(service.url)["kafka_connected"] is False)
-        assert _ready(service.url)["ready"] is True and _ready(service.url)["backlog"] >= 1
+        wait_for(lambda: ready(service.url)["kafka_connected"] is False)
+        assert ready(service.url)["ready"] is True and ready(service.url)["backlog"] >= 1
 
         own_broker.start()
-        _wait_for(
+        wait_for(
             lambda: (r := _post(service.url, command(payload={"phase": "after"}), "after-1")).status_code == 200 and r
         )
         assert service.process.pid == pid
         for request_id in [r.json()["request_id"] for r in during]:
-            _wait_for(lambda rid=request_id: _status(service.url, rid) == "published")
+            wait_for(lambda rid=request_id: _status(service.url, rid) == "published")
         records = read_topic(own_broker.bootstrap, topic, 7)
         phases = [json.loads(r.value)["payload"].get("n", json.loads(r.value)["payload"]["phase"]) for r in records]
         assert phases == ["before", 0, 1, 2, 3, 4, "after"]
-        assert _ready(service.url)["backlog"] == 0
+        assert ready(service.url)["backlog"] == 0
     finally:
         service.stop()
 
@@ -115,7 +91,7 @@ def test_missing_topic_holds_commands_and_can_be_created(kafka_bootstrap, tmp_pa
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=name)
     service.start(wait_ready=False)
     try:
-        _wait_for(lambda: "does not exist" in (_ready(service.url)["reason"] or ""))
+        wait_for(lambda: "does not exist" in (ready(service.url)["reason"] or ""))
         stored = _post(service.url, command())
         assert stored.status_code == 202
         assert service.log().count('"command topic missing"') == 1
@@ -127,8 +103,8 @@ def test_missing_topic_holds_commands_and_can_be_created(kafka_bootstrap, tmp_pa
         KAFKA_TOPIC_PARTITIONS="2", JOURNAL_PATH=service.env["JOURNAL_PATH"],
     ).start()  # fmt: skip
     try:
-        assert _ready(creating.url)["partitions"] == 2
-        _wait_for(lambda: _status(creating.url, stored.json()["request_id"]) == "published")
+        assert ready(creating.url)["partitions"] == 2
+        wait_for(lambda: _status(creating.url, stored.json()["request_id"]) == "published")
         assert _post(creating.url, command()).status_code == 200
     finally:
         creating.stop()
@@ -157,7 +133,7 @@ def test_sigterm_during_load_loses_no_acknowledged_command(kafka_bootstrap, topi
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
-    _wait_for(lambda: len(acknowledged) > 300, timeout=30, interval=0.05)
+    wait_for(lambda: len(acknowledged) > 300, timeout=30, interval=0.05)
     code = service.stop(signal.SIGTERM)
     stop.set()
     for thread in threads:
@@ -171,7 +147,7 @@ def test_sigterm_during_load_loses_no_acknowledged_command(kafka_bootstrap, topi
         JOURNAL_PATH=service.env["JOURNAL_PATH"],
     ).start()  # fmt: skip
     try:
-        _wait_for(lambda: _ready(again.url)["backlog"] == 0)
+        wait_for(lambda: ready(again.url)["backlog"] == 0)
     finally:
         again.stop()
     records = read_topic(kafka_bootstrap, topic, len(acknowledged))

@@ -13,39 +13,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
-from helpers import ServiceProcess, command, new_topic, read_topic, record_figure
+from helpers import ServiceProcess, command, new_topic, read_topic, ready, record_figure, status_of, wait_for
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka_local import LocalKafka
 
 from journal import Journal, NewCommand
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker of this test's own (not started), so it can be stopped and started at will."""
-    broker = LocalKafka(tmp_path / "kafka")
-    yield broker
-    broker.stop()
-
-
-def _wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def _ready(url: str) -> dict:
-    return httpx.get(url + "/ready", timeout=5).json()
-
-
-def _status(url: str, request_id: str) -> dict:
-    return httpx.get(f"{url}/api/v1/commands/{request_id}/status", timeout=5).json()
 
 
 def _by_request_id(records) -> Counter:
@@ -70,7 +42,7 @@ def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_b
     ).start()
     try:
         own_broker.stop()
-        _wait_for(lambda: not _ready(service.url)["kafka_connected"])
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
 
         def send(devices: list[str]) -> list[tuple[int, str]]:
             answers = []
@@ -88,7 +60,7 @@ def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_b
         record_figure("outage_accept_commands_per_s_full_sync", round(len(answers) / (time.monotonic() - started)))
         assert len(answers) == 10_000
         assert Counter(code for code, _ in answers) == {202: 10_000}
-        assert _ready(service.url)["backlog"] == 10_000
+        assert ready(service.url)["backlog"] == 10_000
 
         own_broker.start()
         recovery = service.wait_drained(timeout=180)
@@ -162,16 +134,16 @@ def test_ttl_expires_during_outage_and_is_never_sent(own_broker, tmp_path):
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
     try:
         own_broker.stop()
-        _wait_for(lambda: not _ready(service.url)["kafka_connected"])
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
         short = httpx.post(service.url + "/api/v1/commands", json=command("ttl-dev", ttl_seconds=1)).json()
         kept = httpx.post(service.url + "/api/v1/commands", json=command("ttl-dev", ttl_seconds=600)).json()
         assert short["status"] == "accepted" and short["expires_at"]
-        _wait_for(lambda: _status(service.url, short["request_id"])["status"] == "expired", timeout=10)
+        wait_for(lambda: status_of(service.url, short["request_id"])["status"] == "expired", timeout=10)
         own_broker.start()
-        _wait_for(lambda: _status(service.url, kept["request_id"])["status"] == "published")
+        wait_for(lambda: status_of(service.url, kept["request_id"])["status"] == "published")
         records = read_topic(own_broker.bootstrap, topic, 1)
         assert [dict(r.headers)["request_id"].decode() for r in records] == [kept["request_id"]]
-        history = [t["status"] for t in _status(service.url, short["request_id"])["history"]]
+        history = [t["status"] for t in status_of(service.url, short["request_id"])["history"]]
         assert history == ["accepted", "expired"]
     finally:
         service.stop()
@@ -230,7 +202,7 @@ def test_prefer_respond_async_answers_after_the_commit(service):
     """`Prefer: respond-async` answers 202 right after the journal commit; the command is published anyway."""
     response = httpx.post(service.url + "/api/v1/commands", json=command("async"), headers={"Prefer": "respond-async"})
     assert response.status_code == 202 and response.headers["preference-applied"] == "respond-async"
-    _wait_for(lambda: _status(service.url, response.json()["request_id"])["status"] == "published", timeout=10)
+    wait_for(lambda: status_of(service.url, response.json()["request_id"])["status"] == "published", timeout=10)
 
 
 def test_journal_full_is_503_then_recovers(own_broker, tmp_path):
@@ -299,7 +271,7 @@ def test_status_and_device_list_survive_a_restart(kafka_bootstrap, topic, tmp_pa
     service.stop()
     service.start()
     try:
-        status = _status(service.url, sent[0]["request_id"])
+        status = status_of(service.url, sent[0]["request_id"])
         assert status["status"] == "published" and status["offset"] == sent[0]["offset"]
         assert [t["status"] for t in status["history"]] == ["accepted", "published"]
         page = httpx.get(service.url + "/api/v1/commands", params={"device_id": "listed", "limit": 3}).json()
@@ -351,8 +323,8 @@ def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp
     ).start()
     try:
         service.wait_drained()
-        assert _status(service.url, landed)["offset"] == metadata.offset
-        assert _status(service.url, lost)["status"] == "published"
+        assert status_of(service.url, landed)["offset"] == metadata.offset
+        assert status_of(service.url, lost)["status"] == "published"
     finally:
         service.stop()
     counts = _by_request_id(read_topic(kafka_bootstrap, topic, 2))
