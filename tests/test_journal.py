@@ -16,6 +16,7 @@ from helpers import ROOT
 from kafka_local import free_port
 
 from errors import JournalError
+from forwarder import Backoff
 from journal import Journal, NewCommand
 
 
@@ -245,3 +246,35 @@ def test_unopenable_journal_path_raises(tmp_path):
     with pytest.raises((JournalError, sqlite3.Error, OSError)):
         Journal(Path(tmp_path / "file" / "j.db")).open()
     assert os.path.exists(tmp_path / "file")
+
+
+def test_file_stays_bounded_under_steady_load(tmp_path):
+    """Accepting and finishing commands round after round, with purging and checkpoints, keeps the files bounded."""
+    j = Journal(tmp_path / "j.db", retention=0.0)
+    j.open()
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in tmp_path.glob("j.db*"))
+
+    try:
+        sizes = []
+        for round_ in range(12):
+            accepted = accept(j, *(new(f"r{round_}-{i}", value=b"v" * 500) for i in range(500)))
+            for a in accepted:
+                j.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+            assert j.flush()
+            j._housekeeping()
+            sizes.append(size())
+        assert max(sizes[4:]) <= sizes[3] * 1.2, sizes
+    finally:
+        j.close()
+
+
+def test_backoff_is_capped_and_jittered():
+    """The forwarder's backoff grows exponentially, never past its cap, with full jitter; success resets it."""
+    backoff = Backoff(base=0.1, cap=2.0)
+    delays = [backoff.next() for _ in range(40)]
+    assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 30
+    assert max(delays[:3]) <= 0.4
+    backoff.reset()
+    assert backoff.next() <= 0.1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -61,10 +63,18 @@ def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_b
         assert len(answers) == 10_000
         assert Counter(code for code, _ in answers) == {202: 10_000}
         assert ready(service.url)["backlog"] == 10_000
+        metrics = httpx.get(service.url + "/api/v1/metrics").json()
+        assert metrics["backlog"] == 10_000 and metrics["commands_accepted"] == 10_000
+        assert metrics["oldest_pending_age_seconds"] > 0
+        status = httpx.get(service.url + "/api/v1/status").json()
+        assert status["backlog"] == 10_000 and status["kafka_connected"] is False and status["journal_writable"]
 
         own_broker.start()
         recovery = service.wait_drained(timeout=180)
         record_figure("outage_recovery_seconds_10000", round(recovery, 2))
+        metrics = httpx.get(service.url + "/api/v1/metrics").json()
+        assert metrics["backlog"] == 0 and metrics["commands_processed"] == 10_000
+        assert metrics["oldest_pending_age_seconds"] is None
         records = read_topic(own_broker.bootstrap, topic, 10_000)
         counts = _by_request_id(records)
         assert len(records) == 10_000 and set(counts) == {rid for _, rid in answers}
@@ -329,3 +339,37 @@ def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp
         service.stop()
     counts = _by_request_id(read_topic(kafka_bootstrap, topic, 2))
     assert counts == {landed: 1, lost: 1}
+
+
+def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topic, tmp_path):
+    """The journal's disk fills up: 503 journal-unavailable with Retry-After, process up; space back: 2xx again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    assert mounted.returncode == 0, f"mounting a tmpfs needs root: {mounted.stderr.decode()}"
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, JOURNAL_PATH=str(disk / "j.db")
+    ).start()
+    try:
+        url = service.url + "/api/v1/commands"
+        assert httpx.post(url, json=command("disk")).status_code == 200
+        filler = disk / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        answers = [httpx.post(url, json=command("disk", payload={"blob": "y" * 20_000})) for _ in range(30)]
+        refused = [a for a in answers if a.status_code == 503]
+        assert refused, [a.status_code for a in answers]
+        problem = refused[0].json()
+        assert problem["type"] == "/problems/journal-unavailable" and "disk is full" in problem["detail"]
+        assert refused[0].headers["retry-after"]
+        body = ready(service.url)
+        assert body["ready"] is False and "disk is full" in body["reason"]
+        assert httpx.get(service.url + "/health").status_code == 200
+        filler.unlink()
+        assert wait_for(lambda: httpx.post(url, json=command("disk")).status_code == 200, timeout=10)
+        assert ready(service.url)["ready"] is True
+    finally:
+        service.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
