@@ -122,8 +122,7 @@ class Dispatcher:
         """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502."""
         started = time.perf_counter()
         new = self._new_command(cmd, idem_key, traceparent, utc_now())
-        [accepted] = await self.journal.accept([new])
-        future, handed_over = self._submit(new, accepted)
+        [(accepted, future, handed_over)] = await self._store([new])
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
         answer = self._answer(new, accepted, future, started)
@@ -147,10 +146,10 @@ class Dispatcher:
             for i, item in enumerate(items)
             if not isinstance(item, PusherError)
         }
-        accepted = dict(zip(news, await self.journal.accept(list(news.values())), strict=True)) if news else {}
-        submitted = {i: self._submit(news[i], accepted[i]) for i in news}
-        futures = {i: future for i, (future, _) in submitted.items()}
-        waiting = {future for future, handed_over in submitted.values() if handed_over}
+        stored = dict(zip(news, await self._store(list(news.values())), strict=True)) if news else {}
+        accepted = {i: a for i, (a, _, _) in stored.items()}
+        futures = {i: future for i, (_, future, _) in stored.items()}
+        waiting = {future for _, future, handed_over in stored.values() if handed_over}
         if waiting and not prefer_async:
             await asyncio.wait(waiting, timeout=self.settings.publish_timeout)
         results = [
@@ -172,6 +171,15 @@ class Dispatcher:
         if body.failed:
             return body, 207
         return body, 202 if any(r.status == "accepted" for r in results) else 200
+
+    async def _store(self, news: list[NewCommand]) -> list[tuple[Accepted, asyncio.Future[Outcome] | None, bool]]:
+        """Journal, then hand to the forwarder; shielded, so a cancelled request cannot strand a stored command."""
+
+        async def journal_and_submit():
+            accepted = await self.journal.accept(news)
+            return [(a, *self._submit(n, a)) for n, a in zip(news, accepted, strict=True)]
+
+        return await asyncio.shield(asyncio.ensure_future(journal_and_submit()))
 
     def _submit(self, new: NewCommand, accepted: Accepted) -> tuple[asyncio.Future[Outcome] | None, bool]:
         """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""

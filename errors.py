@@ -108,6 +108,7 @@ class SinkError(PusherError):
     retriable = True
     retry_after = 2
     uncertain = False  # True when the record may have reached Kafka despite the error
+    sent = False  # True when the error came back after the record was sent
 
 
 class SinkUnavailable(SinkError):

@@ -81,6 +81,8 @@ class Forwarder:
         self._expired: set[int] = set()
         self._uncertain: dict[int, Pending] = {}
         self._recovering = False
+        self._probing = False
+        self._probe_seq: int | None = None
         self._retry_at = 0.0
         self._last_progress = time.monotonic()
         self._wake = asyncio.Event()
@@ -118,6 +120,7 @@ class Forwarder:
             and not self._uncertain
             and self.sink.connected
             and len(self._in_flight) < MAX_IN_FLIGHT
+            and not (self._probing and self._in_flight)
             and not self.stalled
             and time.monotonic() >= self._retry_at
         )
@@ -129,6 +132,9 @@ class Forwarder:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[pending.seq] = future
         if pending.expires_at is not None:
+            if pending.expires_at <= time.time():  # it expired while being journaled
+                self._finish(pending, Outcome("expired", error="expired before it could be published"))
+                return future, False
             heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
         if not self._ready and self.can_hand_over():
             self._hand_over(pending)
@@ -145,25 +151,47 @@ class Forwarder:
     def _hand_over(self, pending: Pending) -> None:
         if not self._in_flight:
             self._last_progress = time.monotonic()
+        if pending.handed_at is None:
+            pending.handed_at = time.time()
+        if self._probing:
+            self._probe_seq = pending.seq
         self._in_flight[pending.seq] = pending
         future = self.sink.publish(pending.key, pending.value, pending.headers)
-        future.add_done_callback(lambda f, p=pending: self._on_done(p, f))
+        future.add_done_callback(lambda f, p=pending: self._on_done_safely(p, f))
+
+    def _on_done_safely(self, pending: Pending, future: asyncio.Future[Delivery]) -> None:
+        """A failing callback must not leave a record neither in flight nor queued: log, requeue, hold."""
+        try:
+            self._on_done(pending, future)
+        except Exception:
+            log.exception("handling a kafka outcome failed", command_id=pending.request_id)
+            if pending.seq not in {p.seq for p in self._ready}:
+                bisect.insort(self._ready, pending, key=lambda p: p.seq)
+            self._uncertain[pending.seq] = pending
+            self._recovering = True
+            self._wake.set()
 
     def _on_done(self, pending: Pending, future: asyncio.Future[Delivery]) -> None:
         self._in_flight.pop(pending.seq, None)
         error = future.exception()
+        alone = self._probing and self._probe_seq == pending.seq
         if error is None:
             self._last_progress = time.monotonic()
             self.backoff.reset()
+            self._probing = False
             self._published(pending, future.result())
-        elif isinstance(error, MessageRejected):
+        elif isinstance(error, MessageRejected) and (alone or not error.sent):
+            # Refused before sending (too large), or refused when it was the only record on its way: its own fault.
             self._last_progress = time.monotonic()
             self._finish(pending, Outcome("failed", error=error.detail))
         else:
             # Back to the head of the queue, in seq order; nothing newer is handed over until we take stock.
             bisect.insort(self._ready, pending, key=lambda p: p.seq)
-            if isinstance(error, SinkError) and error.uncertain:
+            if isinstance(error, SinkError) and (error.uncertain or error.sent):
                 self._uncertain[pending.seq] = pending
+                # A refusal after sending may have hit a whole batch: retry one record at a time until one
+                # gets through, so that only a record refused on its own is marked failed.
+                self._probing = True
             if not self._recovering:  # one backoff step per episode, not per record that failed with it
                 log.warning("kafka send failed; holding new commands", error=getattr(error, "detail", str(error)))
                 self._recovering = True
@@ -207,6 +235,12 @@ class Forwarder:
     async def _step(self) -> None:
         """One pass: expire what is due, then (Kafka permitting) reconcile, resume and drain, in that order."""
         self._expire_due()
+        if self.stalled and not self._recovering:
+            # Kafka stopped acknowledging: abort what is in the producer, so that nothing stays there past
+            # its expiry; those records are looked up in Kafka and sent again (or expired) when it returns.
+            log.warning("kafka made no progress; holding new commands", in_flight=len(self._in_flight))
+            self._recovering = True
+            self.sink.retire_producer("no acknowledgement within PUBLISH_TIMEOUT")
         if (self._recovering and self._in_flight) or time.monotonic() < self._retry_at:
             return  # wait until every outstanding record has resolved, or for the backoff
         if not (self._uncertain or self._recovering or self._ready) or not self.sink.connected:
@@ -253,7 +287,7 @@ class Forwarder:
     async def _reconcile(self) -> None:
         """Look the uncertain records up in Kafka; mark the ones found, keep the rest for sending."""
         uncertain = dict(self._uncertain)
-        since = min(p.created_at for p in uncertain.values()) - RECONCILE_MARGIN
+        since = min(p.handed_at or p.created_at for p in uncertain.values()) - RECONCILE_MARGIN
         by_id = {p.request_id: p for p in uncertain.values()}
         try:
             found = await asyncio.to_thread(self.sink.find_published, set(by_id), since)

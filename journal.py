@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS commands (
     error          TEXT,
     history        TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+INSERT OR IGNORE INTO meta VALUES ('probe', 0);
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(seq) WHERE status = 'accepted';
 CREATE INDEX IF NOT EXISTS commands_device ON commands(device_id, seq);
 CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE status != 'accepted';
@@ -113,6 +115,7 @@ class Pending(msgspec.Struct, kw_only=True):
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
+    handed_at: float | None = None  # when this process first gave it to the producer
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,9 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._retry_marks: list[_Mark] = []
         self._txn_delta = 0  # pending-count change of the transaction being built
+        self.pending_bytes = 0  # record bytes of the commands waiting for Kafka
+        self._pending_sizes: dict[int, int] = {}
+        self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-) by the transaction
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -248,6 +254,8 @@ class Journal:
             for seq, rid, device, created, expires, key, value, headers in rows
         ]
         self.pending_count = len(pending)
+        self._pending_sizes = {p.seq: len(p.value) for p in pending}
+        self.pending_bytes = sum(self._pending_sizes.values())
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
         log.info("journal open", path=str(self.path), sync=self.sync, pending=len(pending))
@@ -295,7 +303,7 @@ class Journal:
         next_housekeeping = time.monotonic() + self.housekeeping_interval
         stopping = False
         while not stopping:
-            timeout = max(0.0, next_housekeeping - time.monotonic())
+            timeout = max(0.0, next_housekeeping - time.monotonic()) if self.writable else 1.0
             try:
                 ops = [self._ops.get(timeout=timeout)]
             except queue.Empty:
@@ -309,6 +317,8 @@ class Journal:
                 stopping = True
                 ops = [op for op in ops if op is not _STOP]
             self._commit(ops)
+            if not self.writable and not ops:
+                self._probe_writable()
             if stopping or time.monotonic() >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = time.monotonic() + self.housekeeping_interval
@@ -321,6 +331,7 @@ class Journal:
         if inserts or marks:
             conn = self._writer
             self._txn_delta = 0
+            self._txn_sizes = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._insert_all(conn, op.items) for op in inserts]
@@ -337,6 +348,12 @@ class Journal:
                 results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
             else:
                 self.pending_count += self._txn_delta
+                for seq, size in self._txn_sizes.items():
+                    if size > 0:
+                        self._pending_sizes[seq] = size
+                    else:
+                        self._pending_sizes.pop(seq, None)
+                    self.pending_bytes += size
                 if not self.writable:
                     log.info("journal writable again")
                 self.writable, self.last_error = True, None
@@ -358,8 +375,10 @@ class Journal:
                     Accepted("full", error=JournalFull(f"{self.max_pending} commands are waiting for Kafka"))
                 )
                 continue
-            if self._used_bytes(conn) >= self.max_bytes:
-                results.append(Accepted("full", error=JournalFull(f"The journal holds {self.max_bytes} bytes")))
+            txn_bytes = sum(self._txn_sizes.values())
+            if self.pending_bytes + txn_bytes + len(item.value) > self.max_bytes:
+                error = JournalFull(f"{self.max_bytes} bytes of commands are waiting for Kafka")
+                results.append(Accepted("full", error=error))
                 continue
             history = json.dumps([["accepted", item.created_at, None]])
             cursor = conn.execute(
@@ -382,6 +401,7 @@ class Journal:
                 ),
             )
             self._txn_delta += 1
+            self._txn_sizes[cursor.lastrowid] = len(item.value)
             row = JournalRow(
                 seq=cursor.lastrowid,
                 request_id=item.request_id,
@@ -412,10 +432,6 @@ class Journal:
                 return _row(found)
         return None
 
-    def _used_bytes(self, conn: sqlite3.Connection) -> int:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return pages * conn.execute("PRAGMA page_size").fetchone()[0]
-
     def _apply_mark(self, conn: sqlite3.Connection, mark: _Mark) -> None:
         detail = mark.error
         if mark.status == "published":
@@ -442,6 +458,22 @@ class Journal:
         ).rowcount
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
+            if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
+                del self._txn_sizes[mark.seq]
+            else:
+                self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
+
+    def _probe_writable(self) -> None:
+        """While writes fail, try a one-row write each second, so readiness comes back without traffic."""
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.execute("UPDATE meta SET value = ? WHERE key = 'probe'", (time.time(),))
+            self._writer.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(self._writer)
+            return
+        self.writable, self.last_error = True, None
+        log.info("journal writable again")
 
     def _housekeeping(self) -> None:
         """Purge finished commands past the retention period and checkpoint the WAL."""

@@ -44,6 +44,14 @@ _PERMANENT = (
     kerr.InvalidRecordError,
     kerr.UnsupportedForMessageFormatError,
 )
+# Errors about the producer's own state (sequence numbers, epoch): the record is not at fault.
+_PRODUCER_STATE = (
+    kerr.OutOfOrderSequenceNumberError,
+    kerr.InvalidProducerEpochError,
+    kerr.UnknownProducerIdError,
+    kerr.ProducerFencedError,
+    kerr.IllegalStateError,
+)
 _STOP = object()
 _WAKE = object()
 _NO_BROKER = "no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS"
@@ -85,6 +93,7 @@ class _Job:
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
+    generation: int = 0
 
 
 def translate(exc: BaseException, sent: bool) -> SinkError:
@@ -92,8 +101,16 @@ def translate(exc: BaseException, sent: bool) -> SinkError:
     name = type(exc).__name__
     if isinstance(exc, SinkError):
         return exc
-    if isinstance(exc, _PERMANENT):
-        return MessageRejected(f"Kafka refused the record: {name}")
+    refused_by_broker = (
+        sent
+        and isinstance(exc, kerr.BrokerResponseError)
+        and not exc.retriable
+        and not isinstance(exc, _PRODUCER_STATE)
+    )
+    if isinstance(exc, _PERMANENT) or refused_by_broker:
+        rejected = MessageRejected(f"Kafka refused the record: {name}")
+        rejected.sent = sent
+        return rejected
     error = (
         SinkTimeout("Kafka did not acknowledge the command in time")
         if isinstance(exc, kerr.KafkaTimeoutError)
@@ -117,7 +134,11 @@ class KafkaSink:
         self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
         self._holding = threading.Event()  # set: refuse records until resume()
-        self._poisoned = False  # Kafka refused a record: replace the producer before the next send
+        # Each producer gets a generation; after its first error it is retired (replaced before the next
+        # send), and its other records' errors only mean "fate unknown".
+        self._generation = 0
+        self._retired: set[int] = set()
+        self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -145,6 +166,10 @@ class KafkaSink:
         if self._producer is not None:
             try:
                 self._producer.close(timeout=timeout)
+            except kerr.KafkaTimeoutError:
+                # Kafka did not take everything in time: what is left stays in the journal for the next start.
+                log.warning("producer not flushed in time; unacknowledged commands stay journaled")
+                _abort(self._producer)
             except Exception:  # closing must not mask the shutdown
                 log.exception("producer close failed")
             self._producer = None
@@ -207,22 +232,28 @@ class KafkaSink:
             job = self._jobs.get()
             if job is _STOP:
                 break
-            if self._poisoned:
+            if self._generation in self._retired:
                 self._replace_producer()
             if job is not _WAKE:
                 self._send(job)
         self._fail_queued(SinkUnavailable("The service is shutting down"))
 
+    def retire_producer(self, reason: str) -> None:
+        """Give up the current producer: its unacknowledged records fail as uncertain, and a new one is made."""
+        with self._lock:
+            if self._generation in self._retired:
+                return
+            self._retired.add(self._generation)
+            self._holding.set()
+        log.warning("retiring the kafka producer", reason=reason)
+        self._jobs.put(_WAKE)
+
     def _replace_producer(self) -> None:
-        """After Kafka refused a record, kafka-python's idempotent producer refuses the rest of that
-        partition as well (its sequence numbers have a gap); a new producer starts clean."""
-        log.warning("replacing the kafka producer after a refused record")
+        """After an error kafka-python's idempotent producer may refuse (or reorder) the rest of a partition;
+        a new producer starts clean. Records still in the old one fail as uncertain and are reconciled."""
         old, self._producer = self._producer, None
-        try:
-            old.close(timeout=0)  # records still inside it fail as uncertain and are reconciled
-        except Exception:
-            log.exception("producer close failed")
-        self._poisoned = False
+        if old is not None:
+            _abort(old)
         self._producer = self._connect()
 
     def _connect(self) -> KafkaProducer | None:
@@ -253,7 +284,8 @@ class KafkaSink:
             self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
             log.warning("kafka producer not connected", error=type(exc).__name__)
             return None
-        log.info("kafka producer connected", bootstrap=s.kafka_bootstrap_servers)
+        self._generation += 1
+        log.info("kafka producer connected", bootstrap=s.kafka_bootstrap_servers, generation=self._generation)
         self._wake_monitor.set()
         return producer
 
@@ -261,6 +293,7 @@ class KafkaSink:
         if self._holding.is_set():
             job.loop.call_soon_threadsafe(_settle, job.future, None, SinkUnavailable("Held after a failed send"))
             return
+        job.generation = self._generation
         try:
             record = self._producer.send(self.topic, value=job.value, key=job.key, headers=job.headers)
         except Exception as exc:
@@ -277,16 +310,15 @@ class KafkaSink:
         job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
-        error = translate(exc, sent=True)
-        if isinstance(error, MessageRejected):
-            if self._poisoned:
-                # Refused only because an earlier record of the partition was: not this record's fault.
-                error = SinkUnavailable("Producer reset after a refused record")
-                error.uncertain = True
-            else:
-                self._poisoned = True
-                self._holding.set()
-                self._jobs.put(_WAKE)
+        with self._lock:
+            first = job.generation not in self._retired
+        if first:
+            error = translate(exc, sent=True)
+            self.retire_producer(f"{type(exc).__name__} after sending")
+        else:
+            # The producer was already retired: this record may only have failed along with another.
+            error = SinkUnavailable("The producer was replaced; outcome unknown")
+            error.uncertain = True
         job.loop.call_soon_threadsafe(_settle, job.future, None, error)
 
     def _fail_queued(self, error: SinkError) -> None:
@@ -301,7 +333,7 @@ class KafkaSink:
 
     # ------------------------------------------------------------------ reconciliation
 
-    def find_published(self, request_ids: set[str], since: float, timeout: float = 60.0) -> dict[str, Delivery]:
+    def find_published(self, request_ids: set[str], since: float, idle_timeout: float = 30.0) -> dict[str, Delivery]:
         """Read the command topic from `since` (epoch seconds) to its end; return which request ids are in it.
 
         Blocking (run it in a thread). Records are matched by their `request_id` header.
@@ -328,11 +360,15 @@ class KafkaSink:
                     consumer.seek(tp, start.offset)
                     remaining[tp] = ends[tp]
             found: dict[str, Delivery] = {}
-            deadline = time.monotonic() + timeout
+            last_progress = time.monotonic()
             while remaining:
-                if time.monotonic() > deadline:
-                    raise SinkTimeout("Reading the command topic back took too long")
-                for tp, records in consumer.poll(timeout_ms=500).items():
+                # However much there is to read, give up only when reading stops making progress.
+                if time.monotonic() - last_progress > idle_timeout:
+                    raise SinkTimeout("Reading the command topic back made no progress")
+                polled = consumer.poll(timeout_ms=500)
+                if polled:
+                    last_progress = time.monotonic()
+                for tp, records in polled.items():
                     for record in records:
                         request_id = dict(record.headers).get("request_id", b"").decode(errors="replace")
                         if request_id in request_ids:
@@ -434,6 +470,17 @@ def _settle(future: asyncio.Future[Delivery], delivery: Delivery | None, error: 
         future.set_exception(error)
     else:
         future.set_result(delivery)
+
+
+def _abort(producer: KafkaProducer) -> None:
+    """Close a producer at once, failing what it still holds. kafka-python has no public call for this:
+    close(0) flushes first and raises while records are pending."""
+    try:
+        producer._sender.force_close()
+        producer._sender.join(5)
+        producer.close(timeout=0)
+    except Exception:
+        log.debug("aborting the producer", exc_info=True)
 
 
 def _quiet_close(admin: KafkaAdminClient) -> None:

@@ -207,6 +207,10 @@ def test_disk_full_is_a_clear_error_and_recovers(small_disk):
         assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
         assert not j.writable
         filler.unlink()
+        deadline = time.monotonic() + 5
+        while not j.writable and time.monotonic() < deadline:  # it notices by itself, no command needed
+            time.sleep(0.1)
+        assert j.writable
         [ok] = accept(j, new("after"))
         assert ok.outcome == "inserted" and j.writable
     finally:
@@ -278,3 +282,25 @@ def test_backoff_is_capped_and_jittered():
     assert max(delays[:3]) <= 0.4
     backoff.reset()
     assert backoff.next() <= 0.1
+
+
+def test_pending_bytes_follow_what_waits_for_kafka(tmp_path):
+    """JOURNAL_MAX_BYTES counts only records still waiting: finished history does not fill it."""
+    j = Journal(tmp_path / "j.db", max_bytes=100_000)
+    j.open()
+    try:
+        a, _ = accept(j, new("a", value=b"x" * 60_000), new("b", value=b"y" * 30_000))
+        assert j.pending_bytes == 90_000
+        assert accept(j, new("c", value=b"z" * 20_000))[0].outcome == "full"
+        j.mark(a.row.seq, "published", topic="t", partition=0, offset=0)
+        assert j.flush()
+        assert j.pending_bytes == 30_000
+        assert accept(j, new("c", value=b"z" * 20_000))[0].outcome == "inserted"
+    finally:
+        j.close()
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        assert j.pending_bytes == 50_000 and j.pending_count == 2
+    finally:
+        j.close()

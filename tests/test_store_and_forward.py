@@ -159,6 +159,30 @@ def test_ttl_expires_during_outage_and_is_never_sent(own_broker, tmp_path):
         service.stop()
 
 
+def test_ttl_command_caught_inside_the_producer_by_an_outage_is_not_sent_late(own_broker, tmp_path):
+    """Kafka dies before the service notices: the command is already in the producer. Past PUBLISH_TIMEOUT the
+    producer is aborted; when Kafka returns the command is looked up, not found, and expired — never sent."""
+    own_broker.start()
+    topic = new_topic(own_broker.bootstrap)
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
+    ).start()
+    try:
+        own_broker.stop(signal.SIGKILL)
+        url = service.url + "/api/v1/commands"
+        short = httpx.post(url, json=command("late", payload={"seq": 0}, ttl_seconds=2)).json()
+        kept = httpx.post(url, json=command("late", payload={"seq": 1}, ttl_seconds=600)).json()
+        assert (short["status"], kept["status"]) == ("accepted", "accepted")
+        time.sleep(3)
+        own_broker.start()
+        wait_for(lambda: status_of(service.url, kept["request_id"])["status"] == "published")
+        assert status_of(service.url, short["request_id"])["status"] == "expired"
+        records = read_topic(own_broker.bootstrap, topic, 1)
+        assert [dict(r.headers)["request_id"].decode() for r in records] == [kept["request_id"]]
+    finally:
+        service.stop()
+
+
 def test_expires_at_travels_in_body_and_header(service, kafka_bootstrap, topic):
     """expires_at (from ttl_seconds) is in the Kafka value and in an `expires_at` header, ISO 8601 UTC."""
     response = httpx.post(service.url + "/api/v1/commands", json=command(ttl_seconds=60))
