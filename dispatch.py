@@ -73,7 +73,7 @@ class Dispatcher:
     # ------------------------------------------------------------------ building records
 
     def _new_command(
-        self, cmd: CommandRequest, idem_key: str | None, traceparent: str | None, now: datetime
+        self, cmd: CommandRequest, idem_key: str | None, traceparent: str | None, now: datetime, key_id: str | None
     ) -> NewCommand:
         request_id = cmd.request_id or str(uuid.uuid4())
         expires_at = cmd.expires_at.astimezone(UTC) if cmd.expires_at else None
@@ -98,7 +98,9 @@ class Dispatcher:
             headers.append(("expires_at", JSON_ENCODER.encode(expires_at)[1:-1]))
         return NewCommand(
             request_id=request_id,
-            idem_key=idem_key,
+            # Keys are per API key: one client's key can neither replay nor block another's.
+            idem_key=f"{key_id}\x1f{idem_key}" if idem_key and key_id else idem_key,
+            key_id=key_id,
             client_request_id=cmd.request_id is not None,
             body_hash=hashlib.sha256(_HASH_ENCODER.encode(cmd)).digest(),
             device_id=cmd.device_id,
@@ -118,10 +120,11 @@ class Dispatcher:
         idem_key: str | None = None,
         prefer_async: bool = False,
         traceparent: str | None = None,
+        key_id: str | None = None,
     ) -> Answer:
         """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502."""
         started = time.perf_counter()
-        new = self._new_command(cmd, idem_key, traceparent, utc_now())
+        new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
         [(accepted, future, handed_over)] = await self._store([new])
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
@@ -136,13 +139,14 @@ class Dispatcher:
         idem_key: str | None = None,
         prefer_async: bool = False,
         traceparent: str | None = None,
+        key_id: str | None = None,
     ) -> tuple[BatchCommandResponse, int]:
         """Journal every valid item in one transaction, hand them over in order, wait once for all."""
         self.counters.batches += 1
         started = time.perf_counter()
         now = utc_now()
         news = {
-            i: self._new_command(item, f"{idem_key}#{i}" if idem_key else None, traceparent, now)
+            i: self._new_command(item, f"{idem_key}#{i}" if idem_key else None, traceparent, now, key_id)
             for i, item in enumerate(items)
             if not isinstance(item, PusherError)
         }
@@ -201,9 +205,15 @@ class Dispatcher:
     def _answer(
         self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None, started: float
     ) -> Answer:
-        if accepted.outcome == "replayed":
+        if accepted.outcome == "replayed" and accepted.row.key_id == new.key_id:
             self.counters.commands_replayed += 1
             return _replay(accepted.row)
+        if accepted.outcome == "replayed":  # another API key's command: say nothing about it
+            error = IdempotencyConflict("This request_id is already used")
+            return Answer(failed_result(None, error, "rejected"), 409)
+        if accepted.outcome == "conflict" and accepted.row.key_id != new.key_id:
+            error = IdempotencyConflict("This request_id is already used")
+            return Answer(failed_result(None, error, "rejected"), 409)
         if accepted.outcome == "conflict":
             error = IdempotencyConflict(
                 f"This key was used for request_id {accepted.row.request_id!r} with a different body"
@@ -331,7 +341,7 @@ def _replay(row: JournalRow) -> Answer:
 
 def _error_from(response: CommandResponse, accepted: Accepted) -> PusherError:
     """The exception a failed single command answers with (the batch keeps it inside its result)."""
-    if accepted.outcome == "conflict":
+    if accepted.outcome in ("conflict", "replayed"):
         return IdempotencyConflict(response.error.detail)
     if isinstance(accepted.error, JournalError):
         return accepted.error

@@ -4,11 +4,15 @@
     ├── RequestError                 the client's request is wrong (4xx)
     │   ├── MalformedBody            400: not JSON / msgpack, with the byte position
     │   ├── BodyTooLarge             413: over MAX_BODY_BYTES, refused before reading
+    │   ├── RequestTimeout           408: the body did not arrive within BODY_TIMEOUT
     │   ├── UnsupportedMediaType     415
     │   ├── ValidationFailed         422: field errors with their paths ($.commands[3].qos)
     │   ├── NotFound                 404
     │   ├── MethodNotAllowed         405
-    │   └── IdempotencyConflict      409: the key was used before with another body
+    │   ├── IdempotencyConflict      409: the key was used before with another body
+    │   ├── Unauthorized             401: no valid API key (with WWW-Authenticate)
+    │   ├── Forbidden                403: the key lacks the scope, or the device is not its own
+    │   └── RateLimited              429: over RATE_LIMIT (with Retry-After and RateLimit-*)
     └── SinkError                    Kafka could not take the command
         ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
         ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
@@ -41,9 +45,10 @@ class PusherError(Exception):
     title = "Internal server error"
     retry_after: int | None = None
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
 
 
 class RequestError(PusherError):
@@ -166,3 +171,38 @@ class JournalFull(JournalError):
 
 class JournalUnavailable(JournalError):
     """The journal file cannot be written: disk full, read-only, or an I/O error."""
+
+
+class Unauthorized(RequestError):
+    """No API key, an unknown one or a wrong one: all the same answer."""
+
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"WWW-Authenticate": 'Bearer realm="preservarium-pusher"'})
+
+
+class Forbidden(RequestError):
+    """A valid key without the right scope, or for a device outside its patterns."""
+
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
+class RateLimited(RequestError):
+    """Over RATE_LIMIT; Retry-After and RateLimit-* headers say when to come back."""
+
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+
+class RequestTimeout(RequestError):
+    """The body trickled in slower than BODY_TIMEOUT allows."""
+
+    status = 408
+    slug = "request-timeout"
+    title = "Request timeout"

@@ -22,7 +22,6 @@ import asyncio
 import bisect
 import contextlib
 import heapq
-import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import structlog
 
 from errors import MessageRejected, SinkError
 from journal import Journal, Pending
-from kafka_sink import Delivery, KafkaSink
+from kafka_sink import Backoff, Delivery, KafkaSink
 
 log = structlog.get_logger("forwarder")
 
@@ -47,23 +46,6 @@ class Outcome:
     status: Literal["published", "expired", "failed"]
     delivery: Delivery | None = None
     error: str | None = None
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        """The next delay, growing with each failure."""
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        """Back to the shortest delay after a success."""
-        self.attempt = 0
 
 
 class Forwarder:

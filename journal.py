@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS commands (
     partition      INTEGER,
     "offset"       INTEGER,
     error          TEXT,
-    history        TEXT NOT NULL
+    history        TEXT NOT NULL,
+    key_id         TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 INSERT OR IGNORE INTO meta VALUES ('probe', 0);
@@ -63,7 +64,7 @@ CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE statu
 """
 _ROW = (
     'seq, request_id, device_id, command_type, status, created_at, updated_at, expires_at, topic, partition, "offset", '
-    "error, history, body_hash"
+    "error, history, body_hash, key_id"
 )
 _HEADERS = msgspec.msgpack.Encoder()
 _HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
@@ -83,6 +84,7 @@ class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
+    key_id: str | None = None
 
 
 class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +104,7 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     history: list[tuple[str, float, str | None]]
     body_hash: bytes
+    key_id: str | None = None
 
 
 class Pending(msgspec.Struct, kw_only=True):
@@ -154,7 +157,9 @@ _STOP = object()
 
 
 def _row(values: tuple) -> JournalRow:
-    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash) = values
+    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id) = (
+        values
+    )
     return JournalRow(
         seq=seq,
         request_id=rid,
@@ -170,6 +175,7 @@ def _row(values: tuple) -> JournalRow:
         error=err,
         history=[tuple(h) for h in json.loads(hist)],
         body_hash=body_hash,
+        key_id=key_id,
     )
 
 
@@ -235,6 +241,9 @@ class Journal:
                 raise JournalError(f"{place} is not writable (read-only file system or permissions)")
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(commands)")}
+        if "key_id" not in columns:  # journals written before API keys existed
+            self._writer.execute("ALTER TABLE commands ADD COLUMN key_id TEXT")
         self._reader = self._connect()
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
@@ -383,8 +392,8 @@ class Journal:
             history = json.dumps([["accepted", item.created_at, None]])
             cursor = conn.execute(
                 "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
-                "updated_at, expires_at, record_key, record_value, record_headers, history) "
-                "VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, expires_at, record_key, record_value, record_headers, history, key_id) "
+                "VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     item.request_id,
                     item.idem_key,
@@ -398,6 +407,7 @@ class Journal:
                     item.value,
                     _HEADERS.encode(item.headers),
                     history,
+                    item.key_id,
                 ),
             )
             self._txn_delta += 1
@@ -417,6 +427,7 @@ class Journal:
                 error=None,
                 history=[("accepted", item.created_at, None)],
                 body_hash=item.body_hash,
+                key_id=item.key_id,
             )
             results.append(Accepted("inserted", row))
         return results
@@ -500,10 +511,18 @@ class Journal:
         return _row(found) if found else None
 
     def recent(
-        self, device_id: str | None, status: str | None, limit: int, before: int | None = None
+        self,
+        device_id: str | None,
+        status: str | None,
+        limit: int,
+        before: int | None = None,
+        key_id: str | None = None,
     ) -> list[JournalRow]:
-        """Newest first, optionally for one device and/or one status, paged by `before` (a seq)."""
+        """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq)."""
         where, args = [], []
+        if key_id is not None:
+            where.append("key_id = ?")
+            args.append(key_id)
         if device_id is not None:
             where.append("device_id = ?")
             args.append(device_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -76,6 +77,24 @@ class SinkHealth:
     brokers: int
     topic_missing: bool = False
     max_message_bytes: int | None = None
+    auth_failed: bool = False  # Kafka refused our credentials: a configuration error, not an outage
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        """The next delay, growing with each failure."""
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        """Back to the shortest delay after a success."""
+        self.attempt = 0
 
 
 class SinkState(Enum):
@@ -134,6 +153,7 @@ class KafkaSink:
         self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
         self._holding = threading.Event()  # set: refuse records until resume()
+        self._connect_backoff = Backoff(base=1.0, cap=30.0)
         # Each producer gets a generation; after its first error it is retired (replaced before the next
         # send), and its other records' errors only mean "fate unknown".
         self._generation = 0
@@ -227,8 +247,10 @@ class KafkaSink:
                 self._producer = self._connect()
                 if self._producer is None:
                     self._fail_queued(SinkUnavailable("Not connected to Kafka"))
-                    self._stop.wait(1.0)
+                    # No tight loop against a broker that refuses us (bad credentials) or is away.
+                    self._stop.wait(self._connect_backoff.next())
                     continue
+                self._connect_backoff.reset()
             job = self._jobs.get()
             if job is _STOP:
                 break
@@ -279,10 +301,12 @@ class KafkaSink:
                 # kafka-python backs reconnects off up to 30 s by default: after an outage the backlog
                 # would wait that long. A small gateway reconnecting every 2 s costs nothing.
                 reconnect_backoff_max_ms=2000,
+                **security_options(s),
             )
         except Exception as exc:
-            self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
-            log.warning("kafka producer not connected", error=type(exc).__name__)
+            health = _unreachable(exc)
+            self._set_health(health)
+            log.warning("kafka producer not connected", error=type(exc).__name__, reason=health.reason)
             return None
         self._generation += 1
         log.info("kafka producer connected", bootstrap=s.kafka_bootstrap_servers, generation=self._generation)
@@ -343,6 +367,7 @@ class KafkaSink:
             client_id=f"{self.settings.kafka_client_id}-reconcile",
             enable_auto_commit=False,
             request_timeout_ms=int(self.settings.kafka_producer_timeout * 1000),
+            **security_options(self.settings),
         )
         try:
             partitions = [
@@ -395,15 +420,16 @@ class KafkaSink:
                         request_timeout_ms=5000,
                         bootstrap_timeout_ms=5000,
                         reconnect_backoff_max_ms=2000,
+                        **security_options(self.settings),
                     )
                 if admin is not None:
                     self._set_health(self._check_topic(admin))
             except Exception as exc:
-                self._set_health(SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0))
+                self._set_health(_unreachable(exc))
                 if admin is not None:
                     _quiet_close(admin)
                     admin = None
-            interval = 2.0 if self._health.connected else 1.0
+            interval = 2.0 if self._health.connected else (15.0 if self._health.auth_failed else 1.0)
             self._wake_monitor.wait(interval)
             self._wake_monitor.clear()
         if admin is not None:
@@ -456,7 +482,7 @@ class KafkaSink:
         return False
 
     def _set_health(self, health: SinkHealth) -> None:
-        if health.connected != self._health.connected:
+        if health.connected != self._health.connected or health.reason != self._health.reason:
             log.info("kafka readiness changed", ready=health.connected, reason=health.reason)
         self._health = health
         self._health_changed.set()
@@ -470,6 +496,32 @@ def _settle(future: asyncio.Future[Delivery], delivery: Delivery | None, error: 
         future.set_exception(error)
     else:
         future.set_result(delivery)
+
+
+def security_options(settings: Settings) -> dict[str, object]:
+    """kafka-python's TLS / SASL options from KAFKA_SECURITY_PROTOCOL and friends (shared by every client)."""
+    options: dict[str, object] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password.value,
+        }
+    if settings.kafka_security_protocol.endswith("SSL"):
+        options |= {
+            "ssl_cafile": settings.kafka_ssl_cafile,
+            "ssl_certfile": settings.kafka_ssl_certfile,
+            "ssl_keyfile": settings.kafka_ssl_keyfile,
+            "ssl_password": settings.kafka_ssl_password.value if settings.kafka_ssl_password else None,
+        }
+    return options
+
+
+def _unreachable(exc: BaseException) -> SinkHealth:
+    """Health after a failed connection; bad credentials are told apart from an outage."""
+    if isinstance(exc, kerr.SaslAuthenticationFailedError | kerr.UnsupportedSaslMechanismError):
+        return SinkHealth(False, f"Kafka refused our credentials ({type(exc).__name__})", None, 0, auth_failed=True)
+    return SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0)
 
 
 def _abort(producer: KafkaProducer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -20,6 +21,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
@@ -31,11 +33,13 @@ from dispatch import Dispatcher, command_status
 from errors import (
     BodyTooLarge,
     FieldProblem,
+    Forbidden,
     JournalError,
     MethodNotAllowed,
     NotFound,
     PusherError,
     RequestError,
+    RequestTimeout,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -61,6 +65,7 @@ from schemas import (
     openapi_document,
     problem_for,
 )
+from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
 from settings import Settings, SettingsError, load_settings
 
 log = structlog.get_logger("pusher")
@@ -84,7 +89,7 @@ class JSONResponse(Response):
 def problem_response(error: BaseException, request_id: str | None, instance: str | None) -> Response:
     """The RFC 9457 answer for an error, with Retry-After when retrying helps."""
     problem = problem_for(error, request_id, instance)
-    headers = {}
+    headers = dict(getattr(error, "headers", {}))
     retry_after = getattr(error, "retry_after", None)
     if retry_after:
         headers["Retry-After"] = str(retry_after)
@@ -97,11 +102,12 @@ def problem_response(error: BaseException, request_id: str | None, instance: str
 
 
 class RequestContextMiddleware:
-    """Request id, body-size limit, the one summary log line per request, and the fixed 500."""
+    """Request id, body size and time limits, the one summary log line per request, and the fixed 500."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,7 +144,7 @@ class RequestContextMiddleware:
                 await problem_response(error, request_id, scope["path"])(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
-        except BodyTooLarge as exc:
+        except PusherError as exc:  # raised by middleware below (auth, body limit), outside Starlette's handlers
             if not response_started:
                 await problem_response(exc, request_id, scope["path"])(scope, receive, send_with_id)
         except Exception:
@@ -153,20 +159,31 @@ class RequestContextMiddleware:
                 route=getattr(route, "path", None) or "unmatched",
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                key_id=getattr(scope["state"].get("principal"), "id", None),
             )
-            structlog.contextvars.unbind_contextvars("request_id")
+            structlog.contextvars.unbind_contextvars("request_id", "key_id")
 
     def _limited(self, receive: Receive) -> Receive:
-        """Count streamed (chunked) body bytes and stop at the limit."""
+        """Count streamed (chunked) body bytes and stop at the limit; a body must arrive within BODY_TIMEOUT."""
         received = 0
+        deadline: float | None = None
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:
+                return await receive()
+            deadline = deadline or time.monotonic() + self.body_timeout
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(f"The body did not arrive within BODY_TIMEOUT ({self.body_timeout:g} s)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
+                complete = not message.get("more_body", False)
             return message
 
         return limited_receive
@@ -232,9 +249,13 @@ async def push_command(request: Request) -> Response:
     except RequestError:
         dispatcher.rejected()
         raise
+    key = require(request.scope["state"], "commands:write")
+    if key is not None and not key.may_command(cmd.device_id):
+        raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
+    limits = await _rate_limit(request, key, 1)
     prefer_async = _prefers_async(request)
-    answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request))
-    headers = _headers(answer.response.replayed, prefer_async)
+    answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None)
+    headers = _headers(answer.response.replayed, prefer_async) | limits
     return JSONResponse(answer.response, answer.http_status, headers=headers)
 
 
@@ -243,6 +264,7 @@ async def push_commands_batch(request: Request) -> Response:
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
     settings = dispatcher.settings
+    key = require(request.scope["state"], "commands:write")
     idem_key = _idempotency_key(request)
     raw_items = decode_batch(await request.body(), fmt)
     if not raw_items:
@@ -254,13 +276,28 @@ async def push_commands_batch(request: Request) -> Response:
         try:
             cmd = decode_batch_item(raw, fmt, index)
             _check(cmd, settings, f"$.commands[{index}]")
+            if key is not None and not key.may_command(cmd.device_id):
+                raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
             items.append(cmd)
         except RequestError as exc:
             dispatcher.rejected()
             items.append(exc)
+    limits = await _rate_limit(request, key, len(raw_items))  # one unit per command
     prefer_async = _prefers_async(request)
-    body, status = await dispatcher.push_batch(items, idem_key, prefer_async, _traceparent(request))
-    return JSONResponse(body, status, headers=_headers(any(r.replayed for r in body.results), prefer_async))
+    body, status = await dispatcher.push_batch(
+        items, idem_key, prefer_async, _traceparent(request), key.id if key else None
+    )
+    headers = _headers(any(r.replayed for r in body.results), prefer_async) | limits
+    return JSONResponse(body, status, headers=headers)
+
+
+async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[str, str]:
+    """Spend `cost` units of RATE_LIMIT for this key (or client address); RateLimit-* headers for the answer."""
+    limiter: RateLimiter | None = request.app.state.limiter
+    if limiter is None:
+        return {}
+    who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
+    return await limiter.hit(who, cost)
 
 
 def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
@@ -271,11 +308,14 @@ def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
 
 async def get_command_status(request: Request) -> Response:
     """GET /api/v1/commands/{request_id}/status: current status and every transition, from the journal."""
+    key = require(request.scope["state"], "commands:read")
+    await _rate_limit(request, key, 1)
     request_id = request.path_params["request_id"]
-    status = _dispatcher(request).status(request_id)
-    if status is None:
+    row = _dispatcher(request).journal.get(request_id)
+    # Another key's command does not exist for this key (object-level authorization).
+    if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
         raise NotFound(f"No command with request_id {request_id!r} is known")
-    return JSONResponse(status)
+    return JSONResponse(command_status(row))
 
 
 class _ListQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -291,8 +331,11 @@ async def list_commands(request: Request) -> Response:
         query = msgspec.convert(dict(request.query_params), _ListQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
+    key = require(request.scope["state"], "commands:read")
+    await _rate_limit(request, key, 1)
+    owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    rows = dispatcher.journal.recent(query.device_id, query.status, query.limit + 1, query.before)
+    rows = dispatcher.journal.recent(query.device_id, query.status, query.limit + 1, query.before, owner)
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     return JSONResponse(
@@ -310,12 +353,15 @@ async def ready(request: Request) -> Response:
     sink: KafkaSink = request.app.state.sink
     journal: Journal = request.app.state.journal
     h = sink.health
-    ok = journal.writable and request.app.state.accepting
+    # A Kafka outage is what the journal is for; refused credentials are a configuration error.
+    ok = journal.writable and request.app.state.accepting and not h.auth_failed
     reason = None
     if not request.app.state.accepting:
         reason = "shutting down"
     elif not journal.writable:
         reason = journal.last_error
+    elif h.auth_failed:
+        reason = h.reason
     elif not sink.connected:
         reason = f"Kafka unavailable ({h.reason}); commands are journaled and forwarded when it returns"
     body = Readiness(
@@ -332,6 +378,7 @@ async def ready(request: Request) -> Response:
 
 async def service_status(request: Request) -> Response:
     """GET /api/v1/status: version, uptime, Kafka and journal state, counters, backlog."""
+    _require_metrics(request)
     dispatcher = _dispatcher(request)
     sink: KafkaSink = request.app.state.sink
     counters = dispatcher.snapshot()
@@ -356,7 +403,13 @@ async def service_status(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """GET /api/v1/metrics: the command counters and backlog as JSON."""
+    _require_metrics(request)
     return JSONResponse(_dispatcher(request).snapshot())
+
+
+def _require_metrics(request: Request) -> None:
+    if not request.app.state.settings.metrics_public:
+        require(request.scope["state"], "admin")
 
 
 async def openapi(request: Request) -> Response:
@@ -433,6 +486,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.dispatcher = Dispatcher(settings, journal, forwarder)
         app.state.started = time.monotonic()
         app.state.accepting = True
+        _reload_keys_on_sighup(keyring)
+        if not settings.auth and settings.api_host not in _LOOPBACK:
+            log.warning(
+                "AUTHENTICATION IS OFF ON A NETWORK ADDRESS: anyone who reaches this port can command devices; "
+                "set API_KEYS_FILE",
+                api_host=settings.api_host,
+            )
         log.info(
             "started",
             topic=settings.kafka_command_topic,
@@ -450,6 +510,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for _ in range(3):
                 await asyncio.sleep(0)
             await asyncio.to_thread(journal.close)
+            if app.state.limiter is not None:
+                await app.state.limiter.close()
             log.info("stopped", backlog=journal.pending_count)
 
     routes = [
@@ -473,8 +535,43 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.openapi = JSON_ENCODER.encode(openapi_document())
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
+    keyring = Keyring(settings.api_keys_file) if settings.auth else None
+    if keyring is not None:
+        open_paths = ("/health", "/ready", "/docs", "/openapi.json")
+        if settings.metrics_public:
+            open_paths += ("/api/v1/metrics", "/api/v1/status")
+        app.add_middleware(ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=open_paths)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", settings.api_key_header, "Authorization", "Idempotency-Key", "Prefer"],
+            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout
+    )
     return app
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _reload_keys_on_sighup(keyring: Keyring | None) -> None:
+    """SIGHUP re-reads API_KEYS_FILE, so keys rotate without a restart (a bad file keeps the old keys)."""
+    if keyring is None:
+        return
+
+    def reload() -> None:
+        try:
+            keyring.reload()
+        except ValueError as exc:
+            log.error("api keys not reloaded; the previous keys stay", error=str(exc))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
 def _settings_or_exit() -> Settings:
@@ -487,11 +584,27 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
+def keygen(argv: list[str]) -> None:
+    """`python -m pusher keygen [ID] [SCOPE,…]`: print a new key once, and its line for API_KEYS_FILE."""
+    key_id = argv[0] if argv else f"key-{uuid.uuid4().hex[:8]}"
+    scopes = argv[1].split(",") if len(argv) > 1 else ["commands:write", "commands:read"]
+    secret, entry = new_key(key_id, scopes)
+    print(f"API key (shown once; store it now):\n\n  {secret}\n\nAdd to API_KEYS_FILE:\n\n{entry}")
+
+
 def main() -> None:
     """Run the service with uvicorn (uvloop, httptools) on API_HOST:API_PORT."""
+    if sys.argv[1:2] == ["keygen"]:
+        keygen(sys.argv[2:])
+        return
     settings = _settings_or_exit()
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # an unreadable API_KEYS_FILE
+        print(f"pusher: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",
@@ -500,6 +613,8 @@ def main() -> None:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(settings.publish_timeout) + 5,
+        limit_concurrency=settings.limit_concurrency,
+        h11_max_incomplete_event_size=16 * 1024,
     )
 
 

@@ -22,6 +22,32 @@ class SettingsError(Exception):
     """A setting has a bad value; the message names the variable."""
 
 
+class Secret:
+    """A value that must never be printed: repr and str show stars; `.value` gives it out."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _decode_secret(type_: type, value: object) -> object:
+    if type_ is Secret and isinstance(value, str):
+        return Secret(value)
+    raise NotImplementedError
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
     """Every setting of the service; field `kafka_bootstrap_servers` is read from KAFKA_BOOTSTRAP_SERVERS."""
 
@@ -48,13 +74,40 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     journal_retention: Annotated[float, Meta(ge=0)] = 7 * 86400.0
     default_ttl: Annotated[int, Meta(ge=0, le=30 * 86400)] = 0
     forward_backoff_max: Positive = 30.0
+    auth_enabled: bool | None = None  # default: on exactly when API_KEYS_FILE is set
+    api_keys_file: str | None = None
+    api_key_header: Annotated[str, Meta(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-API-Key"
+    metrics_public: bool = False
+    rate_limit: str = ""
+    rate_limit_storage: str = "memory://"
+    cors_origins: tuple[str, ...] = ()
+    body_timeout: Positive = 10.0
+    limit_concurrency: Annotated[int, Meta(ge=1)] = 1000
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: Secret | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_password: Secret | None = None
+
+    @property
+    def auth(self) -> bool:
+        """Whether API keys are required."""
+        return self.auth_enabled if self.auth_enabled is not None else self.api_keys_file is not None
+
+    def masked(self) -> dict[str, object]:
+        """The effective configuration with every secret masked (for logs and /api/v1/status)."""
+        return {k: ("***" if isinstance(v, Secret) else v) for k, v in msgspec.structs.asdict(self).items()}
+
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
 
-_LIST_FIELDS = {"allowed_protocols"}
+_LIST_FIELDS = {"allowed_protocols", "cors_origins"}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> Settings:
@@ -77,12 +130,28 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             raw[name] = value.strip().upper()
         elif name in ("journal_sync", "kafka_compression"):
             raw[name] = value.strip().lower()
+        elif name in ("kafka_security_protocol", "kafka_sasl_mechanism"):
+            raw[name] = value.strip().upper()
+        elif name in ("kafka_sasl_password", "kafka_ssl_password"):
+            raw[name] = value  # secrets keep their spaces
         else:
             raw[name] = value.strip()
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False, dec_hook=_decode_secret)
     except msgspec.ValidationError as exc:
         raise SettingsError(_name_the_variable(str(exc), raw)) from None
+    if settings.auth and not settings.api_keys_file:
+        raise SettingsError("AUTH_ENABLED=true needs API_KEYS_FILE (the TOML file of key hashes)")
+    if "*" in settings.cors_origins:
+        raise SettingsError("CORS_ORIGINS='*' is refused: list the origins that may call the API")
+    if settings.kafka_security_protocol.startswith("SASL") and not (
+        settings.kafka_sasl_mechanism and settings.kafka_sasl_username and settings.kafka_sasl_password
+    ):
+        raise SettingsError(
+            f"KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
+            "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+        )
+    return settings
 
 
 def _name_the_variable(message: str, raw: Mapping[str, object]) -> str:
@@ -93,4 +162,5 @@ def _name_the_variable(message: str, raw: Mapping[str, object]) -> str:
     field = where.split("`")[0].split("[")[0]
     if "matching regex" in text:
         text = _HINTS.get(field, "not an allowed value")
-    return f"{field.upper()}={raw.get(field)!r} is invalid: {text}"
+    shown = "***" if field.endswith("password") else repr(raw.get(field))
+    return f"{field.upper()}={shown} is invalid: {text}"

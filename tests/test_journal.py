@@ -16,8 +16,8 @@ from helpers import ROOT
 from kafka_local import free_port
 
 from errors import JournalError
-from forwarder import Backoff
 from journal import Journal, NewCommand
+from kafka_sink import Backoff
 
 
 def new(request_id: str, device: str = "d1", body: bytes = b"h", idem_key: str | None = None, **extra) -> NewCommand:

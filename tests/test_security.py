@@ -1,0 +1,300 @@
+"""API keys, scopes, device patterns, object-level authorization, rate limits and CORS (app in process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from helpers import ROOT, ServiceProcess, command, wait_for
+from kafka_local import free_port
+from starlette.testclient import TestClient
+from structlog.testing import capture_logs
+
+from pusher import create_app
+from security import hash_key
+from settings import SettingsError, load_settings
+
+KEYS = {
+    "writer": ("ppk_writer-secret", ["commands:write", "commands:read"], None),
+    "reader": ("ppk_reader-secret", ["commands:read"], None),
+    "site-a": ("ppk_site-a-secret", ["commands:write", "commands:read"], ["site-a/*"]),
+    "admin": ("ppk_admin-secret", ["admin"], None),
+}
+
+
+def keys_file(path, keys=KEYS) -> str:
+    lines = []
+    for key_id, (secret, scopes, devices) in keys.items():
+        lines += ["[[keys]]", f'id = "{key_id}"', f'sha256 = "{hash_key(secret)}"', f"scopes = {json.dumps(scopes)}"]
+        if devices:
+            lines.append(f"devices = {json.dumps(devices)}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def auth(key_id: str) -> dict[str, str]:
+    return {"X-API-Key": KEYS[key_id][0]}
+
+
+def make_client(tmp_path, **env) -> TestClient:
+    settings = load_settings(
+        {
+            "JOURNAL_PATH": str(tmp_path / "journal.db"),
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+            "KAFKA_PRODUCER_TIMEOUT": "1",
+            "PUBLISH_TIMEOUT": "1",
+            "API_KEYS_FILE": keys_file(tmp_path / "keys.toml"),
+            **env,
+        },
+        env_file="/nonexistent",
+    )
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with make_client(tmp_path_factory.mktemp("sec")) as test_client:
+        yield test_client
+
+
+def _problem(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    return response.json()
+
+
+def test_missing_unknown_and_wrong_keys_get_the_same_401(client):
+    """No key, an unknown key and a key in the query string: one identical 401 with WWW-Authenticate."""
+    answers = [
+        client.post("/api/v1/commands", json=command()),
+        client.post("/api/v1/commands", json=command(), headers={"X-API-Key": "ppk_nope"}),
+        client.post("/api/v1/commands", json=command(), headers={"X-API-Key": KEYS["writer"][0] + "x"}),
+        client.post(f"/api/v1/commands?api_key={KEYS['writer'][0]}", json=command()),
+        client.post("/api/v1/commands", json=command(), headers={"Authorization": "Basic abc"}),
+    ]
+    bodies = [_problem(r, 401) for r in answers]
+    assert len({(b["title"], b["detail"]) for b in bodies}) == 1
+    assert all(r.headers["www-authenticate"].startswith("Bearer") for r in answers)
+
+
+def test_header_and_bearer_both_work(client):
+    """X-API-Key and Authorization: Bearer are both accepted."""
+    assert client.post("/api/v1/commands", json=command(), headers=auth("writer")).status_code == 202
+    bearer = {"Authorization": f"Bearer {KEYS['writer'][0]}"}
+    assert client.post("/api/v1/commands", json=command(), headers=bearer).status_code == 202
+
+
+def test_scopes_are_enforced(client):
+    """A read-only key cannot send (403); a write key cannot read metrics (403); admin can do all."""
+    _problem(client.post("/api/v1/commands", json=command(), headers=auth("reader")), 403)
+    _problem(client.get("/api/v1/metrics", headers=auth("writer")), 403)
+    _problem(client.get("/api/v1/status", headers=auth("writer")), 403)
+    assert client.get("/api/v1/metrics", headers=auth("admin")).status_code == 200
+    assert client.post("/api/v1/commands", json=command(), headers=auth("admin")).status_code == 202
+
+
+def test_probes_and_docs_stay_open(client):
+    """/health, /ready, /openapi.json and /docs need no key."""
+    for path in ("/health", "/ready", "/openapi.json", "/docs"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_device_patterns_limit_a_key(client):
+    """A key limited to site-a/* gets 403 for other devices, per item in a batch."""
+    assert client.post("/api/v1/commands", json=command("site-a/pump-1"), headers=auth("site-a")).status_code == 202
+    _problem(client.post("/api/v1/commands", json=command("site-b/pump-1"), headers=auth("site-a")), 403)
+    batch = {"commands": [command("site-a/x"), command("site-b/y")]}
+    response = client.post("/api/v1/commands/batch", json=batch, headers=auth("site-a"))
+    assert response.status_code == 207
+    first, second = response.json()["results"]
+    assert first["success"] and second["error"]["status"] == 403
+
+
+def test_other_keys_commands_do_not_exist(client):
+    """A status lookup for another key's command is 404; lists show only the key's own commands; admin sees all."""
+    mine = client.post("/api/v1/commands", json=command("obj-1"), headers=auth("writer")).json()["request_id"]
+    url = f"/api/v1/commands/{mine}/status"
+    assert client.get(url, headers=auth("writer")).status_code == 200
+    _problem(client.get(url, headers=auth("site-a")), 404)
+    assert client.get(url, headers=auth("admin")).status_code == 200
+    listed = client.get("/api/v1/commands", params={"device_id": "obj-1"}, headers=auth("site-a")).json()
+    assert listed["items"] == []
+    assert len(client.get("/api/v1/commands", params={"device_id": "obj-1"}, headers=auth("writer")).json()["items"])
+
+
+def test_idempotency_keys_are_per_api_key(client):
+    """The same Idempotency-Key from two API keys makes two commands; a used request_id is a bare 409 to others."""
+    one = client.post("/api/v1/commands", json=command(), headers={**auth("writer"), "Idempotency-Key": "k"}).json()
+    two = client.post("/api/v1/commands", json=command(), headers={**auth("admin"), "Idempotency-Key": "k"}).json()
+    assert one["request_id"] != two["request_id"]
+    client.post("/api/v1/commands", json=command(request_id="shared-id"), headers=auth("writer"))
+    other = _problem(client.post("/api/v1/commands", json=command(request_id="shared-id"), headers=auth("admin")), 409)
+    assert "shared-id" not in json.dumps(other["detail"]) or "already used" in other["detail"]
+
+
+def test_key_id_is_logged_the_key_never(client):
+    """Log lines carry the key id; the secret appears nowhere."""
+    with capture_logs() as logs:
+        client.post("/api/v1/commands", json=command(), headers=auth("writer"))
+    text = json.dumps(logs, default=str)
+    assert KEYS["writer"][0] not in text
+    assert any(entry.get("key_id") == "writer" for entry in logs)
+
+
+def test_metrics_public_opens_metrics_only(tmp_path):
+    """METRICS_PUBLIC=true opens /api/v1/metrics and /api/v1/status, nothing else."""
+    with make_client(tmp_path, METRICS_PUBLIC="true") as public:
+        assert public.get("/api/v1/metrics").status_code == 200
+        assert public.get("/api/v1/status").status_code == 200
+        _problem(public.post("/api/v1/commands", json=command()), 401)
+
+
+def test_rate_limit_per_key_with_headers(tmp_path):
+    """Over RATE_LIMIT: 429 with Retry-After and RateLimit-*; a batch costs one unit per command; keys are apart."""
+    with make_client(tmp_path, RATE_LIMIT="4/minute") as limited:
+        first = limited.post("/api/v1/commands", json=command(), headers=auth("writer"))
+        assert first.headers["ratelimit-limit"] == "4" and first.headers["ratelimit-remaining"] == "3"
+        batch = limited.post("/api/v1/commands/batch", json={"commands": [command()] * 3}, headers=auth("writer"))
+        assert batch.status_code == 202 and batch.headers["ratelimit-remaining"] == "0"
+        refused = limited.post("/api/v1/commands", json=command(), headers=auth("writer"))
+        body = _problem(refused, 429)
+        assert body["type"] == "/problems/rate-limited"
+        assert int(refused.headers["retry-after"]) >= 1 and refused.headers["ratelimit-remaining"] == "0"
+        assert limited.post("/api/v1/commands", json=command(), headers=auth("admin")).status_code == 202
+
+
+def test_rate_limit_per_address_without_auth(tmp_path):
+    """Without API keys the limit applies per client address."""
+    settings = load_settings(
+        {
+            "JOURNAL_PATH": str(tmp_path / "j.db"),
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+            "KAFKA_PRODUCER_TIMEOUT": "1",
+            "RATE_LIMIT": "2/minute",
+        },
+        env_file="/nonexistent",
+    )
+    with TestClient(create_app(settings)) as open_client:
+        codes = [open_client.post("/api/v1/commands", json=command()).status_code for _ in range(3)]
+    assert codes == [202, 202, 429]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server (Debian's package) on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_rate_limit_shared_through_redis(tmp_path, redis_url):
+    """Two instances sharing RATE_LIMIT_STORAGE=redis:// share one limit."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {"RATE_LIMIT": "3/minute", "RATE_LIMIT_STORAGE": redis_url}
+    with make_client(tmp_path / "a", **env) as one, make_client(tmp_path / "b", **env) as two:
+        codes = [
+            c.post("/api/v1/commands", json=command(), headers=auth("writer")).status_code for c in (one, two, one)
+        ]
+        assert codes == [202, 202, 202]
+        _problem(two.post("/api/v1/commands", json=command(), headers=auth("writer")), 429)
+
+
+def test_cors_allow_list(tmp_path):
+    """CORS is off by default; CORS_ORIGINS allows exactly those origins; '*' is refused."""
+    with make_client(tmp_path, CORS_ORIGINS="https://console.example") as cors:
+        allowed = cors.options(
+            "/api/v1/commands",
+            headers={"Origin": "https://console.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://console.example"
+        other = cors.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    with pytest.raises(SettingsError, match="CORS_ORIGINS"):
+        load_settings({"CORS_ORIGINS": "*"}, env_file="/nonexistent")
+
+
+def test_keygen_prints_a_key_that_works(tmp_path):
+    """`python -m pusher keygen ID SCOPES` prints a ≥256-bit key once and a keys-file entry that accepts it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pusher", "keygen", "gw-1", "commands:write"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    secret = next(line.strip() for line in result.stdout.splitlines() if line.strip().startswith("ppk_"))
+    assert len(secret) >= 4 + 43
+    entry = result.stdout.split("Add to API_KEYS_FILE:")[1]
+    assert f'sha256 = "{hash_key(secret)}"' in entry and 'scopes = ["commands:write"]' in entry
+
+
+def test_sighup_rotates_keys_without_restart(tmp_path):
+    """Rewriting API_KEYS_FILE and sending SIGHUP swaps the keys in the running process."""
+    path = tmp_path / "keys.toml"
+    keys_file(path, {"old": ("ppk_old-secret", ["commands:write"], None)})
+    service = ServiceProcess(
+        tmp_path, API_KEYS_FILE=str(path), KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}"
+    ).start(wait_ready=False)
+    try:
+        url = service.url + "/api/v1/commands"
+        assert httpx.post(url, json=command(), headers={"X-API-Key": "ppk_old-secret"}).status_code == 202
+        keys_file(path, {"new": ("ppk_new-secret", ["commands:write"], None)})
+        os.kill(service.process.pid, signal.SIGHUP)
+        wait_for(lambda: httpx.post(url, json=command(), headers={"X-API-Key": "ppk_new-secret"}).status_code == 202)
+        assert httpx.post(url, json=command(), headers={"X-API-Key": "ppk_old-secret"}).status_code == 401
+        path.write_text("not toml [")
+        os.kill(service.process.pid, signal.SIGHUP)
+        wait_for(lambda: "api keys not reloaded" in service.log())
+        assert httpx.post(url, json=command(), headers={"X-API-Key": "ppk_new-secret"}).status_code == 202
+    finally:
+        service.stop()
+
+
+def test_open_bind_without_auth_warns_loudly(tmp_path):
+    """No API keys on a non-loopback address: a warning line at start."""
+    service = ServiceProcess(tmp_path, API_HOST="0.0.0.0", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    service.url = f"http://127.0.0.1:{service.port}"
+    service.start(wait_ready=False)
+    try:
+        assert "AUTHENTICATION IS OFF ON A NETWORK ADDRESS" in service.log()
+    finally:
+        service.stop()
+
+
+def test_slow_body_is_408(tmp_path):
+    """A body that trickles in slower than BODY_TIMEOUT is cut off with 408."""
+    service = ServiceProcess(tmp_path, BODY_TIMEOUT="1", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start(
+        wait_ready=False
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/v1/commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"device_id"'
+            )
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408")
+    finally:
+        service.stop()
