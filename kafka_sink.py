@@ -154,6 +154,7 @@ class KafkaSink:
         self._wake_monitor = threading.Event()
         self._holding = threading.Event()  # set: refuse records until resume()
         self._connect_backoff = Backoff(base=1.0, cap=30.0)
+        self._auth_watch = _AuthFailureWatch()
         # Each producer gets a generation; after its first error it is retired (replaced before the next
         # send), and its other records' errors only mean "fate unknown".
         self._generation = 0
@@ -168,6 +169,7 @@ class KafkaSink:
         if self.state is not SinkState.NEW:
             raise RuntimeError(f"sink cannot start from state {self.state.value}")
         self.state = SinkState.RUNNING
+        logging.getLogger("kafka").addHandler(self._auth_watch)
         for target, name in ((self._sender_loop, "kafka-sender"), (self._monitor_loop, "kafka-monitor")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -179,6 +181,7 @@ class KafkaSink:
             self.state = SinkState.CLOSED
             return
         self.state = SinkState.CLOSED
+        logging.getLogger("kafka").removeHandler(self._auth_watch)
         self._stop.set()
         self._jobs.put(_STOP)
         for thread in self._threads:
@@ -304,7 +307,7 @@ class KafkaSink:
                 **security_options(s),
             )
         except Exception as exc:
-            health = _unreachable(exc)
+            health = self._unreachable(exc)
             self._set_health(health)
             log.warning("kafka producer not connected", error=type(exc).__name__, reason=health.reason)
             return None
@@ -425,7 +428,7 @@ class KafkaSink:
                 if admin is not None:
                     self._set_health(self._check_topic(admin))
             except Exception as exc:
-                self._set_health(_unreachable(exc))
+                self._set_health(self._unreachable(exc))
                 if admin is not None:
                     _quiet_close(admin)
                     admin = None
@@ -469,6 +472,15 @@ class KafkaSink:
             log.info("command topic created", topic=self.topic, **spec)
         except kerr.TopicAlreadyExistsError:
             pass
+
+    def _unreachable(self, exc: BaseException) -> SinkHealth:
+        """Health after a failed connection; refused credentials are told apart from an outage."""
+        refused = isinstance(exc, kerr.SaslAuthenticationFailedError | kerr.UnsupportedSaslMechanismError)
+        if refused or time.monotonic() - self._auth_watch.last_seen < 60:
+            return SinkHealth(
+                False, "Kafka refused our credentials (SASL authentication failed)", None, 0, auth_failed=True
+            )
+        return SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0)
 
     def _any_broker_listens(self) -> bool:
         """A plain TCP probe first: kafka-python leaks sockets when a client's bootstrap fails."""
@@ -517,11 +529,17 @@ def security_options(settings: Settings) -> dict[str, object]:
     return options
 
 
-def _unreachable(exc: BaseException) -> SinkHealth:
-    """Health after a failed connection; bad credentials are told apart from an outage."""
-    if isinstance(exc, kerr.SaslAuthenticationFailedError | kerr.UnsupportedSaslMechanismError):
-        return SinkHealth(False, f"Kafka refused our credentials ({type(exc).__name__})", None, 0, auth_failed=True)
-    return SinkHealth(False, f"cannot reach Kafka ({type(exc).__name__})", None, 0)
+class _AuthFailureWatch(logging.Handler):
+    """kafka-python reports refused SASL credentials only in its log (the client then times out bootstrapping),
+    so the sink listens there to tell a configuration error from an outage."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.last_seen = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "SaslAuthenticationFailed" in record.getMessage():
+            self.last_seen = time.monotonic()
 
 
 def _abort(producer: KafkaProducer) -> None:

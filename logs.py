@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -35,9 +36,26 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             ],
         )
     )
+    handler.addFilter(redact_secrets)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # kafka-python logs each failed reconnect at ERROR, dozens a second in an outage; our own lines
     # say when Kafka comes and goes and why a command failed. LOG_LEVEL=DEBUG shows its lines again.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)
+    # (Its ERROR lines are still made, for the sink to watch for refused credentials.)
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    kafka_log.propagate = numeric <= logging.DEBUG
+
+
+_SECRET = re.compile(r"('(?:sasl_plain_password|ssl_password|sasl_oauth_token_provider)':\s*)'[^']*'")
+
+
+def redact_secrets(record: logging.LogRecord) -> bool:
+    """Mask passwords in kafka-python's lines (it logs its whole configuration at DEBUG)."""
+    if record.name.startswith("kafka"):
+        message = record.getMessage()
+        masked = _SECRET.sub(r"\1'***'", message)
+        if masked != message:
+            record.msg, record.args = masked, None
+    return True

@@ -104,11 +104,17 @@ def _port_open(port: int) -> bool:
 class LocalKafka:
     """One broker process with its own data folder; it can be stopped and started again on the same ports."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, partitions: int = 3) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, partitions: int = 3, sasl_ssl: dict | None = None
+    ) -> None:
+        """`sasl_ssl`, when given, adds a SASL_SSL listener with SCRAM users:
+        {"users": {name: password}, "keystore": PEM file (encrypted PKCS#8 key + cert), "key_password": …}."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.controller_port = free_port()
         self.partitions = partitions
+        self.sasl_ssl = sasl_ssl
+        self.sasl_port = free_port() if sasl_ssl else None
         self.process: subprocess.Popen[bytes] | None = None
         self.classpath = str(libs_dir() / "*")
         self._formatted = False
@@ -123,19 +129,43 @@ class LocalKafka:
         """Where the broker's stdout and stderr go."""
         return self.data_dir / "broker.log"
 
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_SSL listener's address (when configured)."""
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def _security_lines(self) -> list[str]:
+        if not self.sasl_ssl:
+            return []
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return [
+            "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512",
+            f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={self.sasl_ssl['keystore']}",
+            f"ssl.key.password={self.sasl_ssl['key_password']}",
+        ]
+
     def _write_config(self) -> Path:
         config = self.data_dir / "server.properties"
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
+        advertised = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        if self.sasl_ssl:
+            listeners.append(f"SASL_SSL://127.0.0.1:{self.sasl_port}")
+            advertised.append(f"SASL_SSL://127.0.0.1:{self.sasl_port}")
         config.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    f"listeners={','.join(listeners)}",
+                    f"advertised.listeners={','.join(advertised)}",
                     "controller.listener.names=CONTROLLER",
                     "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+                    *self._security_lines(),
                     f"log.dirs={self.data_dir / 'logs'}",
                     f"num.partitions={self.partitions}",
                     "auto.create.topics.enable=false",
@@ -160,6 +190,9 @@ class LocalKafka:
     def _format(self, config: Path) -> None:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(config))
+        for name, password in (self.sasl_ssl or {}).get("users", {}).items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                cmd += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise KafkaUnavailable(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")

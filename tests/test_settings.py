@@ -87,3 +87,35 @@ def test_bad_value_stops_the_start_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pusher: API_PORT='eighty' is invalid")
+
+
+def test_secrets_never_show():
+    """Passwords are masked in the settings' repr, in masked(), and in kafka-python's DEBUG lines."""
+    import logging
+
+    from logs import redact_secrets
+
+    settings = load_settings(
+        {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "hunter2",
+        },
+        env_file="/nonexistent",
+    )
+    assert "hunter2" not in repr(settings) and settings.masked()["kafka_sasl_password"] == "***"
+    assert settings.kafka_sasl_password.value == "hunter2"
+    record = logging.LogRecord(
+        "kafka.producer", logging.DEBUG, "x", 1, "config: %s", ({"sasl_plain_password": "hunter2", "a": 1},), None
+    )
+    redact_secrets(record)
+    assert "hunter2" not in record.getMessage() and "'sasl_plain_password': '***'" in record.getMessage()
+
+
+def test_sasl_without_credentials_stops_the_start():
+    """SASL without mechanism, user and password is one clear error."""
+    with pytest.raises(SettingsError, match="KAFKA_SASL_MECHANISM"):
+        load_settings({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, env_file="/nonexistent")
+    with pytest.raises(SettingsError, match="API_KEYS_FILE"):
+        load_settings({"AUTH_ENABLED": "true"}, env_file="/nonexistent")
