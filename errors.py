@@ -5,6 +5,7 @@
     │   ├── MalformedBody            400: not JSON / msgpack, with the byte position
     │   ├── BodyTooLarge             413: over MAX_BODY_BYTES, refused before reading
     │   ├── RequestTimeout           408: the body did not arrive within BODY_TIMEOUT
+    │   ├── HeadersTooLarge          431: request headers over MAX_HEADER_BYTES
     │   ├── UnsupportedMediaType     415
     │   ├── ValidationFailed         422: field errors with their paths ($.commands[3].qos)
     │   ├── NotFound                 404
@@ -206,3 +207,11 @@ class RequestTimeout(RequestError):
     status = 408
     slug = "request-timeout"
     title = "Request timeout"
+
+
+class HeadersTooLarge(RequestError):
+    """The request's headers together exceed MAX_HEADER_BYTES."""
+
+    status = 431
+    slug = "headers-too-large"
+    title = "Request header fields too large"

@@ -34,6 +34,7 @@ from errors import (
     BodyTooLarge,
     FieldProblem,
     Forbidden,
+    HeadersTooLarge,
     JournalError,
     MethodNotAllowed,
     NotFound,
@@ -104,10 +105,13 @@ def problem_response(error: BaseException, request_id: str | None, instance: str
 class RequestContextMiddleware:
     """Request id, body size and time limits, the one summary log line per request, and the fixed 500."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0, max_header_bytes: int = 16384
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,6 +139,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            # httptools has no header-size limit of its own: refuse oversized headers before any work.
+            if sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_header_bytes:
+                raise HeadersTooLarge(f"Request headers exceed MAX_HEADER_BYTES ({self.max_header_bytes} bytes)")
             length = headers.get(b"content-length")
             # A very long digit string is over any limit; never hand it to int() (it caps digits).
             if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_body_bytes):
@@ -319,10 +326,11 @@ async def get_command_status(request: Request) -> Response:
 
 
 class _ListQuery(msgspec.Struct, forbid_unknown_fields=True):
-    device_id: DeviceId | None = None
-    status: Status | None = None
+    # UNSET, not None: a lax conversion would read the text "null" as None, i.e. as "no filter".
+    device_id: DeviceId | msgspec.UnsetType = msgspec.UNSET
+    status: Status | msgspec.UnsetType = msgspec.UNSET
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
-    before: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    before: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | msgspec.UnsetType = msgspec.UNSET
 
 
 async def list_commands(request: Request) -> Response:
@@ -335,12 +343,18 @@ async def list_commands(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    rows = dispatcher.journal.recent(query.device_id, query.status, query.limit + 1, query.before, owner)
+    rows = dispatcher.journal.recent(
+        _or_none(query.device_id), _or_none(query.status), query.limit + 1, _or_none(query.before), owner
+    )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     return JSONResponse(
         CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
     )
+
+
+def _or_none(value: Any) -> Any:
+    return None if value is msgspec.UNSET else value
 
 
 async def health(request: Request) -> Response:
@@ -534,7 +548,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={PusherError: on_pusher_error, HTTPException: on_http_error},
     )
     app.state.settings = settings
-    app.state.openapi = JSON_ENCODER.encode(openapi_document())
+    app.state.openapi = JSON_ENCODER.encode(
+        openapi_document(
+            settings.api_key_header if settings.auth else None,
+            bool(settings.rate_limit),
+            settings.allowed_protocols,
+            settings.max_batch,
+        )
+    )
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
     keyring = Keyring(settings.api_keys_file) if settings.auth else None
     if keyring is not None:
@@ -551,7 +572,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining"],
         )
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
     )
     return app
 

@@ -449,6 +449,7 @@ def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
 
 
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 _BODY_ERRORS = {
     "400": _problem("Malformed body (not JSON / MessagePack), with the byte position"),
@@ -468,9 +469,16 @@ def _body(name: str, example: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document, built from the Structs above."""
+def openapi_document(
+    api_key_header: str | None = None,
+    rate_limited: bool = False,
+    allowed_protocols: tuple[str, ...] = ("mqtt", "coap"),
+    max_batch: int = 500,
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, built from the Structs above and the settings that narrow them."""
     _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
+    components["CommandRequest"]["properties"]["protocol"] = {"enum": list(allowed_protocols)}
+    components["BatchCommandRequest"]["properties"]["commands"] |= {"minItems": 1, "maxItems": max_batch}
     unavailable = {
         **_problem("Not stored: the journal is full or cannot be written; retrying with the same key is safe"),
         "headers": _RETRY_AFTER,
@@ -544,7 +552,7 @@ def openapi_document() -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "description": "`next_before` of the previous page",
-                        "schema": {"type": "integer"},
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
                     },
                 ],
                 "responses": {"200": _json("CommandList", "A page of commands"), "422": _BODY_ERRORS["422"]},
@@ -611,9 +619,26 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
-    for operations in paths.values():
+    for path, operations in paths.items():
         for operation in operations.values():
-            operation["responses"].setdefault("500", _problem("Unexpected error; fixed body, details in the log"))
+            responses = operation["responses"]
+            responses.setdefault("500", _problem("Unexpected error; fixed body, details in the log"))
+            responses.setdefault("431", _problem("Request headers over MAX_HEADER_BYTES"))
+            if operation.get("requestBody"):
+                responses.setdefault("408", _problem("The body did not arrive within BODY_TIMEOUT"))
+            if path in ("/health", "/ready") or not api_key_header:
+                operation["security"] = []
+            else:
+                responses.setdefault("401", {**_problem("No valid API key"), "headers": _WWW_AUTHENTICATE})
+                responses.setdefault("403", _problem("The key lacks the scope, or may not command this device"))
+            if rate_limited and path.startswith("/api/v1/commands"):
+                responses.setdefault("429", {**_problem("Over RATE_LIMIT"), "headers": _RETRY_AFTER})
+    security_schemes = {}
+    if api_key_header:
+        security_schemes = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": api_key_header},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -623,5 +648,6 @@ def openapi_document() -> dict[str, Any]:
             "MQTT and CoAP connectors. Errors are RFC 9457 application/problem+json.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": security_schemes},
+        "security": [{"apiKey": []}, {"bearer": []}] if api_key_header else [],
     }

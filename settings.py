@@ -82,6 +82,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_storage: str = "memory://"
     cors_origins: tuple[str, ...] = ()
     body_timeout: Positive = 10.0
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16384
     limit_concurrency: Annotated[int, Meta(ge=1)] = 1000
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

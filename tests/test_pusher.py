@@ -243,7 +243,13 @@ def test_prefer_respond_async_is_acknowledged(client):
 
 @pytest.mark.parametrize(
     ("params", "loc"),
-    [({"limit": "0"}, "query.limit"), ({"status": "lost"}, "query.status"), ({"before": "x"}, "query.before")],
+    [
+        ({"limit": "0"}, "query.limit"),
+        ({"status": "lost"}, "query.status"),
+        ({"status": "null"}, "query.status"),
+        ({"before": "x"}, "query.before"),
+        ({"before": str(2**64)}, "query.before"),
+    ],
 )
 def test_list_query_is_validated(client, params, loc):
     """Bad list parameters are a 422 naming the parameter."""
