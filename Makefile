@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSTEM_PYTHON ?= python3
 
-.PHONY: install system-packages run test lint kafka-up kafka-down clean
+.PHONY: install system-packages run test lint keygen kafka-up kafka-down clean
 
 install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies
 
@@ -34,6 +34,9 @@ test: install system-packages  ## the whole suite, against a real Kafka broker i
 lint: install  ## ruff check + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+keygen: install  ## print a new API key and its API_KEYS_FILE entry (ID=… SCOPES=…)
+	@$(PY) -m pusher keygen $${ID:-key-$$(date +%s)} $${SCOPES:-commands:write,commands:read}
 
 kafka-up:  ## start the local Kafka broker (127.0.0.1:9092, or KAFKA_LOCAL_PORT)
 	@$(SYSTEM_PYTHON) scripts/kafka_local.py up
