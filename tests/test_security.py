@@ -298,3 +298,23 @@ def test_slow_body_is_408(tmp_path):
         assert answer.startswith(b"HTTP/1.1 408")
     finally:
         service.stop()
+
+
+def test_concurrency_limit_answers_503(tmp_path):
+    """Past LIMIT_CONCURRENCY open requests uvicorn answers 503 instead of queueing without bound."""
+    service = ServiceProcess(
+        tmp_path, LIMIT_CONCURRENCY="2", BODY_TIMEOUT="5", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}"
+    ).start(wait_ready=False)
+    slow = []
+    try:
+        for _ in range(2):  # two requests whose bodies never finish hold both slots
+            sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+            sock.sendall(b"POST /api/v1/commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+            slow.append(sock)
+        time.sleep(0.3)
+        assert httpx.get(service.url + "/health").status_code == 503
+    finally:
+        for sock in slow:
+            sock.close()
+        service.stop()
