@@ -146,7 +146,8 @@ class Dispatcher:
         started = time.perf_counter()
         now = utc_now()
         news = {
-            i: self._new_command(item, f"{idem_key}#{i}" if idem_key else None, traceparent, now, key_id)
+            # \x1f cannot occur in an Idempotency-Key, so no single request can collide with a batch item.
+            i: self._new_command(item, f"{idem_key}\x1f{i}" if idem_key else None, traceparent, now, key_id)
             for i, item in enumerate(items)
             if not isinstance(item, PusherError)
         }

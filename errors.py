@@ -215,3 +215,12 @@ class HeadersTooLarge(RequestError):
     status = 431
     slug = "headers-too-large"
     title = "Request header fields too large"
+
+
+class RateLimiterUnavailable(PusherError):
+    """RATE_LIMIT_STORAGE (Redis) does not answer; the request was not processed."""
+
+    status = 503
+    slug = "rate-limiter-unavailable"
+    title = "Rate limiter unavailable"
+    retry_after = 2

@@ -48,7 +48,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     kafka_log.propagate = numeric <= logging.DEBUG
 
 
-_SECRET = re.compile(r"('(?:sasl_plain_password|ssl_password|sasl_oauth_token_provider)':\s*)'[^']*'")
+# A repr'd string is quoted with ' or " (whichever it does not contain), with backslash escapes.
+_SECRET = re.compile(
+    r"""(['"](?:sasl_plain_password|ssl_password|sasl_oauth_token_provider)['"]:\s*)"""
+    r"""(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|[^,}\s]+)"""
+)
 
 
 def redact_secrets(record: logging.LogRecord) -> bool:

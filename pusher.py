@@ -247,6 +247,8 @@ def _headers(replayed: bool, prefer_async: bool) -> dict[str, str]:
 
 async def push_command(request: Request) -> Response:
     """POST /api/v1/commands: validate, journal, publish; 200 published, 202 stored for later."""
+    key = require(request.scope["state"], "commands:write")
+    limits = await _rate_limit(request, key, 1)  # charged before any work, so refused requests count too
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
     try:
@@ -256,10 +258,8 @@ async def push_command(request: Request) -> Response:
     except RequestError:
         dispatcher.rejected()
         raise
-    key = require(request.scope["state"], "commands:write")
     if key is not None and not key.may_command(cmd.device_id):
         raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
-    limits = await _rate_limit(request, key, 1)
     prefer_async = _prefers_async(request)
     answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None)
     headers = _headers(answer.response.replayed, prefer_async) | limits
@@ -268,10 +268,11 @@ async def push_command(request: Request) -> Response:
 
 async def push_commands_batch(request: Request) -> Response:
     """POST /api/v1/commands/batch: each item validated on its own; 200 / 202 / 207."""
+    key = require(request.scope["state"], "commands:write")
+    limits = await _rate_limit(request, key, 1)
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
     settings = dispatcher.settings
-    key = require(request.scope["state"], "commands:write")
     idem_key = _idempotency_key(request)
     raw_items = decode_batch(await request.body(), fmt)
     if not raw_items:
@@ -289,7 +290,8 @@ async def push_commands_batch(request: Request) -> Response:
         except RequestError as exc:
             dispatcher.rejected()
             items.append(exc)
-    limits = await _rate_limit(request, key, len(raw_items))  # one unit per command
+    if len(raw_items) > 1:  # one unit per command: the first was charged on arrival
+        limits = await _rate_limit(request, key, len(raw_items) - 1)
     prefer_async = _prefers_async(request)
     body, status = await dispatcher.push_batch(
         items, idem_key, prefer_async, _traceparent(request), key.id if key else None
@@ -378,14 +380,16 @@ async def ready(request: Request) -> Response:
         reason = h.reason
     elif not sink.connected:
         reason = f"Kafka unavailable ({h.reason}); commands are journaled and forwarded when it returns"
+    settings: Settings = request.app.state.settings
+    detailed = not settings.auth or settings.metrics_public  # figures are for operators, not for anyone
     body = Readiness(
         ready=ok,
         kafka_connected=sink.connected,
         journal_writable=journal.writable,
         reason=reason,
-        topic=sink.topic,
-        partitions=h.partitions,
-        backlog=journal.pending_count,
+        topic=sink.topic if detailed else None,
+        partitions=h.partitions if detailed else None,
+        backlog=journal.pending_count if detailed else None,
     )
     return JSONResponse(body, 200 if ok else 503)
 
@@ -559,10 +563,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
     keyring = Keyring(settings.api_keys_file) if settings.auth else None
     if keyring is not None:
-        open_paths = ("/health", "/ready", "/docs", "/openapi.json")
+        open_paths = {"/health", "/ready", "/docs", "/openapi.json"}
         if settings.metrics_public:
-            open_paths += ("/api/v1/metrics", "/api/v1/status")
-        app.add_middleware(ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=open_paths)
+            open_paths |= {"/api/v1/metrics", "/api/v1/status"}
+        app.add_middleware(
+            ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=frozenset(open_paths)
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -158,16 +159,18 @@ class Health(Struct):
     status: Literal["healthy"]
 
 
-class Readiness(Struct, kw_only=True):
-    """Readiness: the journal accepts commands (Kafka may be down: they are stored and forwarded)."""
+class Readiness(Struct, kw_only=True, omit_defaults=True):
+    """Readiness: the journal accepts commands (Kafka may be down: they are stored and forwarded).
+
+    With API keys on, topic, partitions and backlog are shown only when METRICS_PUBLIC is true."""
 
     ready: bool
     kafka_connected: bool
     journal_writable: bool
     reason: str | None = None
-    topic: str
+    topic: str | None = None
     partitions: int | None = None
-    backlog: int = 0
+    backlog: int | None = None
 
 
 class Counters(Struct, kw_only=True):
@@ -314,6 +317,9 @@ def check_command(
 ) -> list[FieldProblem]:
     """The rules a Struct cannot express: allowed protocol, per-protocol options, metadata conflicts, depth."""
     problems: list[FieldProblem] = []
+    for field in ("device_id", "command_type"):
+        if any(unicodedata.category(ch) == "Cf" for ch in getattr(cmd, field)):
+            problems.append(FieldProblem(f"{prefix}.{field}", "Must not contain invisible format characters"))
     if cmd.protocol not in allowed_protocols:
         problems.append(FieldProblem(f"{prefix}.protocol", f"Must be one of: {', '.join(allowed_protocols)}"))
     metadata = cmd.metadata or {}
@@ -495,7 +501,7 @@ def openapi_document(
             "in": "header",
             "required": False,
             "description": "Retrying with the same key never publishes twice (kept JOURNAL_RETENTION); "
-            "the same key with another body is a 409. In a batch, item i uses `<key>#i`.",
+            "the same key with another body is a 409. In a batch each item is keyed by the key and its index.",
             "schema": {"type": "string", "maxLength": 255},
         },
         {

@@ -30,7 +30,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from errors import Forbidden, RateLimited, Unauthorized
+from errors import FieldProblem, Forbidden, RateLimited, RateLimiterUnavailable, Unauthorized, ValidationFailed
 
 log = structlog.get_logger("security")
 
@@ -107,14 +107,19 @@ class Keyring:
 class ApiKeyMiddleware:
     """Authenticates every request except the open paths; puts the key in scope['state']['principal']."""
 
-    def __init__(self, app: ASGIApp, keyring: Keyring, header: str, open_paths: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keyring: Keyring, header: str, open_paths: frozenset[str]) -> None:
         self.app = app
         self.keyring = keyring
         self.header = header.lower().encode()
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.open_paths):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["auth_required"] = True
+        path = scope["path"]
+        if path in self.open_paths or path.startswith("/docs/"):  # exact paths, and the docs' static assets
             await self.app(scope, receive, send)
             return
         secret = None
@@ -134,6 +139,8 @@ class ApiKeyMiddleware:
 def require(state: dict, scope: str) -> ApiKey | None:
     """Raise 403 unless the request's key has `scope`; None when authentication is off."""
     key: ApiKey | None = state.get("principal")
+    if key is None and state.get("auth_required"):  # an open path reaching a guarded handler: never allow
+        raise Unauthorized("A valid API key is required (X-API-Key header or Authorization: Bearer)")
     if key is not None and not key.allows(scope):
         raise Forbidden(f"This API key lacks the {scope!r} scope")
     return key
@@ -149,7 +156,10 @@ class RateLimiter:
             uri = "async+" + uri
         elif uri == "memory://":
             uri = "async+memory://"
-        options = {"implementation": "redispy"} if "redis" in uri else {}
+        # Short timeouts: a Redis that stops answering must not hold requests up.
+        options = (
+            {"implementation": "redispy", "socket_connect_timeout": 1, "socket_timeout": 1} if "redis" in uri else {}
+        )
         self.storage = storage_from_string(uri, **options)
         self.limiter = MovingWindowRateLimiter(self.storage)
 
@@ -160,19 +170,32 @@ class RateLimiter:
             await client.aclose()
 
     async def hit(self, who: str, cost: int) -> dict[str, str]:
-        """Spend `cost` units for `who`; raise RateLimited when any limit is exhausted. Returns RateLimit-* headers."""
-        tightest: tuple[int, int, float] | None = None
-        for item in self.items:
-            allowed = await self.limiter.hit(item, who, cost=cost)
-            stats = await self.limiter.get_window_stats(item, who)
-            reset = max(0.0, stats.reset_time - time.time())
-            if not allowed:
-                raise RateLimited(
-                    f"Rate limit {item} exceeded",
-                    headers=_headers(item.amount, stats.remaining, reset) | {"Retry-After": str(math.ceil(reset) or 1)},
-                )
-            if tightest is None or stats.remaining < tightest[1]:
-                tightest = (item.amount, stats.remaining, reset)
+        """Spend `cost` units for `who` in every limit, or in none: a refused request spends nothing.
+
+        Raises RateLimited (429) when a limit is exhausted, ValidationFailed when `cost` can never fit a
+        window, RateLimiterUnavailable (503) when the storage does not answer. Returns RateLimit-* headers."""
+        try:
+            for item in self.items:
+                if cost > item.amount:
+                    raise ValidationFailed([FieldProblem("$.commands", f"More commands than RATE_LIMIT {item} allows")])
+                if not await self.limiter.test(item, who, cost=cost):
+                    stats = await self.limiter.get_window_stats(item, who)
+                    reset = max(0.0, stats.reset_time - time.time())
+                    headers = _headers(item.amount, stats.remaining, reset) | {
+                        "Retry-After": str(math.ceil(reset) or 1)
+                    }
+                    raise RateLimited(f"Rate limit {item} exceeded", headers=headers)
+            tightest: tuple[int, int, float] | None = None
+            for item in self.items:
+                await self.limiter.hit(item, who, cost=cost)
+                stats = await self.limiter.get_window_stats(item, who)
+                if tightest is None or stats.remaining < tightest[1]:
+                    tightest = (item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
+        except (RateLimited, ValidationFailed):
+            raise
+        except Exception as exc:  # the storage (Redis) is unreachable: refuse, retriably, rather than 500
+            log.warning("rate limit storage unavailable", error=type(exc).__name__)
+            raise RateLimiterUnavailable("The rate limiter's storage does not answer") from None
         return _headers(*tightest) if tightest else {}
 
 

@@ -318,3 +318,45 @@ def test_concurrency_limit_answers_503(tmp_path):
         for sock in slow:
             sock.close()
         service.stop()
+
+
+def test_refused_requests_spend_nothing_and_oversized_batches_are_422(tmp_path):
+    """A request refused by one limit does not use up another; a batch larger than a window can never fit (422)."""
+    with make_client(tmp_path, RATE_LIMIT="3/minute;1/second") as limited:
+        post = lambda: limited.post("/api/v1/commands", json=command(), headers=auth("writer")).status_code  # noqa: E731
+        assert post() == 202
+        assert [post() for _ in range(3)] == [429, 429, 429]
+        time.sleep(1.1)
+        assert post() == 202
+        time.sleep(1.1)
+        assert post() == 202  # the minute had room for three: the refused ones spent nothing
+        batch = limited.post("/api/v1/commands/batch", json={"commands": [command()] * 5}, headers=auth("admin"))
+        assert _problem(batch, 422)["errors"][0]["msg"].startswith("More commands than RATE_LIMIT")
+
+
+def test_unreachable_redis_is_a_503_not_a_500(tmp_path):
+    """When RATE_LIMIT_STORAGE does not answer, requests get a retriable 503."""
+    with make_client(tmp_path, RATE_LIMIT="10/second", RATE_LIMIT_STORAGE=f"redis://127.0.0.1:{free_port()}") as c:
+        response = c.post("/api/v1/commands", json=command(), headers=auth("writer"))
+        assert _problem(response, 503)["type"] == "/problems/rate-limiter-unavailable"
+        assert response.headers["retry-after"]
+
+
+def test_ready_shows_figures_only_to_operators(client, tmp_path):
+    """With keys on, /ready tells anyone whether it is ready, but not the topic or the backlog."""
+    body = client.get("/ready").json()
+    assert set(body) <= {"ready", "kafka_connected", "journal_writable", "reason"}
+    with make_client(tmp_path, METRICS_PUBLIC="true") as public:
+        assert "backlog" in public.get("/ready").json()
+
+
+def test_invisible_characters_in_device_ids_are_refused(client):
+    """Bidi overrides and other format characters cannot disguise a device id."""
+    body = _problem(client.post("/api/v1/commands", json=command("site-a/\u202esite-b"), headers=auth("site-a")), 422)
+    assert body["errors"][0]["loc"] == "$.device_id"
+
+
+def test_open_paths_are_exact(client):
+    """Only the probe and docs paths are open: near misses need a key like everything else."""
+    for path in ("/healthz", "/ready/", "/openapi.jsonx", "/docsx"):
+        assert client.get(path).status_code in (401, 307), path

@@ -111,6 +111,10 @@ def test_secrets_never_show():
     )
     redact_secrets(record)
     assert "hunter2" not in record.getMessage() and "'sasl_plain_password': '***'" in record.getMessage()
+    for password in ("it's", "a'b\"c", "back\\slash"):
+        record = logging.LogRecord("kafka.x", logging.DEBUG, "x", 1, "%s", ({"sasl_plain_password": password},), None)
+        redact_secrets(record)
+        assert record.getMessage() == "{'sasl_plain_password': '***'}", record.getMessage()
 
 
 def test_sasl_without_credentials_stops_the_start():
