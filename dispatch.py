@@ -22,6 +22,7 @@ import structlog
 from errors import IdempotencyConflict, JournalError, MessageRejected, PusherError
 from forwarder import Forwarder, Outcome
 from journal import Accepted, Journal, JournalRow, NewCommand, Pending
+from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
     BatchCommandResponse,
@@ -60,15 +61,13 @@ class Answer:
 class Dispatcher:
     """Journals commands, hands them to the forwarder, waits briefly for Kafka, and keeps the counters."""
 
-    def __init__(self, settings: Settings, journal: Journal, forwarder: Forwarder) -> None:
+    def __init__(self, settings: Settings, journal: Journal, forwarder: Forwarder, metrics: Metrics) -> None:
         self.settings = settings
         self.journal = journal
         self.forwarder = forwarder
-        self.counters = Counters()
+        self.metrics = metrics
         self.last_error: str | None = None
         self.last_error_at: datetime | None = None
-        self._latency_total_ms = 0.0
-        self._latency_count = 0
 
     # ------------------------------------------------------------------ building records
 
@@ -123,12 +122,11 @@ class Dispatcher:
         key_id: str | None = None,
     ) -> Answer:
         """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502."""
-        started = time.perf_counter()
         new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
         [(accepted, future, handed_over)] = await self._store([new])
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
-        answer = self._answer(new, accepted, future, started)
+        answer = self._answer(new, accepted, future)
         if not answer.response.success and answer.response.error is not None:
             raise _error_from(answer.response, accepted)
         return answer
@@ -142,8 +140,6 @@ class Dispatcher:
         key_id: str | None = None,
     ) -> tuple[BatchCommandResponse, int]:
         """Journal every valid item in one transaction, hand them over in order, wait once for all."""
-        self.counters.batches += 1
-        started = time.perf_counter()
         now = utc_now()
         news = {
             # \x1f cannot occur in an Idempotency-Key, so no single request can collide with a batch item.
@@ -160,7 +156,7 @@ class Dispatcher:
         results = [
             failed_result(None, item, "rejected")
             if isinstance(item, PusherError)
-            else self._answer(news[i], accepted[i], futures[i], started).response
+            else self._answer(news[i], accepted[i], futures[i]).response
             for i, item in enumerate(items)
         ]
         if (
@@ -190,7 +186,7 @@ class Dispatcher:
         """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""
         if accepted.outcome != "inserted":
             return None, False
-        self.counters.commands_accepted += 1
+        self.metrics.commands.labels("accepted").inc()
         pending = Pending(
             seq=accepted.row.seq,
             request_id=new.request_id,
@@ -203,11 +199,9 @@ class Dispatcher:
         )
         return self.forwarder.submit(pending)
 
-    def _answer(
-        self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None, started: float
-    ) -> Answer:
+    def _answer(self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None) -> Answer:
         if accepted.outcome == "replayed" and accepted.row.key_id == new.key_id:
-            self.counters.commands_replayed += 1
+            self.metrics.commands.labels("replayed").inc()
             return _replay(accepted.row)
         if accepted.outcome == "replayed":  # another API key's command: say nothing about it
             error = IdempotencyConflict("This request_id is already used")
@@ -221,6 +215,7 @@ class Dispatcher:
             )
             return Answer(failed_result(accepted.row.request_id, error, "rejected"), 409)
         if accepted.outcome in ("full", "unavailable"):
+            self.metrics.failures.labels(f"journal_{accepted.outcome}").inc()
             self._note_error(accepted.error.detail)
             return Answer(failed_result(None, accepted.error, "failed"), accepted.error.status)
         expires = _at(new.expires_at)
@@ -229,9 +224,6 @@ class Dispatcher:
             return Answer(_accepted(new.request_id, created, expires), 202)
         outcome = future.result()
         if outcome.status == "published":
-            self._latency_total_ms += (time.perf_counter() - started) * 1000
-            self._latency_count += 1
-            self.counters.publish_latency_ms_avg = round(self._latency_total_ms / self._latency_count, 3)
             d = outcome.delivery
             response = CommandResponse(
                 success=True,
@@ -266,7 +258,7 @@ class Dispatcher:
 
     def rejected(self, count: int = 1) -> None:
         """Count commands refused by validation."""
-        self.counters.commands_rejected += count
+        self.metrics.commands.labels("rejected").inc(count)
 
     # ------------------------------------------------------------------ reads
 
@@ -276,14 +268,23 @@ class Dispatcher:
         return None if row is None else command_status(row)
 
     def snapshot(self) -> Counters:
-        """The counters, with the forwarder's outcomes and the backlog filled in."""
-        c = self.counters
-        f = self.forwarder.counters
-        c.commands_processed, c.commands_expired, c.commands_failed = f["published"], f["expired"], f["failed"]
-        c.backlog = self.journal.pending_count
+        """The counters as JSON, read from the same Prometheus metrics /metrics shows."""
+        m = self.metrics
         oldest = self.journal.oldest_pending_created_at()
-        c.oldest_pending_age_seconds = None if oldest is None else round(max(0.0, time.time() - oldest), 3)
-        return c
+        count = m.value("pusher_publish_latency_seconds_count")
+        return Counters(
+            commands_accepted=int(m.value("pusher_commands_total", outcome="accepted")),
+            commands_processed=int(m.value("pusher_commands_total", outcome="published")),
+            commands_failed=int(m.value("pusher_commands_total", outcome="failed")),
+            commands_expired=int(m.value("pusher_commands_total", outcome="expired")),
+            commands_rejected=int(m.value("pusher_commands_total", outcome="rejected")),
+            commands_replayed=int(m.value("pusher_commands_total", outcome="replayed")),
+            backlog=self.journal.pending_count,
+            oldest_pending_age_seconds=None if oldest is None else round(max(0.0, time.time() - oldest), 3),
+            publish_latency_ms_avg=round(m.value("pusher_publish_latency_seconds_sum") / count * 1000, 3)
+            if count
+            else 0.0,
+        )
 
 
 def command_status(row: JournalRow) -> CommandStatus:

@@ -32,6 +32,7 @@ import structlog
 from errors import MessageRejected, SinkError
 from journal import Journal, Pending
 from kafka_sink import Backoff, Delivery, KafkaSink
+from metrics import Metrics
 
 log = structlog.get_logger("forwarder")
 
@@ -51,8 +52,11 @@ class Outcome:
 class Forwarder:
     """Publishes journaled commands in order, retries while Kafka is down, reconciles after a crash."""
 
-    def __init__(self, journal: Journal, sink: KafkaSink, stall_after: float, backoff_cap: float = 30.0) -> None:
+    def __init__(
+        self, journal: Journal, sink: KafkaSink, stall_after: float, metrics: Metrics, backoff_cap: float = 30.0
+    ) -> None:
         self.journal = journal
+        self.metrics = metrics
         self.sink = sink
         self.stall_after = stall_after
         self.backoff = Backoff(cap=backoff_cap)
@@ -69,7 +73,6 @@ class Forwarder:
         self._last_progress = time.monotonic()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.counters = {"published": 0, "expired": 0, "failed": 0, "reconciled": 0, "resent": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +92,11 @@ class Forwarder:
             self._task = None
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def in_flight(self) -> int:
+        """Records handed to the producer and not yet resolved."""
+        return len(self._in_flight)
 
     @property
     def stalled(self) -> bool:
@@ -189,7 +197,11 @@ class Forwarder:
     def _finish(self, pending: Pending, outcome: Outcome, journal: bool = True) -> None:
         if journal:
             self.journal.mark(pending.seq, outcome.status, error=outcome.error)
-        self.counters[outcome.status] += 1
+        self.metrics.commands.labels(outcome.status).inc()
+        if outcome.status == "published":
+            self.metrics.publish_latency.observe(max(0.0, time.time() - pending.created_at))
+        elif outcome.status == "failed":
+            self.metrics.failures.labels("kafka_rejected").inc()
         waiter = self._waiters.pop(pending.seq, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(outcome)
@@ -283,6 +295,5 @@ class Forwarder:
             self._published(pending, delivery)
         for seq in uncertain:
             self._uncertain.pop(seq, None)
-        self.counters["reconciled"] += len(found)
-        self.counters["resent"] += len(uncertain) - len(found)
+        self.metrics.commands.labels("reconciled").inc(len(found))
         log.info("reconciled with kafka", checked=len(uncertain), already_published=len(found))

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -48,6 +49,7 @@ from forwarder import Forwarder
 from journal import Journal
 from kafka_sink import KafkaSink
 from logs import configure_logging
+from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
     VERSION,
@@ -106,9 +108,15 @@ class RequestContextMiddleware:
     """Request id, body size and time limits, the one summary log line per request, and the fixed 500."""
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0, max_header_bytes: int = 16384
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_timeout: float = 10.0,
+        max_header_bytes: int = 16384,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.max_header_bytes = max_header_bytes
@@ -159,13 +167,16 @@ class RequestContextMiddleware:
             if not response_started:
                 await problem_response(RuntimeError(), request_id, scope["path"])(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            duration = time.perf_counter() - started
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.request_duration.labels(route, scope["method"]).observe(duration)
             log.info(
                 "request",
                 method=scope["method"],
-                route=getattr(route, "path", None) or "unmatched",
+                route=route,
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(duration * 1000, 3),
                 key_id=getattr(scope["state"].get("principal"), "id", None),
             )
             structlog.contextvars.unbind_contextvars("request_id", "key_id")
@@ -430,6 +441,12 @@ def _require_metrics(request: Request) -> None:
         require(request.scope["state"], "admin")
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """GET /metrics: every metric in the Prometheus text format."""
+    _require_metrics(request)
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def openapi(request: Request) -> Response:
     """GET /openapi.json: the OpenAPI 3.1 document."""
     return Response(request.app.state.openapi, media_type="application/json")
@@ -498,10 +515,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             raise RuntimeError(f"journal {settings.journal_path} cannot be opened: {exc}") from None
         sink = KafkaSink(settings)
         sink.start()
-        forwarder = Forwarder(journal, sink, settings.publish_timeout, settings.forward_backoff_max)
+        metrics: Metrics = app.state.metrics
+        forwarder = Forwarder(journal, sink, settings.publish_timeout, metrics, settings.forward_backoff_max)
         forwarder.start(recovered)
+        metrics.watch(
+            backlog=lambda: journal.pending_count,
+            oldest_pending_created_at=journal.oldest_pending_created_at,
+            kafka_connected=lambda: sink.connected,
+            in_flight=lambda: forwarder.in_flight,
+        )
         app.state.journal, app.state.sink = journal, sink
-        app.state.dispatcher = Dispatcher(settings, journal, forwarder)
+        app.state.dispatcher = Dispatcher(settings, journal, forwarder, metrics)
         app.state.started = time.monotonic()
         app.state.accepting = True
         _reload_keys_on_sighup(keyring)
@@ -541,6 +565,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/api/v1/status", service_status, methods=["GET"]),
         Route("/api/v1/metrics", metrics, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
         Route("/docs/init.js", docs_init, methods=["GET"]),
@@ -552,6 +577,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={PusherError: on_pusher_error, HTTPException: on_http_error},
     )
     app.state.settings = settings
+    app.state.metrics = app_metrics = Metrics(VERSION)
     app.state.openapi = JSON_ENCODER.encode(
         openapi_document(
             settings.api_key_header if settings.auth else None,
@@ -565,7 +591,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if keyring is not None:
         open_paths = {"/health", "/ready", "/docs", "/openapi.json"}
         if settings.metrics_public:
-            open_paths |= {"/api/v1/metrics", "/api/v1/status"}
+            open_paths |= {"/metrics", "/api/v1/metrics", "/api/v1/status"}
         app.add_middleware(
             ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=frozenset(open_paths)
         )
@@ -579,6 +605,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
     app.add_middleware(
         RequestContextMiddleware,
+        metrics=app_metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         max_header_bytes=settings.max_header_bytes,

@@ -182,7 +182,6 @@ class Counters(Struct, kw_only=True):
     commands_expired: int = 0
     commands_rejected: int = 0
     commands_replayed: int = 0
-    batches: int = 0
     backlog: int = 0
     oldest_pending_age_seconds: float | None = None
     publish_latency_ms_avg: float = 0.0

@@ -172,3 +172,52 @@ def test_service_metrics_and_status_move_with_traffic(service):
 def test_probes_answer_when_kafka_is_up(service, path):
     """/health and /ready are 200 while the topic is reachable."""
     assert httpx.get(service.url + path).status_code == 200
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text exposition."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        series, _, rest = metric.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if series == name and found == wanted:
+            return float(value)
+    return 0.0
+
+
+def test_prometheus_metrics_move_as_commands_flow(service):
+    """/metrics counts requests by route template, commands by outcome, latency, and reads the gauges live."""
+    before = httpx.get(service.url + "/metrics").text
+    assert _sample(before, "pusher_kafka_connected") == 1.0
+    assert 'pusher_build_info{commit="' in before and 'version="1.0.0"' in before
+    for n in range(4):
+        assert httpx.post(service.url + "/api/v1/commands", json=command(payload={"n": n})).status_code == 200
+    httpx.post(service.url + "/api/v1/commands", json=command(protocol="nope"))
+    httpx.post(service.url + "/api/v1/commands", json=command(), headers={"Idempotency-Key": "m1"})
+    httpx.post(service.url + "/api/v1/commands", json=command(), headers={"Idempotency-Key": "m1"})
+    httpx.get(service.url + "/api/v1/commands/nope/status")
+    after = httpx.get(service.url + "/metrics").text
+    assert _sample(after, "pusher_commands_total", outcome="accepted") == 5
+    assert _sample(after, "pusher_commands_total", outcome="published") == 5
+    assert _sample(after, "pusher_commands_total", outcome="rejected") == 1
+    assert _sample(after, "pusher_commands_total", outcome="replayed") == 1
+    assert _sample(after, "pusher_publish_latency_seconds_count") == 5
+    assert _sample(after, "pusher_http_requests_total", route="/api/v1/commands", method="POST", status="200") >= 5
+    assert (
+        _sample(
+            after,
+            "pusher_http_requests_total",
+            route="/api/v1/commands/{request_id}/status",
+            method="GET",
+            status="404",
+        )
+        == 1
+    )
+    assert _sample(after, "pusher_journal_backlog") == 0 and _sample(after, "pusher_producer_in_flight") == 0
+    as_json = httpx.get(service.url + "/api/v1/metrics").json()
+    assert (
+        as_json["commands_accepted"] == 5 and as_json["commands_processed"] == 5 and as_json["commands_replayed"] == 1
+    )

@@ -1,0 +1,85 @@
+"""Prometheus metrics: one registry per app, read by /metrics (text format) and /api/v1/metrics (JSON)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def build_commit(root: Path | None = None) -> str:
+    """The git commit this tree was built from: BUILD_COMMIT, else .git/HEAD when present, else 'unknown'."""
+    root = root or Path(__file__).resolve().parent
+    if os.environ.get("BUILD_COMMIT"):
+        return os.environ["BUILD_COMMIT"]
+    try:
+        head = (root / ".git" / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            return (root / ".git" / head[5:]).read_text().strip()[:12]
+        return head[:12]
+    except OSError:
+        return "unknown"
+
+
+class Metrics:
+    """Every figure the service reports, as Prometheus collectors in a registry of its own."""
+
+    def __init__(self, version: str) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "pusher_http_requests", "HTTP requests by route template, method and status", ["route", "method", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "pusher_http_request_duration_seconds", "HTTP request duration", ["route", "method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.commands = Counter(
+            "pusher_commands", "Commands by outcome: accepted, published, expired, failed, replayed, rejected",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.failures = Counter(
+            "pusher_command_failures", "Commands not stored or not published, by reason", ["reason"], registry=r
+        )
+        self.publish_latency = Histogram(
+            "pusher_publish_latency_seconds", "From acceptance over HTTP to Kafka's acknowledgement",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.backlog = Gauge(
+            "pusher_journal_backlog", "Commands journaled and not yet acknowledged by Kafka", registry=r
+        )
+        self.oldest_pending = Gauge(
+            "pusher_journal_oldest_pending_age_seconds", "Age of the oldest command waiting for Kafka", registry=r
+        )
+        self.kafka_connected = Gauge("pusher_kafka_connected", "1 while Kafka is reachable, else 0", registry=r)
+        self.in_flight = Gauge("pusher_producer_in_flight", "Records handed to the producer, not yet acknowledged",
+                               registry=r)  # fmt: skip
+        Info("pusher_build", "Version and git commit of this build", registry=r).info(
+            {"version": version, "commit": build_commit()}
+        )
+
+    def watch(
+        self,
+        backlog: Callable[[], float],
+        oldest_pending_created_at: Callable[[], float | None],
+        kafka_connected: Callable[[], bool],
+        in_flight: Callable[[], int],
+    ) -> None:
+        """Gauges read at scrape time from the journal, the sink and the forwarder."""
+        self.backlog.set_function(backlog)
+        self.oldest_pending.set_function(lambda: max(0.0, time.time() - (oldest_pending_created_at() or time.time())))
+        self.kafka_connected.set_function(lambda: 1.0 if kafka_connected() else 0.0)
+        self.in_flight.set_function(in_flight)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's current value (0 when it has not been seen yet)."""
+        return self.registry.get_sample_value(name, labels or None) or 0.0
