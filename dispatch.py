@@ -127,6 +127,7 @@ class Dispatcher:
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
         answer = self._answer(new, accepted, future)
+        self._log(cmd, answer.response, traceparent)
         if not answer.response.success and answer.response.error is not None:
             raise _error_from(answer.response, accepted)
         return answer
@@ -159,6 +160,9 @@ class Dispatcher:
             else self._answer(news[i], accepted[i], futures[i]).response
             for i, item in enumerate(items)
         ]
+        for item, result in zip(items, results, strict=True):
+            if not isinstance(item, PusherError):
+                self._log(item, result, traceparent)
         if (
             accepted
             and all(a.outcome in ("full", "unavailable") for a in accepted.values())
@@ -252,6 +256,19 @@ class Dispatcher:
                 200,
             )
         return Answer(failed_result(new.request_id, error, "failed"), 502)
+
+    def _log(self, cmd: CommandRequest, response: CommandResponse, traceparent: str | None) -> None:
+        """One line per command: ids, type, outcome; the payload only with LOG_PAYLOADS=true."""
+        extra = {"payload": cmd.payload} if self.settings.log_payloads else {}
+        log.info(
+            "command",
+            command_id=response.request_id,
+            device_id=cmd.device_id,
+            command_type=cmd.command_type,
+            status=response.status,
+            traceparent=traceparent,
+            **extra,
+        )
 
     def _note_error(self, detail: str | None) -> None:
         self.last_error, self.last_error_at = detail, utc_now()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import signal
 import sqlite3
 import sys
@@ -221,9 +222,12 @@ def _body_format(request: Request) -> str:
     )
 
 
-def _traceparent(request: Request) -> str | None:
+def _traceparent(request: Request) -> str:
+    """The caller's W3C traceparent, or a new one, so every command can be traced into Kafka."""
     value = request.headers.get("traceparent", "").strip().lower()
-    return value if _TRACEPARENT.fullmatch(value) else None
+    if _TRACEPARENT.fullmatch(value):
+        return value
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -426,6 +430,8 @@ async def service_status(request: Request) -> Response:
             last_error_at=dispatcher.last_error_at,
             command_topic=sink.topic,
             partitions=sink.health.partitions,
+            brokers=sink.health.brokers,
+            configuration=dispatcher.settings.masked(),
         )
     )
 

@@ -203,6 +203,8 @@ class ServiceStatus(Struct, kw_only=True):
     last_error_at: datetime | None
     command_topic: str
     partitions: int | None
+    brokers: int = 0
+    configuration: dict[str, Any] = {}
 
 
 class CommandMessage(Struct, kw_only=True):

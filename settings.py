@@ -106,6 +106,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_port: Port = 8000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_payloads: bool = False
 
 
 _LIST_FIELDS = {"allowed_protocols", "cors_origins"}

@@ -89,7 +89,7 @@ _candidate = st.fixed_dictionaries(
     },
 )
 _settings = load_settings({}, env_file="/nonexistent")
-_dispatcher = Dispatcher(_settings, None, None)
+_dispatcher = Dispatcher(_settings, None, None, None)
 _message = msgspec.json.Decoder(CommandMessage)
 
 

@@ -265,3 +265,20 @@ def test_huge_content_length_is_413_not_500(client):
         headers={"content-type": "application/json", "content-length": "0" * 5000 + "2"},
     )
     assert response.status_code in (400, 413)
+
+
+def test_one_line_per_command_without_payload(client):
+    """Each command logs its id, device, type, status and traceparent; the payload stays out of the log."""
+    with capture_logs() as logs:
+        client.post("/api/v1/commands", json=command("logged", payload={"secret_value": 42}))
+    [line] = [entry for entry in logs if entry["event"] == "command"]
+    assert line["device_id"] == "logged" and line["command_type"] == "reboot" and line["status"] == "accepted"
+    assert line["command_id"] and line["traceparent"].startswith("00-")
+    assert "secret_value" not in json.dumps(logs, default=str)
+
+
+def test_status_shows_the_effective_configuration(client):
+    """/api/v1/status includes the configuration in force (secrets would be masked) and brokers seen."""
+    body = client.get("/api/v1/status").json()
+    assert body["configuration"]["max_batch"] == 3 and body["configuration"]["publish_timeout"] == 1.0
+    assert body["brokers"] == 0 and body["kafka_connected"] is False
