@@ -224,3 +224,12 @@ class RateLimiterUnavailable(PusherError):
     slug = "rate-limiter-unavailable"
     title = "Rate limiter unavailable"
     retry_after = 2
+
+
+class ShuttingDown(PusherError):
+    """SIGTERM was received: no new commands are taken (the client should go to another instance or retry)."""
+
+    status = 503
+    slug = "shutting-down"
+    title = "Shutting down"
+    retry_after = 2

@@ -12,6 +12,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ from errors import (
     PusherError,
     RequestError,
     RequestTimeout,
+    ShuttingDown,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -152,6 +154,9 @@ class RequestContextMiddleware:
             if sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_header_bytes:
                 raise HeadersTooLarge(f"Request headers exceed MAX_HEADER_BYTES ({self.max_header_bytes} bytes)")
             length = headers.get(b"content-length")
+            app_state = getattr(scope.get("app"), "state", None)
+            if not getattr(app_state, "accepting", True) and scope["path"] not in ("/health", "/ready"):
+                raise ShuttingDown("This instance is shutting down; send the request again (here or elsewhere)")
             # A very long digit string is over any limit; never hand it to int() (it caps digits).
             if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_body_bytes):
                 error = BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
@@ -554,7 +559,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.accepting = False
             await forwarder.stop()
             # Flush the producer off the loop, so its acknowledgements can still be journaled.
-            await asyncio.to_thread(sink.close, max(settings.publish_timeout, 5.0))
+            await asyncio.to_thread(sink.close, settings.shutdown_timeout)
             for _ in range(3):
                 await asyncio.sleep(0)
             await asyncio.to_thread(journal.close)
@@ -666,7 +671,7 @@ def main() -> None:
     except ValueError as exc:  # an unreadable API_KEYS_FILE
         print(f"pusher: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -675,10 +680,40 @@ def main() -> None:
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.publish_timeout) + 5,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
         limit_concurrency=settings.limit_concurrency,
         h11_max_incomplete_event_size=16 * 1024,
     )
+    DrainingServer(config, app, settings.shutdown_drain).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with the shutdown this service promises. The first SIGTERM/SIGINT stops taking commands (503,
+    /ready false) for SHUTDOWN_DRAIN seconds, so load balancers move away, then shuts down gracefully:
+    in-flight requests finish and the producer is flushed within SHUTDOWN_TIMEOUT. A second signal exits at
+    once — safe, because everything answered 2xx is in Kafka or in the journal already."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float) -> None:
+        super().__init__(config)
+        self.app_state = app.state
+        self.drain = drain
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """First signal: drain, then stop; second: stop now."""
+        if self.draining:
+            log.warning("second signal: exiting now")
+            self.force_exit = self.should_exit = True
+            return
+        self.draining = True
+        self.app_state.accepting = False
+        log.info("signal received: refusing new commands", drain_seconds=self.drain)
+        if self.drain > 0:
+            timer = threading.Timer(self.drain, lambda: setattr(self, "should_exit", True))
+            timer.daemon = True
+            timer.start()
+        else:
+            self.should_exit = True
 
 
 if __name__ == "__main__":

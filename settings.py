@@ -107,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_payloads: bool = False
+    shutdown_timeout: Positive = 10.0
+    shutdown_drain: Annotated[float, Meta(ge=0, le=300)] = 0.0
 
 
 _LIST_FIELDS = {"allowed_protocols", "cors_origins"}
