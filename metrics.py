@@ -59,6 +59,11 @@ class Metrics:
         self.kafka_connected = Gauge("pusher_kafka_connected", "1 while Kafka is reachable, else 0", registry=r)
         self.in_flight = Gauge("pusher_producer_in_flight", "Records handed to the producer, not yet acknowledged",
                                registry=r)  # fmt: skip
+        # Every known series exists from the start at 0, so rate() and increase() see the first event.
+        for outcome in ("accepted", "published", "expired", "failed", "replayed", "rejected", "reconciled"):
+            self.commands.labels(outcome)
+        for reason in ("kafka_rejected", "journal_full", "journal_unavailable"):
+            self.failures.labels(reason)
         Info("pusher_build", "Version and git commit of this build", registry=r).info(
             {"version": version, "commit": build_commit()}
         )
