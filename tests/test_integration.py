@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import msgspec
 import pytest
-from helpers import command, read_topic
+from helpers import ServiceProcess, command, read_topic
 
 from schemas import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE
 
@@ -224,3 +224,23 @@ def test_prometheus_metrics_move_as_commands_flow(service):
     assert (
         as_json["commands_accepted"] == 5 and as_json["commands_processed"] == 5 and as_json["commands_replayed"] == 1
     )
+
+
+def test_one_process_per_core_each_with_its_own_journal(kafka_bootstrap, topic, tmp_path):
+    """The supported way to use more cores: N processes, own port and journal each, one topic."""
+    processes = [
+        ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+        for _ in range(2)
+    ]
+    try:
+        assert processes[0].env["JOURNAL_PATH"] != processes[1].env["JOURNAL_PATH"]
+        sent = [
+            httpx.post(p.url + "/api/v1/commands", json=command(f"core-{i}", payload={"n": n})).json()["request_id"]
+            for n in range(10)
+            for i, p in enumerate(processes)
+        ]
+    finally:
+        for p in processes:
+            p.stop()
+    in_kafka = {dict(r.headers)["request_id"].decode() for r in read_topic(kafka_bootstrap, topic, 20)}
+    assert in_kafka == set(sent)
