@@ -73,6 +73,7 @@ class Forwarder:
         self._last_progress = time.monotonic()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -82,9 +83,15 @@ class Forwarder:
             self._queue(pending)
             self._uncertain[pending.seq] = pending
         self._task = asyncio.get_running_loop().create_task(self._run(), name="forwarder")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not self._stopping:  # should never happen: say so loudly rather than stop forwarding in silence
+            log.error("forwarder stopped unexpectedly", error=repr(task.exception()) if not task.cancelled() else None)
 
     async def stop(self) -> None:
         """Stop handing records over; what is left stays in the journal for the next start."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -216,12 +223,18 @@ class Forwarder:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
-            self._wake.clear()
+        """Tick every 0.25 s (or when woken) until stop(); nothing but stop() may end this loop."""
+        while not self._stopping:
             try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25):
+                        await self._wake.wait()
+                self._wake.clear()
                 await self._step()
+            except asyncio.CancelledError:
+                if self._stopping:
+                    raise
+                log.warning("forwarder tick cancelled unexpectedly; going on")
             except Exception:
                 log.exception("forwarder step failed")
                 self._retry_at = time.monotonic() + self.backoff.next()
