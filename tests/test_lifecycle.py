@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import httpx
-from helpers import ServiceProcess, command, wait_for
+from helpers import ServiceProcess, command, status_of, wait_for
 from kafka_local import free_port
 
 
@@ -41,3 +42,39 @@ def test_second_sigterm_exits_at_once(tmp_path):
     service.process.wait(10)
     assert time.monotonic() - started < 3
     assert "second signal: exiting now" in service.log()
+
+
+def test_sigterm_under_load_keeps_every_answered_command(tmp_path):
+    """Clients keep sending through a drain: answers are 2xx or 503, and every 2xx is in the journal after restart."""
+    env = {"SHUTDOWN_DRAIN": "1", "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    service = ServiceProcess(tmp_path, **env).start(wait_ready=False)
+    accepted: list[str] = []
+    codes: set[int] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=service.url, timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/api/v1/commands", json=command("drain"))
+                except httpx.TransportError:
+                    return
+                codes.add(response.status_code)
+                if response.status_code == 202:
+                    accepted.append(response.json()["request_id"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(accepted) > 100, timeout=30, interval=0.05)
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(30) == 0
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert codes <= {202, 503} and 503 in codes, codes
+    again = ServiceProcess(tmp_path, JOURNAL_PATH=service.env["JOURNAL_PATH"], **env).start(wait_ready=False)
+    try:
+        assert all(status_of(again.url, rid)["status"] == "accepted" for rid in accepted)
+    finally:
+        again.stop()
