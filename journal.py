@@ -519,22 +519,11 @@ class Journal:
         key_id: str | None = None,
     ) -> list[JournalRow]:
         """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq)."""
-        where, args = [], []
-        if key_id is not None:
-            where.append("key_id = ?")
-            args.append(key_id)
-        if device_id is not None:
-            where.append("device_id = ?")
-            args.append(device_id)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
-        if before is not None:
-            where.append("seq < ?")
-            args.append(before)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        filters = [("key_id = ?", key_id), ("device_id = ?", device_id), ("status = ?", status), ("seq < ?", before)]
+        used = [(condition, value) for condition, value in filters if value is not None]
+        clause = f"WHERE {' AND '.join(c for c, _ in used)}" if used else ""
         rows = self._reader.execute(
-            f"SELECT {_ROW} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
+            f"SELECT {_ROW} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*(v for _, v in used), limit)
         ).fetchall()
         return [_row(r) for r in rows]
 
