@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import ROOT, ServiceProcess
+from helpers import ROOT, ServiceProcess, wait_for
 from kafka_local import free_port
 
 from settings import Settings
@@ -102,6 +102,8 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
             time.sleep(0.3)
         else:
             pytest.fail("HEALTHCHECK never passed")
+        # Healthy is not the same as connected: wait for Kafka before expecting a 200.
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/ready").json()["kafka_connected"], timeout=30)
         response = httpx.post(
             f"http://127.0.0.1:{port}/api/v1/commands",
             json={"device_id": "c1", "command_type": "reboot", "payload": {}, "protocol": "mqtt"},
