@@ -150,7 +150,6 @@ class KafkaSink:
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._health = SinkHealth(False, "not checked yet", None, 0)
-        self._health_changed = threading.Event()
         self._wake_monitor = threading.Event()
         self._holding = threading.Event()  # set: refuse records until resume()
         self._connect_backoff = Backoff(base=1.0, cap=30.0)
@@ -206,13 +205,6 @@ class KafkaSink:
     def connected(self) -> bool:
         """True when a producer exists and the command topic's metadata was reachable at the last check."""
         return self._producer is not None and self._health.connected
-
-    def check_now(self, timeout: float = 5.0) -> SinkHealth:
-        """Wake the monitor and wait briefly for a fresh view (used by tests and /ready)."""
-        self._health_changed.clear()
-        self._wake_monitor.set()
-        self._health_changed.wait(timeout)
-        return self._health
 
     # ------------------------------------------------------------------ publishing
 
@@ -497,7 +489,6 @@ class KafkaSink:
         if health.connected != self._health.connected or health.reason != self._health.reason:
             log.info("kafka readiness changed", ready=health.connected, reason=health.reason)
         self._health = health
-        self._health_changed.set()
 
 
 def _settle(future: asyncio.Future[Delivery], delivery: Delivery | None, error: BaseException | None) -> None:
