@@ -155,3 +155,11 @@ def ready(url: str) -> dict:
 def status_of(url: str, request_id: str) -> dict:
     """A command's status body."""
     return httpx.get(f"{url}/api/v1/commands/{request_id}/status", timeout=5).json()
+
+
+def service_on(broker, log_dir: Path, **env: str) -> tuple[str, ServiceProcess]:
+    """Start `broker`, make a fresh topic on it, and start the service publishing there; (topic, service)."""
+    broker.start()
+    topic = new_topic(broker.bootstrap)
+    service = ServiceProcess(log_dir, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, **env)
+    return topic, service.start()

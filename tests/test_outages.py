@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import httpx
-from helpers import ServiceProcess, command, new_topic, read_topic, ready, status_of, wait_for
+from helpers import ServiceProcess, command, new_topic, read_topic, ready, service_on, status_of, wait_for
 
 
 def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
@@ -54,11 +54,7 @@ def test_service_starts_without_kafka_and_recovers_by_itself(own_broker, tmp_pat
 
 def test_broker_stop_gives_202_and_restart_publishes_without_restarting_the_service(own_broker, tmp_path):
     """A running broker stops: 202 (stored) and /ready says Kafka is down; it returns: backlog drains, 200 again."""
-    own_broker.start()
-    topic = new_topic(own_broker.bootstrap)
-    service = ServiceProcess(
-        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
-    ).start()
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1")
     try:
         first = _post(service.url, command(payload={"phase": "before"}))
         assert first.status_code == 200

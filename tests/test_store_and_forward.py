@@ -15,7 +15,17 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from helpers import ServiceProcess, command, new_topic, read_topic, ready, record_figure, status_of, wait_for
+from helpers import (
+    ServiceProcess,
+    command,
+    new_topic,
+    read_topic,
+    ready,
+    record_figure,
+    service_on,
+    status_of,
+    wait_for,
+)
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
@@ -37,11 +47,7 @@ def _assert_device_order(records) -> None:
 
 def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_broker, tmp_path):
     """Kafka stopped: 10,000 commands → all 202; Kafka back → all in Kafka exactly once, each device in order."""
-    own_broker.start()
-    topic = new_topic(own_broker.bootstrap)
-    service = ServiceProcess(
-        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
-    ).start()
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1")
     try:
         own_broker.stop()
         wait_for(lambda: not ready(service.url)["kafka_connected"])
@@ -139,9 +145,7 @@ def test_sigkill_ten_times_under_load_loses_nothing_and_doubles_nothing(kafka_bo
 
 def test_ttl_expires_during_outage_and_is_never_sent(own_broker, tmp_path):
     """A 1 s TTL command stored during an outage is marked expired and never reaches Kafka."""
-    own_broker.start()
-    topic = new_topic(own_broker.bootstrap)
-    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    topic, service = service_on(own_broker, tmp_path)
     try:
         own_broker.stop()
         wait_for(lambda: not ready(service.url)["kafka_connected"])
@@ -162,11 +166,7 @@ def test_ttl_expires_during_outage_and_is_never_sent(own_broker, tmp_path):
 def test_ttl_command_caught_inside_the_producer_by_an_outage_is_not_sent_late(own_broker, tmp_path):
     """Kafka dies before the service notices: the command is already in the producer. Past PUBLISH_TIMEOUT the
     producer is aborted; when Kafka returns the command is looked up, not found, and expired — never sent."""
-    own_broker.start()
-    topic = new_topic(own_broker.bootstrap)
-    service = ServiceProcess(
-        tmp_path, KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, PUBLISH_TIMEOUT="1"
-    ).start()
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1")
     try:
         own_broker.stop(signal.SIGKILL)
         url = service.url + "/api/v1/commands"
