@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from helpers import ServiceProcess, new_topic
+from helpers import ServiceProcess, keys_file, new_topic
 from kafka_local import KafkaUnavailable, LocalKafka
 
 
@@ -41,6 +41,16 @@ def topic(kafka_bootstrap: str) -> str:
 def service(kafka_bootstrap: str, topic: str, tmp_path) -> Iterator[ServiceProcess]:
     """The service as a real process, publishing to `topic`."""
     proc = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def keyed_service(kafka_bootstrap: str, topic: str, tmp_path) -> Iterator[ServiceProcess]:
+    """The service as a real process with API keys on (helpers.KEYS)."""
+    keys = keys_file(tmp_path / "keys.toml")
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA_COMMAND_TOPIC": topic, "API_KEYS_FILE": keys}
+    proc = ServiceProcess(tmp_path, **env).start()
     yield proc
     proc.stop()
 

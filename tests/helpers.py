@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +17,27 @@ import httpx
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka_local import free_port, stop_process
 
+from security import hash_key
+
 ROOT = Path(__file__).resolve().parent.parent
+# API keys for tests that turn authentication on: id → (secret, scopes, device patterns)
+KEYS = {
+    "writer": ("ppk_writer-secret", ["commands:write", "commands:read"], None),
+    "reader": ("ppk_reader-secret", ["commands:read"], None),
+    "site-a": ("ppk_site-a-secret", ["commands:write", "commands:read"], ["site-a/*"]),
+    "admin": ("ppk_admin-secret", ["admin"], None),
+}
+
+
+def keys_file(path, keys=KEYS) -> str:
+    """Write an API_KEYS_FILE holding `keys` and return its path."""
+    lines = []
+    for key_id, (secret, scopes, devices) in keys.items():
+        lines += ["[[keys]]", f'id = "{key_id}"', f'sha256 = "{hash_key(secret)}"', f"scopes = {json.dumps(scopes)}"]
+        if devices:
+            lines.append(f"devices = {json.dumps(devices)}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def new_topic(bootstrap: str, partitions: int = 3, name: str | None = None, configs: dict | None = None) -> str:
@@ -163,3 +185,57 @@ def service_on(broker, log_dir: Path, **env: str) -> tuple[str, ServiceProcess]:
     topic = new_topic(broker.bootstrap)
     service = ServiceProcess(log_dir, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, KAFKA_COMMAND_TOPIC=topic, **env)
     return topic, service.start()
+
+
+class AnswerDropper:
+    """A TCP proxy in front of the service that cuts every other connection (the first `drops` times) as soon
+    as the answer starts: the service did the work, the client never hears of it (a flaky link, a crashed
+    load balancer), and the retry on the next connection gets through."""
+
+    def __init__(self, upstream_port: int, drops: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.drops = drops
+        self.dropped = 0
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop taking connections."""
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                drop = self.connections % 2 == 0 and self.dropped < self.drops
+                self.dropped += drop
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(client, drop), daemon=True).start()
+
+    def _serve(self, client: socket.socket, drop: bool) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        try:
+            while data := upstream.recv(65536):
+                if drop:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass

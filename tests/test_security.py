@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from helpers import ROOT, ServiceProcess, command, wait_for
+from helpers import KEYS, ROOT, ServiceProcess, command, keys_file, wait_for
 from kafka_local import free_port
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
@@ -20,23 +20,6 @@ from structlog.testing import capture_logs
 from pusher import create_app
 from security import hash_key
 from settings import SettingsError, load_settings
-
-KEYS = {
-    "writer": ("ppk_writer-secret", ["commands:write", "commands:read"], None),
-    "reader": ("ppk_reader-secret", ["commands:read"], None),
-    "site-a": ("ppk_site-a-secret", ["commands:write", "commands:read"], ["site-a/*"]),
-    "admin": ("ppk_admin-secret", ["admin"], None),
-}
-
-
-def keys_file(path, keys=KEYS) -> str:
-    lines = []
-    for key_id, (secret, scopes, devices) in keys.items():
-        lines += ["[[keys]]", f'id = "{key_id}"', f'sha256 = "{hash_key(secret)}"', f"scopes = {json.dumps(scopes)}"]
-        if devices:
-            lines.append(f"devices = {json.dumps(devices)}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def auth(key_id: str) -> dict[str, str]:
