@@ -1,0 +1,1 @@
+../pusher_cli.py

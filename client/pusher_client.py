@@ -1,0 +1,1 @@
+../pusher_client.py

@@ -1,0 +1,1 @@
+../pusher_compat.py

@@ -1,0 +1,278 @@
+"""`pusher`: send commands and read their status from a shell. Prints JSON, one object per line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+import msgspec
+
+from pusher_client import (
+    STAGES,
+    CommandFailed,
+    Forbidden,
+    NotFound,
+    PusherClient,
+    PusherClientError,
+    RateLimited,
+    RetryPolicy,
+    Unauthorized,
+    Unavailable,
+    WaitTimeout,
+)
+from schemas import VERSION
+
+OK, FAILED, USAGE, DENIED, NOT_FOUND, UNAVAILABLE, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
+
+EPILOG = """\
+environment:
+  PUSHER_URL       the service (default http://127.0.0.1:8000)
+  PUSHER_API_KEY   the API key (better here than in --api-key, which other users can see in ps)
+
+examples:
+  pusher send --device efento_device_001 --type config_update --protocol coap \\
+              --payload '{"measurement_interval": 600}' --parser-script-ref efento_bidirectional_parser.py
+  pusher send --device mqtt_device_001 --type set_led --protocol mqtt --payload '{"state": "on"}' \\
+              --metadata '{"topic": "devices/mqtt_device_001/commands"}' --wait
+  pusher batch commands.jsonl          one command per line; `-` reads standard input
+  pusher status 3f2c9a1e-…             add --wait to block until it is published
+  pusher list --device efento_device_001 --status accepted
+
+exit codes:
+  0  done: accepted (202) or published (200); for batch, every line
+  1  refused or failed: invalid command (4xx), Kafka refused it, ended failed/expired; for batch, any line
+  2  usage: bad arguments or JSON given on the command line
+  3  the API key is missing, unknown, or not allowed to do this (401/403)
+  4  no such command (status)
+  5  the service did not answer, or stayed unavailable / rate limited until --retry-for ran out
+  6  --wait: the command did not reach the stage within --timeout (it is still queued; nothing is lost)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `pusher` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        fields = _command_fields(args) if args.action == "send" else {}
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.action == "batch" and args.chunk_size < 1:
+        parser.error("--chunk-size must be at least 1")
+    retry = RetryPolicy(deadline=args.retry_for)
+    try:
+        with PusherClient(args.url, args.api_key, timeout=args.request_timeout, retry=retry) as client:
+            if args.action == "send":
+                return _send(client, fields, args)
+            if args.action == "batch":
+                return _batch(client, args)
+            if args.action == "status":
+                return _status(client, args)
+            return _list(client, args)
+    except PusherClientError as exc:
+        _say(f"pusher: {exc}")
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pusher",
+        description="Send commands to devices through Preservarium Pusher, and follow them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pusher {VERSION}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the service's base URL (default $PUSHER_URL)")
+    common.add_argument("--api-key", help="API key (default $PUSHER_API_KEY)")
+    common.add_argument("--request-timeout", type=float, default=10.0, metavar="S", help="per HTTP request (10)")
+    common.add_argument(
+        "--retry-for", type=float, default=30.0, metavar="S", help="keep retrying an unavailable service (30)"
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    send = actions.add_parser(
+        "send",
+        parents=[common],
+        help="send one command",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    send.add_argument("--device", required=True, help="device_id")
+    send.add_argument("--type", required=True, help="command_type")
+    send.add_argument("--protocol", required=True, help="protocol (mqtt, coap, …)")
+    send.add_argument("--payload", default="{}", help="JSON object (default {})")
+    send.add_argument("--metadata", help="JSON object, e.g. the MQTT topic")
+    send.add_argument("--parser-script-ref", help="parser script file name")
+    send.add_argument("--qos", type=int, choices=(0, 1, 2), help="MQTT QoS")
+    send.add_argument("--retain", action="store_true", default=None, help="MQTT retain")
+    send.add_argument("--confirmable", action="store_true", default=None, help="CoAP confirmable")
+    send.add_argument("--request-id", help="your own id for the command (also makes a rerun safe)")
+    send.add_argument("--ttl", type=int, metavar="S", help="expire this many seconds after acceptance")
+    send.add_argument("--idempotency-key", help="reuse to make a rerun of this exact command safe")
+    send.add_argument("--async", dest="respond_async", action="store_true", help="answer once journaled (202)")
+    _wait_arguments(send, "wait until it is published (or --until)")
+
+    batch = actions.add_parser("batch", parents=[common], help="send commands from a JSON-lines file")
+    batch.add_argument("file", type=argparse.FileType("r", encoding="utf-8"), help="one JSON command per line; -")
+    batch.add_argument("--chunk-size", type=int, default=100, metavar="N", help="commands per request (100)")
+    batch.add_argument("--async", dest="respond_async", action="store_true", help="answer once journaled (202)")
+
+    status = actions.add_parser("status", parents=[common], help="show a command's status and history")
+    status.add_argument("request_id")
+    _wait_arguments(status, "wait until it is published (or --until)")
+
+    listing = actions.add_parser("list", parents=[common], help="list recent commands, newest first")
+    listing.add_argument("--device", help="only this device_id")
+    listing.add_argument("--status", choices=("accepted", "published", "failed", "expired"))
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (50; up to 500 per page)")
+    listing.add_argument("--all", action="store_true", help="follow every page")
+    return parser
+
+
+def _wait_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=help_text)
+    parser.add_argument("--until", choices=STAGES, default="published", help="the stage --wait waits for")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long --wait waits (30)")
+
+
+def _command_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "device_id": args.device,
+        "command_type": args.type,
+        "protocol": args.protocol,
+        "payload": _json_object(args.payload, "--payload"),
+        "metadata": _json_object(args.metadata, "--metadata") if args.metadata else None,
+        "parser_script_ref": args.parser_script_ref,
+        "qos": args.qos,
+        "retain": args.retain,
+        "confirmable": args.confirmable,
+        "request_id": args.request_id,
+        "ttl_seconds": args.ttl,
+    }
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object")
+    return value
+
+
+def _send(client: PusherClient, fields: dict[str, Any], args: argparse.Namespace) -> int:
+    result = client.send(fields, idempotency_key=args.idempotency_key, respond_async=args.respond_async)
+    if not args.wait or result.request_id is None:
+        _print(result)
+        return OK
+    return _status(client, args, result.request_id)
+
+
+def _status(client: PusherClient, args: argparse.Namespace, request_id: str | None = None) -> int:
+    request_id = request_id or args.request_id
+    if not args.wait:
+        _print(client.get_status(request_id))
+        return OK
+    try:
+        _print(client.wait_for(request_id, until=args.until, timeout=args.timeout))
+    except (CommandFailed, WaitTimeout) as exc:
+        _print(exc.command)
+        raise
+    return OK
+
+
+def _list(client: PusherClient, args: argparse.Namespace) -> int:
+    before = None
+    while True:
+        page = client.list_commands(args.device, args.status, limit=args.limit, before=before)
+        for item in page.items:
+            _print(item)
+        if not args.all or page.next_before is None:
+            return OK
+        before = page.next_before
+
+
+class _Line(msgspec.Struct, omit_defaults=True):
+    """What `pusher batch` prints for each input line."""
+
+    line: int
+    success: bool
+    status: str | None = None
+    request_id: str | None = None
+    error: str | None = None
+
+
+def _batch(client: PusherClient, args: argparse.Namespace) -> int:
+    sent = failed = 0
+    for chunk in _chunks(args.file, args.chunk_size):
+        commands = [entry for _, entry in chunk if not isinstance(entry, _Line)]
+        try:
+            results = iter(client.push_commands(commands, respond_async=args.respond_async).results if commands else [])
+        except PusherClientError as exc:
+            for number, entry in chunk:
+                _print(entry if isinstance(entry, _Line) else _Line(number, False, error=str(exc)))
+            _say(f"pusher: stopped at line {chunk[0][0]}: {exc}")
+            _say(f"pusher: {sent} sent, {failed + len(chunk)} failed or not sent")
+            return _exit_code(exc)
+        for number, entry in chunk:
+            if not isinstance(entry, _Line):
+                item = next(results)
+                entry = _Line(number, item.success, item.status, item.request_id, item.error and item.error.detail)
+            _print(entry)
+            sent += entry.success
+            failed += not entry.success
+    _say(f"pusher: {sent} sent, {failed} failed")
+    return OK if failed == 0 else FAILED
+
+
+def _chunks(file: IO[str], size: int) -> Iterator[list[tuple[int, Any]]]:
+    """Numbered lines read lazily, `size` commands at a time; an unreadable line comes as its _Line report."""
+    chunk: list[tuple[int, Any]] = []
+    commands = 0
+    for number, text in enumerate(file, 1):
+        if not text.strip():
+            continue
+        try:
+            command = msgspec.json.decode(text)
+            if not isinstance(command, dict):
+                raise msgspec.DecodeError("a command must be a JSON object")
+            chunk.append((number, command))
+            commands += 1
+        except msgspec.DecodeError as exc:
+            chunk.append((number, _Line(number, False, error=f"not a JSON command: {exc}")))
+        if commands >= size:
+            yield chunk
+            chunk, commands = [], 0
+    if chunk:
+        yield chunk
+
+
+def _exit_code(exc: PusherClientError) -> int:
+    if isinstance(exc, Unauthorized | Forbidden):
+        return DENIED
+    if isinstance(exc, NotFound):
+        return NOT_FOUND
+    if isinstance(exc, WaitTimeout):
+        return TIMED_OUT
+    if isinstance(exc, Unavailable | RateLimited):
+        return UNAVAILABLE
+    return FAILED
+
+
+def _print(value: Any) -> None:
+    sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
+    sys.stdout.flush()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The `pusher` command's output and exit codes, and the packages (`pip install .`, `pip install ./client`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+from helpers import KEYS, ROOT, read_topic, service_on
+from kafka_local import free_port
+
+
+def pusher(*args: str, url: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `pusher ARGS` from the source tree against `url`."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pusher_cli.py"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PUSHER_URL": url, "PUSHER_API_KEY": "", **env},
+    )
+
+
+def lines(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_send_status_list_and_their_exit_codes(kafka_bootstrap, topic, service):
+    """send → 0 and the result; --wait → the published status; 1 refused, 2 usage, 4 unknown id, 5 no service."""
+    sent = pusher("send", "--device", "cli-dev", "--type", "set_led", "--protocol", "mqtt",
+                  "--payload", '{"state": "on"}', "--metadata", '{"topic": "devices/cli-dev/commands"}', "--qos", "1",
+                  url=service.url)  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    [result] = lines(sent)
+    assert result["status"] == "published" and result["topic"] == topic
+
+    waited = pusher("send", "--device", "cli-dev", "--type", "reboot", "--protocol", "mqtt", "--async", "--wait",
+                    url=service.url)  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    assert [t["status"] for t in lines(waited)[0]["history"]] == ["accepted", "published"]
+
+    refused = pusher("send", "--device", "cli-dev", "--type", "t", "--protocol", "telnet", url=service.url)
+    assert refused.returncode == 1 and "$.protocol" in refused.stderr and refused.stdout == ""
+    bad_json = pusher("send", "--device", "d", "--type", "t", "--protocol", "mqtt", "--payload", "{", url=service.url)
+    assert bad_json.returncode == 2 and "--payload is not JSON" in bad_json.stderr
+
+    status = pusher("status", result["request_id"], url=service.url)
+    assert status.returncode == 0 and lines(status)[0]["offset"] == result["offset"]
+    assert pusher("status", "no-such-id", url=service.url).returncode == 4
+    listed = pusher("list", "--device", "cli-dev", "--limit", "1", "--all", url=service.url)
+    assert listed.returncode == 0 and [c["command_type"] for c in lines(listed)] == ["reboot", "set_led"]
+
+    nobody = pusher("status", "x", "--retry-for", "0.5", url=f"http://127.0.0.1:{free_port()}")
+    assert nobody.returncode == 5 and "No answer" in nobody.stderr
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
+    assert sorted(v["command_type"] for v in values) == ["reboot", "set_led"]
+
+
+def test_a_rerun_with_the_same_idempotency_key_sends_once(kafka_bootstrap, topic, service):
+    """A script that reruns `pusher send --idempotency-key K` after a failure cannot publish twice."""
+    args = ("send", "--device", "rerun-dev", "--type", "reboot", "--protocol", "mqtt", "--idempotency-key", "job-42")
+    first, second = pusher(*args, url=service.url), pusher(*args, url=service.url)
+    assert first.returncode == second.returncode == 0
+    assert lines(first)[0]["request_id"] == lines(second)[0]["request_id"] and lines(second)[0]["replayed"]
+    assert len(read_topic(kafka_bootstrap, topic, 2, timeout=5)) == 1
+
+
+def test_batch_reports_every_line_and_streams_stdin(kafka_bootstrap, topic, service, tmp_path):
+    """batch FILE.jsonl prints one result per input line (its number), sends the good ones, exits 1 if any
+    failed; `-` reads standard input."""
+    good = {"device_id": "batch-cli", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    path = tmp_path / "commands.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{not json",
+                json.dumps({**good, "protocol": "telnet"}),
+                "",
+                json.dumps({**good, "command_type": "second"}),
+                json.dumps({**good, "command_type": "third"}),
+            ]
+        )
+        + "\n"
+    )
+    result = pusher("batch", str(path), "--chunk-size", "2", url=service.url)
+    assert result.returncode == 1
+    reported = lines(result)
+    assert [(r["line"], r["success"]) for r in reported] == [(1, True), (2, False), (3, False), (5, True), (6, True)]
+    assert "not a JSON command" in reported[1]["error"] and "protocol" in reported[2]["error"]
+    assert "3 sent, 2 failed" in result.stderr
+
+    piped = pusher("batch", "-", url=service.url, stdin=json.dumps({**good, "command_type": "piped"}) + "\n")
+    assert piped.returncode == 0 and lines(piped)[0]["status"] == "published"
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 4)]
+    assert sorted(v["command_type"] for v in values) == ["piped", "reboot", "second", "third"]
+
+
+def test_api_key_from_the_environment_and_exit_code_3(keyed_service):
+    """PUSHER_API_KEY is used; a missing or read-only key exits 3."""
+    args = ("send", "--device", "d", "--type", "t", "--protocol", "mqtt")
+    assert pusher(*args, url=keyed_service.url).returncode == 3
+    assert pusher(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["reader"][0]).returncode == 3
+    assert pusher(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["writer"][0]).returncode == 0
+
+
+def test_wait_that_runs_out_exits_6_and_the_command_still_arrives(own_broker, tmp_path):
+    """With Kafka down, `send --wait --timeout 1` exits 6 after printing the `accepted` status; the command
+    is published when Kafka returns."""
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="0.5")
+    try:
+        own_broker.stop()
+        waited = pusher("send", "--device", "d", "--type", "late", "--protocol", "mqtt", "--wait", "--timeout", "1",
+                        url=service.url)  # fmt: skip
+        assert waited.returncode == 6 and lines(waited)[0]["status"] == "accepted"
+        own_broker.start()
+        service.wait_drained()
+    finally:
+        service.stop()
+    assert [json.loads(r.value)["command_type"] for r in read_topic(own_broker.bootstrap, topic, 1)] == ["late"]
+
+
+def test_help_shows_examples_and_exit_codes():
+    """`pusher --help` and `pusher send --help` carry examples, the environment and the exit codes."""
+    for args in (["--help"], ["send", "--help"]):
+        shown = subprocess.run([sys.executable, str(ROOT / "pusher_cli.py"), *args], capture_output=True, text=True)
+        assert shown.returncode == 0
+        assert "examples:" in shown.stdout and "exit codes:" in shown.stdout and "PUSHER_API_KEY" in shown.stdout
+
+
+# ---------------------------------------------------------------- packages
+
+
+def _venv(path: Path) -> Path:
+    venv.create(path, with_pip=True)
+    return path / "bin"
+
+
+def _pip_install(bin_dir: Path, target: Path) -> None:
+    env = {**os.environ, "PIP_CACHE_DIR": str(ROOT / ".cache" / "pip"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run([bin_dir / "pip", "install", "-q", str(target)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_client_only_install_needs_no_kafka_library(kafka_bootstrap, topic, service, tmp_path):
+    """`pip install ./client` gives pusher_client, pusher_compat and `pusher`, with only httpx and msgspec."""
+    bin_dir = _venv(tmp_path / "venv")
+    _pip_install(bin_dir, ROOT / "client")
+    probe = "import pusher_client, pusher_compat\nfor name in ('kafka', 'starlette', 'uvicorn'):\n" \
+            "    try:\n        __import__(name)\n    except ImportError:\n        pass\n" \
+            "    else:\n        raise SystemExit(name + ' is installed')\n"  # fmt: skip
+    imported = subprocess.run([bin_dir / "python", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr + imported.stdout
+    sent = subprocess.run(
+        [bin_dir / "pusher", "send", "--device", "pip-client", "--type", "t", "--protocol", "mqtt"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PUSHER_URL": service.url},
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(read_topic(kafka_bootstrap, topic, 1)[0].value)["device_id"] == "pip-client"
+
+
+@pytest.mark.slow
+def test_full_install_runs_the_server_and_the_command(kafka_bootstrap, topic, tmp_path):
+    """`pip install .` gives `pusher-server` and `pusher`, which work outside the source tree."""
+    bin_dir = _venv(tmp_path / "venv")
+    _pip_install(bin_dir, ROOT)
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA_COMMAND_TOPIC": topic,
+        "API_PORT": str(port),
+        "JOURNAL_PATH": str(tmp_path / "journal.db"),
+        "ENV_FILE": "/nonexistent",
+        "PYTHONPATH": "",
+    }
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen([bin_dir / "pusher-server"], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+        sent = subprocess.run(
+            [bin_dir / "pusher", "send", "--device", "pip-full", "--type", "t", "--protocol", "mqtt", "--wait"],
+            capture_output=True, text=True, cwd=tmp_path, env={**env, "PUSHER_URL": f"http://127.0.0.1:{port}"},
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr + (tmp_path / "server.log").read_text()[-3000:]
+        assert json.loads(sent.stdout)["status"] == "published"
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert json.loads(read_topic(kafka_bootstrap, topic, 1)[0].value)["device_id"] == "pip-full"
