@@ -64,6 +64,7 @@ def test_push_command_is_published_once_with_every_field(kafka_bootstrap, topic,
 def test_sync_client_batch_status_list_and_wait(kafka_bootstrap, topic, service):
     """push_commands, get_status, list_commands and wait_for of the blocking client, and a 207 item error."""
     with PusherClient(service.url) as client:
+        assert client.health().status == "healthy"
         batch = client.push_commands(
             [
                 CommandRequest(device_id="batch-dev", command_type="a", payload={}, protocol="mqtt"),
@@ -277,7 +278,7 @@ def test_the_shim_returns_false_and_logs_instead_of_raising(kafka_bootstrap, top
         extra = await pusher.push_command(device_command)
         again = pusher_compat.CommandMessage(device_id="d", command_type="once", payload={}, protocol="mqtt")
         twice = [await pusher.push_command(again), await pusher.push_command(again)]
-        await pusher.close()
+        await pusher.stop()
         nobody = await pusher_compat.create_pusher_service(f"http://127.0.0.1:{free_port()}")
         return refused, extra, twice, nobody
 
