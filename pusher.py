@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import re
 import secrets
 import signal
 import sqlite3
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -666,6 +666,8 @@ def main() -> None:
         keygen(sys.argv[2:])
         return
     settings = _settings_or_exit()
+    # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a stuck process stands.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app = create_app(settings)
     except ValueError as exc:  # an unreadable API_KEYS_FILE
@@ -698,20 +700,39 @@ class DrainingServer(uvicorn.Server):
         self.app_state = app.state
         self.drain = drain
         self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        """Note the event loop, which the signal handler hands its work to."""
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        """First signal: drain, then stop; second: stop now."""
+        """First signal: drain, then stop; second: stop now.
+
+        This runs as a signal handler, in the middle of whatever the event loop was doing; that may be
+        writing a log line under the log writer's (non-reentrant) lock. So it takes no lock itself: no
+        logging, no threads here. It sets flags and hands the rest to the loop."""
         if self.draining:
-            log.warning("second signal: exiting now")
             self.force_exit = self.should_exit = True
+            self._on_loop(log.warning, "second signal: exiting now")
             return
         self.draining = True
         self.app_state.accepting = False
+        if self.loop is None:  # before startup: nothing to drain
+            self.should_exit = True
+            return
+        self._on_loop(self._drain_then_exit)
+
+    def _on_loop(self, call: Any, *args: Any) -> None:
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self.loop.call_soon_threadsafe(call, *args)
+
+    def _drain_then_exit(self) -> None:
         log.info("signal received: refusing new commands", drain_seconds=self.drain)
         if self.drain > 0:
-            timer = threading.Timer(self.drain, lambda: setattr(self, "should_exit", True))
-            timer.daemon = True
-            timer.start()
+            self.loop.call_later(self.drain, setattr, self, "should_exit", True)
         else:
             self.should_exit = True
 

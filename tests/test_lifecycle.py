@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
 import threading
 import time
 
 import httpx
+import uvicorn
 from helpers import ServiceProcess, command, status_of, wait_for
 from kafka_local import free_port
+from structlog._output import _get_lock_for_file
+from structlog.testing import capture_logs
+
+from pusher import DrainingServer, create_app
+from settings import load_settings
 
 
 def test_first_sigterm_drains_then_exits(tmp_path):
@@ -78,3 +86,25 @@ def test_sigterm_under_load_keeps_every_answered_command(tmp_path):
         assert all(status_of(again.url, rid)["status"] == "accepted" for rid in accepted)
     finally:
         again.stop()
+
+
+def test_the_signal_handler_takes_no_lock(tmp_path):
+    """A SIGTERM can land while the event loop is writing a log line, inside the log writer's non-reentrant
+    lock; a handler that logged there would wait for that lock forever (it happened: a service that never
+    exited). The handler must return with that lock held, and the loop then logs and stops."""
+    settings = load_settings({"JOURNAL_PATH": str(tmp_path / "j.db")}, env_file="/nonexistent")
+    server = DrainingServer(uvicorn.Config(create_app(settings)), create_app(settings), drain=0)
+    server.loop = asyncio.new_event_loop()
+    lock = _get_lock_for_file(sys.stdout)  # the lock structlog's PrintLogger takes around every line
+    try:
+        with lock:
+            handler = threading.Thread(target=server.handle_exit, args=(signal.SIGTERM, None), daemon=True)
+            handler.start()
+            handler.join(2)
+            assert not handler.is_alive(), "the signal handler waits for the log writer's lock"
+        with capture_logs() as logs:
+            server.loop.run_until_complete(asyncio.sleep(0.01))
+        assert server.should_exit and not server.force_exit
+        assert [e["event"] for e in logs] == ["signal received: refusing new commands"]
+    finally:
+        server.loop.close()
