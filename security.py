@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 import msgspec
 import structlog
 from limits import RateLimitItem, parse_many
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -161,7 +161,9 @@ class RateLimiter:
             {"implementation": "redispy", "socket_connect_timeout": 1, "socket_timeout": 1} if "redis" in uri else {}
         )
         self.storage = storage_from_string(uri, **options)
-        self.limiter = MovingWindowRateLimiter(self.storage)
+        # Sliding window counter: two counters per key, O(1) per hit at any limit; the moving window kept one
+        # timestamp per unit, so a generous limit made every request scan thousands of entries.
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
 
     async def close(self) -> None:
         """Close the Redis connections, if any (limits keeps its redis-py client on `bridge.storage`)."""
