@@ -29,6 +29,7 @@ import msgspec
 import structlog
 
 from errors import JournalError, JournalFull, JournalUnavailable
+from threadbridge import Outbox, outbox_for
 
 log = structlog.get_logger("journal")
 
@@ -132,7 +133,7 @@ class Accepted:
 
 @dataclass(slots=True)
 class _Insert:
-    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
     future: asyncio.Future[list[Accepted]]
     items: list[NewCommand]
 
@@ -212,6 +213,7 @@ class Journal:
         self.writable = True
         self.last_error: str | None = None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: Outbox | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
@@ -220,6 +222,7 @@ class Journal:
         self.pending_bytes = 0  # record bytes of the commands waiting for Kafka
         self._pending_sizes: dict[int, int] = {}
         self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-) by the transaction
+        self._txn_bytes = 0  # their sum, kept as it changes (summing per insert made big batches quadratic)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -287,7 +290,8 @@ class Journal:
         """Insert commands durably (or find their earlier twins); resolves after the commit's fsync."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Accepted]] = loop.create_future()
-        self._ops.put(_Insert(loop, future, items))
+        self._outbox = outbox_for(self._outbox)
+        self._ops.put(_Insert(self._outbox, future, items))
         return await future
 
     def mark(
@@ -341,6 +345,7 @@ class Journal:
             conn = self._writer
             self._txn_delta = 0
             self._txn_sizes = {}
+            self._txn_bytes = 0
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._insert_all(conn, op.items) for op in inserts]
@@ -367,7 +372,7 @@ class Journal:
                     log.info("journal writable again")
                 self.writable, self.last_error = True, None
             for op, result in zip(inserts, results, strict=True):
-                op.loop.call_soon_threadsafe(_settle, op.future, result)
+                op.outbox.put(_settle, op.future, result)
         for flush in flushes:
             flush.event.set()
 
@@ -384,8 +389,7 @@ class Journal:
                     Accepted("full", error=JournalFull(f"{self.max_pending} commands are waiting for Kafka"))
                 )
                 continue
-            txn_bytes = sum(self._txn_sizes.values())
-            if self.pending_bytes + txn_bytes + len(item.value) > self.max_bytes:
+            if self.pending_bytes + self._txn_bytes + len(item.value) > self.max_bytes:
                 error = JournalFull(f"{self.max_bytes} bytes of commands are waiting for Kafka")
                 results.append(Accepted("full", error=error))
                 continue
@@ -412,6 +416,7 @@ class Journal:
             )
             self._txn_delta += 1
             self._txn_sizes[cursor.lastrowid] = len(item.value)
+            self._txn_bytes += len(item.value)
             row = JournalRow(
                 seq=cursor.lastrowid,
                 request_id=item.request_id,
@@ -470,9 +475,10 @@ class Journal:
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
             if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
-                del self._txn_sizes[mark.seq]
+                self._txn_bytes -= self._txn_sizes.pop(mark.seq)
             else:
                 self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
+                self._txn_bytes += self._txn_sizes[mark.seq]
 
     def _probe_writable(self) -> None:
         """While writes fail, try a one-row write each second, so readiness comes back without traffic."""

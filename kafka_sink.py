@@ -32,6 +32,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
 from settings import Settings
+from threadbridge import Outbox, outbox_for
 
 log = structlog.get_logger("kafka_sink")
 
@@ -107,7 +108,7 @@ class SinkState(Enum):
 
 @dataclass(slots=True)
 class _Job:
-    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
     future: asyncio.Future[Delivery]
     key: bytes
     value: bytes
@@ -148,6 +149,7 @@ class KafkaSink:
         self.state = SinkState.NEW
         self._producer: KafkaProducer | None = None
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._outbox: Outbox | None = None
         self._stop = threading.Event()
         self._health = SinkHealth(False, "not checked yet", None, 0)
         self._wake_monitor = threading.Event()
@@ -229,7 +231,8 @@ class KafkaSink:
                 )
             )
         else:
-            self._jobs.put(_Job(loop, future, key, value, headers))
+            self._outbox = outbox_for(self._outbox)
+            self._jobs.put(_Job(self._outbox, future, key, value, headers))
         return future
 
     def resume(self) -> None:
@@ -310,7 +313,7 @@ class KafkaSink:
 
     def _send(self, job: _Job) -> None:
         if self._holding.is_set():
-            job.loop.call_soon_threadsafe(_settle, job.future, None, SinkUnavailable("Held after a failed send"))
+            job.outbox.put(_settle, job.future, None, SinkUnavailable("Held after a failed send"))
             return
         job.generation = self._generation
         try:
@@ -319,14 +322,14 @@ class KafkaSink:
             error = translate(exc, sent=False)
             if not isinstance(error, MessageRejected):  # a refused record leaves the order of the rest intact
                 self._holding.set()
-            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+            job.outbox.put(_settle, job.future, None, error)
             return
         record.add_callback(self._on_ack, job)
         record.add_errback(self._on_error, job)
 
     def _on_ack(self, job: _Job, metadata) -> None:
         delivery = Delivery(metadata.topic, metadata.partition, metadata.offset)
-        job.loop.call_soon_threadsafe(_settle, job.future, delivery, None)
+        job.outbox.put(_settle, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
         with self._lock:
@@ -338,7 +341,7 @@ class KafkaSink:
             # The producer was already retired: this record may only have failed along with another.
             error = SinkUnavailable("The producer was replaced; outcome unknown")
             error.uncertain = True
-        job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+        job.outbox.put(_settle, job.future, None, error)
 
     def _fail_queued(self, error: SinkError) -> None:
         while True:
@@ -348,7 +351,7 @@ class KafkaSink:
                 return
             if job is not _STOP:
                 self._holding.set()
-                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+                job.outbox.put(_settle, job.future, None, error)
 
     # ------------------------------------------------------------------ reconciliation
 
