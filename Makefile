@@ -2,9 +2,10 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 SYSTEM_PYTHON ?= python3
 
-.PHONY: install system-packages run test lint keygen kafka-up kafka-down clean
+.PHONY: install system-packages run test lint bench keygen kafka-up kafka-down clean
 
 install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies
 
@@ -13,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-system-packages:  ## Debian packages the tests need (Java, Maven, Chromium), when missing
+system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, wrk), when missing
 	scripts/system-packages.sh
 
 run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service
@@ -30,6 +31,13 @@ run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then
 
 test: install system-packages  ## the whole suite, against a real Kafka broker it starts itself
 	$(PY) -m pytest
+
+bench: $(BENCH_STAMP) system-packages  ## wrk against the service and its ceilings, as ratios; writes bench/RESULTS.md
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $(BENCH_STAMP)
 
 lint: install  ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -50,6 +50,10 @@ def _at(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
+# A journaled command: the journal's verdict, its outcome future, and whether it went to Kafka at once.
+Stored = tuple[Accepted, "asyncio.Future[Outcome] | None", bool]
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A command's result and the HTTP status it earns (200 published, 202 accepted)."""
@@ -177,14 +181,23 @@ class Dispatcher:
             return body, 207
         return body, 202 if any(r.status == "accepted" for r in results) else 200
 
-    async def _store(self, news: list[NewCommand]) -> list[tuple[Accepted, asyncio.Future[Outcome] | None, bool]]:
-        """Journal, then hand to the forwarder; shielded, so a cancelled request cannot strand a stored command."""
+    def _store(self, news: list[NewCommand]) -> asyncio.Future[list[Stored]]:
+        """Journal, then hand to the forwarder. The hand-over runs in the journal's completion callback, not
+        in the request's coroutine, so a cancelled request cannot strand a stored command."""
+        stored: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
 
-        async def journal_and_submit():
-            accepted = await self.journal.accept(news)
-            return [(a, *self._submit(n, a)) for n, a in zip(news, accepted, strict=True)]
+        def journaled(done: asyncio.Future[list[Accepted]]) -> None:
+            try:
+                result = [(a, *self._submit(n, a)) for n, a in zip(news, done.result(), strict=True)]
+            except Exception as exc:  # never leave the request waiting
+                if not stored.done():
+                    stored.set_exception(exc)
+                raise
+            if not stored.done():
+                stored.set_result(result)
 
-        return await asyncio.shield(asyncio.ensure_future(journal_and_submit()))
+        self.journal.accept(news).add_done_callback(journaled)
+        return stored
 
     def _submit(self, new: NewCommand, accepted: Accepted) -> tuple[asyncio.Future[Outcome] | None, bool]:
         """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""

@@ -286,13 +286,12 @@ class Journal:
 
     # ------------------------------------------------------------------ writes
 
-    async def accept(self, items: list[NewCommand]) -> list[Accepted]:
-        """Insert commands durably (or find their earlier twins); resolves after the commit's fsync."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Accepted]] = loop.create_future()
+    def accept(self, items: list[NewCommand]) -> asyncio.Future[list[Accepted]]:
+        """Insert commands durably (or find their earlier twins); the future resolves after the commit's fsync."""
         self._outbox = outbox_for(self._outbox)
+        future: asyncio.Future[list[Accepted]] = self._outbox.loop.create_future()
         self._ops.put(_Insert(self._outbox, future, items))
-        return await future
+        return future
 
     def mark(
         self,

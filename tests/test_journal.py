@@ -47,7 +47,11 @@ def journal(tmp_path):
 
 
 def accept(journal: Journal, *items: NewCommand):
-    return asyncio.run(journal.accept(list(items)))
+    return asyncio.run(_accepted(journal, list(items)))
+
+
+async def _accepted(journal: Journal, items: list[NewCommand]):
+    return await journal.accept(items)
 
 
 def test_synchronous_full_is_set_and_checked(tmp_path):

@@ -346,7 +346,11 @@ def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp
         )
 
     landed, lost = str(uuid.uuid4()), str(uuid.uuid4())
-    asyncio.run(journal.accept([record(landed), record(lost)]))
+
+    async def accept_both() -> None:
+        await journal.accept([record(landed), record(lost)])
+
+    asyncio.run(accept_both())
     journal.close()
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     metadata = producer.send(topic, key=b"rec", value=b"{}", headers=[("request_id", landed.encode())]).get(10)
