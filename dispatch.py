@@ -124,14 +124,17 @@ class Dispatcher:
         prefer_async: bool = False,
         traceparent: str | None = None,
         key_id: str | None = None,
+        note: dict | None = None,
     ) -> Answer:
-        """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502."""
+        """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502.
+
+        The command's log fields go into `note` when given (the request's line), else into a line of their own."""
         new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
         [(accepted, future, handed_over)] = await self._store([new])
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
         answer = self._answer(new, accepted, future)
-        self._log(cmd, answer.response, traceparent)
+        self._log(cmd, answer.response, traceparent, note)
         if not answer.response.success and answer.response.error is not None:
             raise _error_from(answer.response, accepted)
         return answer
@@ -203,7 +206,7 @@ class Dispatcher:
         """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""
         if accepted.outcome != "inserted":
             return None, False
-        self.metrics.commands.labels("accepted").inc()
+        self.metrics.outcomes["accepted"].inc()
         pending = Pending(
             seq=accepted.row.seq,
             request_id=new.request_id,
@@ -218,7 +221,7 @@ class Dispatcher:
 
     def _answer(self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None) -> Answer:
         if accepted.outcome == "replayed" and accepted.row.key_id == new.key_id:
-            self.metrics.commands.labels("replayed").inc()
+            self.metrics.outcomes["replayed"].inc()
             return _replay(accepted.row)
         if accepted.outcome == "replayed":  # another API key's command: say nothing about it
             error = IdempotencyConflict("This request_id is already used")
@@ -270,25 +273,31 @@ class Dispatcher:
             )
         return Answer(failed_result(new.request_id, error, "failed"), 502)
 
-    def _log(self, cmd: CommandRequest, response: CommandResponse, traceparent: str | None) -> None:
-        """One line per command: ids, type, outcome; the payload only with LOG_PAYLOADS=true."""
-        extra = {"payload": cmd.payload} if self.settings.log_payloads else {}
-        log.info(
-            "command",
-            command_id=response.request_id,
-            device_id=cmd.device_id,
-            command_type=cmd.command_type,
-            status=response.status,
-            traceparent=traceparent,
-            **extra,
-        )
+    def _log(
+        self, cmd: CommandRequest, response: CommandResponse, traceparent: str | None, note: dict | None = None
+    ) -> None:
+        """The command's ids, type and outcome (never its payload unless LOG_PAYLOADS=true): added to `note`
+        (the request's own log line) when given, else a line of its own (one per command of a batch)."""
+        fields = {
+            "command_id": response.request_id,
+            "device_id": cmd.device_id,
+            "command_type": cmd.command_type,
+            "outcome": response.status,
+            "traceparent": traceparent,
+        }
+        if self.settings.log_payloads:
+            fields["payload"] = cmd.payload
+        if note is not None:
+            note.update(fields)
+        else:
+            log.info("command", **fields)
 
     def _note_error(self, detail: str | None) -> None:
         self.last_error, self.last_error_at = detail, utc_now()
 
     def rejected(self, count: int = 1) -> None:
         """Count commands refused by validation."""
-        self.metrics.commands.labels("rejected").inc(count)
+        self.metrics.outcomes["rejected"].inc(count)
 
     # ------------------------------------------------------------------ reads
 

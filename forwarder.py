@@ -204,7 +204,7 @@ class Forwarder:
     def _finish(self, pending: Pending, outcome: Outcome, journal: bool = True) -> None:
         if journal:
             self.journal.mark(pending.seq, outcome.status, error=outcome.error)
-        self.metrics.commands.labels(outcome.status).inc()
+        self.metrics.outcomes[outcome.status].inc()
         if outcome.status == "published":
             self.metrics.publish_latency.observe(max(0.0, time.time() - pending.created_at))
         elif outcome.status == "failed":
@@ -308,5 +308,5 @@ class Forwarder:
             self._published(pending, delivery)
         for seq in uncertain:
             self._uncertain.pop(seq, None)
-        self.metrics.commands.labels("reconciled").inc(len(found))
+        self.metrics.outcomes["reconciled"].inc(len(found))
         log.info("reconciled with kafka", checked=len(uncertain), already_published=len(found))

@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 
+import msgspec
 import structlog
 
 
@@ -13,6 +14,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Route structlog and the stdlib loggers (uvicorn, kafka-python) to stdout, one format for all."""
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    # The service's own lines (two per request) go through msgspec straight to bytes: a third of the cost
+    # of json.dumps to a str, encoded again by print().
+    fast = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(serializer=_json_bytes)
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -20,9 +24,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     ]
     numeric = logging.getLevelNamesMapping()[level]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, fast],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout) if console else structlog.BytesLoggerFactory(),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -46,6 +50,13 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     kafka_log = logging.getLogger("kafka")
     kafka_log.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
     kafka_log.propagate = numeric <= logging.DEBUG
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
+
+
+def _json_bytes(event: dict, **_: object) -> bytes:
+    return _ENCODER.encode(event)
 
 
 # A repr'd string is quoted with ' or " (whichever it does not contain), with backslash escapes.

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -60,13 +61,26 @@ class Metrics:
         self.in_flight = Gauge("pusher_producer_in_flight", "Records handed to the producer, not yet acknowledged",
                                registry=r)  # fmt: skip
         # Every known series exists from the start at 0, so rate() and increase() see the first event.
-        for outcome in ("accepted", "published", "expired", "failed", "replayed", "rejected", "reconciled"):
-            self.commands.labels(outcome)
+        # Children bound once: labels() takes a lock and a lookup on every call, and these count every command.
+        self.outcomes = {
+            outcome: self.commands.labels(outcome)
+            for outcome in ("accepted", "published", "expired", "failed", "replayed", "rejected", "reconciled")
+        }
+        self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for reason in ("kafka_rejected", "journal_full", "journal_unavailable"):
             self.failures.labels(reason)
         Info("pusher_build", "Version and git commit of this build", registry=r).info(
             {"version": version, "commit": build_commit()}
         )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its duration (route is the template, so the series stay few)."""
+        children = self._http.get((route, method, status))
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.request_duration.labels(route, method))
+            self._http[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(
         self,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import random
 import re
-import secrets
 import signal
 import sqlite3
 import sys
@@ -175,8 +175,7 @@ class RequestContextMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_duration.labels(route, scope["method"]).observe(duration)
+            self.metrics.observe_request(route, scope["method"], status, duration)
             log.info(
                 "request",
                 method=scope["method"],
@@ -184,6 +183,7 @@ class RequestContextMiddleware:
                 status=status,
                 duration_ms=round(duration * 1000, 3),
                 key_id=getattr(scope["state"].get("principal"), "id", None),
+                **scope["state"].get("log", {}),
             )
             structlog.contextvars.unbind_contextvars("request_id", "key_id")
 
@@ -232,7 +232,8 @@ def _traceparent(request: Request) -> str:
     value = request.headers.get("traceparent", "").strip().lower()
     if _TRACEPARENT.fullmatch(value):
         return value
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    # Trace ids need to be unique, not secret: the fast generator, not a system call per id.
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-01"
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -281,7 +282,8 @@ async def push_command(request: Request) -> Response:
     if key is not None and not key.may_command(cmd.device_id):
         raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
     prefer_async = _prefers_async(request)
-    answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None)
+    note = request.scope["state"].setdefault("log", {})  # the command's fields join this request's log line
+    answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None, note)
     headers = _headers(answer.response.replayed, prefer_async) | limits
     return JSONResponse(answer.response, answer.http_status, headers=headers)
 

@@ -268,12 +268,17 @@ def test_huge_content_length_is_413_not_500(client):
 
 
 def test_one_line_per_command_without_payload(client):
-    """Each command logs its id, device, type, status and traceparent; the payload stays out of the log."""
+    """A single command's id, device, type, outcome and traceparent join its request's line; a batch adds a
+    line per command; the payload stays out of the log."""
     with capture_logs() as logs:
         client.post("/api/v1/commands", json=command("logged", payload={"secret_value": 42}))
-    [line] = [entry for entry in logs if entry["event"] == "command"]
-    assert line["device_id"] == "logged" and line["command_type"] == "reboot" and line["status"] == "accepted"
-    assert line["command_id"] and line["traceparent"].startswith("00-")
+        client.post("/api/v1/commands/batch", json={"commands": [command("b1"), command("b2")]})
+    single, batch = [entry for entry in logs if entry["event"] == "request"]
+    assert single["device_id"] == "logged" and single["command_type"] == "reboot" and single["outcome"] == "accepted"
+    assert single["status"] == 202 and single["command_id"] and single["traceparent"].startswith("00-")
+    assert "device_id" not in batch
+    lines = [entry for entry in logs if entry["event"] == "command"]
+    assert [(line["device_id"], line["outcome"]) for line in lines] == [("b1", "accepted"), ("b2", "accepted")]
     assert "secret_value" not in json.dumps(logs, default=str)
 
 
