@@ -319,7 +319,9 @@ def check_command(
     """The rules a Struct cannot express: allowed protocol, per-protocol options, metadata conflicts, depth."""
     problems: list[FieldProblem] = []
     for field in ("device_id", "command_type"):
-        if any(unicodedata.category(ch) == "Cf" for ch in getattr(cmd, field)):
+        value = getattr(cmd, field)
+        # Format characters are never ASCII: the common case skips the per-character look-up.
+        if not value.isascii() and any(unicodedata.category(ch) == "Cf" for ch in value):
             problems.append(FieldProblem(f"{prefix}.{field}", "Must not contain invisible format characters"))
     if cmd.protocol not in allowed_protocols:
         problems.append(FieldProblem(f"{prefix}.protocol", f"Must be one of: {', '.join(allowed_protocols)}"))
