@@ -80,9 +80,11 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) ->
 
 
 class ServiceProcess:
-    """The service as users run it (`python -m pusher`), on a free port, with its own log file."""
+    """The service as users run it (`python -m pusher`, by default with this interpreter), on a free port,
+    with its own log file."""
 
-    def __init__(self, log_dir: Path, **env: str) -> None:
+    def __init__(self, log_dir: Path, python: str = sys.executable, **env: str) -> None:
+        self.python = python
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"pusher-{self.port}.log"
@@ -101,7 +103,7 @@ class ServiceProcess:
         """Start the process and wait for /health (and, unless told not to, for /ready with Kafka connected)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pusher"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [self.python, "-m", "pusher"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         path = "/ready" if wait_ready else "/health"
         deadline = time.monotonic() + timeout

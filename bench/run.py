@@ -1,0 +1,559 @@
+"""`make bench`: the service against its ceilings in one run, as ratios; writes bench/RESULTS.md and README's table.
+
+Targets, each started in turn on this machine against the same broker:
+  noop     a Starlette route that only reads and decodes the body (the HTTP ceiling)
+  raw      kafka-python producing the same JSON directly (the Kafka-client ceiling)
+  service  this service as users run it: journal FULL, API keys and a generous rate limit on, metrics on
+  seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
+Load comes from wrk in its own process (bench/load.lua). Every figure is the median of --runs rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+
+import httpx  # noqa: E402
+from helpers import KEYS, ServiceProcess, keys_file, new_topic  # noqa: E402
+from kafka import KafkaConsumer, TopicPartition  # noqa: E402
+from kafka_local import KAFKA_VERSION, LocalKafka, free_port, stop_process  # noqa: E402
+
+API_KEY = KEYS["writer"][0]
+RUNTIME = ROOT / ".cache" / "bench-runtime"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def runtime_python() -> str:
+    """An interpreter with only requirements.txt installed, as users install the service: the development
+    tools (rich, pygments, …) would be imported by structlog and counted in the service's memory."""
+    stamp = RUNTIME / "requirements.sha256"
+    wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(RUNTIME)], check=True)
+        pip = [str(RUNTIME / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
+        stamp.write_text(wanted)
+    return str(RUNTIME / "bin" / "python")
+
+
+# ---------------------------------------------------------------- measuring a process
+
+
+class Sampler:
+    """Peak RSS and CPU of one process while a load runs (read from /proc every 100 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._cpu0, self._t0 = cpu_seconds(self.pid), time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_cores = (cpu_seconds(self.pid) - self._cpu0) / (time.monotonic() - self._t0)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak_rss_mb = max(self.peak_rss_mb, rss_mb(self.pid))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size now, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def kafka_count(bootstrap: str, topic: str) -> int:
+    """Records in `topic` (the sum of its partitions' end offsets)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum(consumer.end_offsets(partitions).values())
+    finally:
+        consumer.close()
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class Load:
+    """What one wrk run measured."""
+
+    requests: int
+    seconds: float
+    non2xx: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    reads: int = 0  # status reads issued (mixed load)
+
+    @property
+    def ok(self) -> int:
+        """Requests answered 2xx."""
+        return self.requests - self.non2xx
+
+    @property
+    def rate(self) -> float:
+        """2xx requests per second."""
+        return self.ok / self.seconds
+
+
+def wrk(url: str, connections: int, seconds: float, mode: str = "single", **env: str) -> Load:
+    """Run wrk with bench/load.lua against `url` and read its BENCH line."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+               "-s", str(BENCH / "load.lua"), url]  # fmt: skip
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_RUN": uuid.uuid4().hex[:8], **env}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 120)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result: {done.stdout}\n{done.stderr}")
+    raw = json.loads(line[6:])
+    return Load(
+        requests=raw["requests"],
+        seconds=raw["duration_us"] / 1e6,
+        non2xx=raw["non2xx"],
+        socket_errors=raw["socket_errors"] + raw["timeouts"],
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        p999_ms=raw["p999_us"] / 1000,
+        reads=raw["reads"],
+    )
+
+
+@dataclass
+class Row:
+    """One line of the results table: a target under one load, over every round."""
+
+    target: str
+    load: str
+    connections: int | None
+    per_request: int = 1  # commands per request (batch)
+    rates: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    p999: list[float] = field(default_factory=list)
+    non2xx: list[int] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    def add(self, load: Load, sampler: Sampler | None, check: str) -> None:
+        """Record one round."""
+        self.rates.append(load.rate)
+        self.p50.append(load.p50_ms)
+        self.p99.append(load.p99_ms)
+        self.p999.append(load.p999_ms)
+        self.non2xx.append(load.non2xx + load.socket_errors)
+        if sampler is not None:
+            self.rss.append(sampler.peak_rss_mb)
+            self.cpu.append(sampler.cpu_cores)
+        self.checks.append(check)
+
+    @property
+    def rate(self) -> float:
+        """Median requests/s."""
+        return statistics.median(self.rates) if self.rates else 0.0
+
+    @property
+    def commands(self) -> float:
+        """Median commands/s."""
+        return self.rate * self.per_request
+
+
+def median(values: list[float]) -> float | None:
+    """The median, or None for no values."""
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------- targets
+
+
+class Uvicorn:
+    """A reference app under uvicorn (uvloop, httptools, one worker), as the service runs."""
+
+    def __init__(self, app: str, log_dir: Path, python: str = sys.executable, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [python, "-m", "uvicorn", app, "--app-dir", str(BENCH), "--port", str(self.port),
+                   "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]  # fmt: skip
+        with open(log_dir / f"{app.split(':')[0]}-{self.port}.log", "ab") as log:
+            self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{app} exited with {self.process.returncode}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{app} did not listen within 30 s")
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        return self.process.pid
+
+    def stop(self) -> None:
+        """Stop it."""
+        stop_process(self.process)
+
+
+def service_env(bootstrap: str, topic: str, log_dir: Path) -> dict[str, str]:
+    """The default configuration the goals are set for: journal FULL, keys, a generous rate limit, metrics."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_COMMAND_TOPIC": topic,
+        "JOURNAL_SYNC": "full",
+        "API_KEYS_FILE": keys_file(log_dir / "keys.toml"),
+        "RATE_LIMIT": "1000000/second",
+        "METRICS_PUBLIC": "true",
+    }
+
+
+def settled(bootstrap: str, topic: str, timeout: float = 60.0) -> None:
+    """Wait until `topic` stops growing (a reference app's warm-up requests still finishing)."""
+    last, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = kafka_count(bootstrap, topic)
+        if count == last:
+            return
+        last = count
+        time.sleep(1)
+
+
+def published_total(url: str) -> int:
+    """The service's own count of commands Kafka acknowledged."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    match = re.search(r'^pusher_commands_total\{outcome="published"\} ([0-9.e+]+)$', text, re.M)
+    return int(float(match[1])) if match else 0
+
+
+def drained(url: str, timeout: float = 120.0) -> None:
+    """Wait until the service has nothing waiting for Kafka."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/ready", timeout=10).json().get("backlog") == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("backlog not drained")
+
+
+def delivery_check(bootstrap: str, topic: str, before: int, url: str | None, published_before: int,
+                   ok_commands: int, in_flight: int) -> str:  # fmt: skip
+    """Kafka holds every 2xx command once: its count matches the service's own (exactly) and the client's 2xx
+    (never fewer; a few more are requests the server finished after wrk stopped counting)."""
+    if url is not None:
+        drained(url)
+    added = kafka_count(bootstrap, topic) - before
+    problems = []
+    if url is not None and added != published_total(url) - published_before:
+        problems.append(f"kafka {added} != service's published {published_total(url) - published_before}")
+    # Below the 2xx count would be a lost command; the upper slack covers requests (and, mixed, status reads)
+    # still in flight when wrk stopped counting.
+    if not ok_commands <= added <= ok_commands + 2 * in_flight:
+        problems.append(f"kafka {added} vs 2xx commands {ok_commands} (+{in_flight} in flight)")
+    return "ok" if not problems else "; ".join(problems)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Bench:
+    """Every target in turn, `runs` rounds, on one broker."""
+
+    def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path) -> None:
+        self.bootstrap = bootstrap
+        self.seconds = seconds
+        self.warmup = warmup
+        self.raw_count = raw_count
+        self.log_dir = log_dir
+        self.rows: dict[tuple[str, str, int | None], Row] = {}
+        self.extra: dict[str, list[float]] = {"idle_rss": [], "start_to_ready": []}
+        self.python = runtime_python()
+
+    def row(self, target: str, load: str, connections: int | None, per_request: int = 1) -> Row:
+        """The table row for this target and load."""
+        key = (target, load, connections)
+        return self.rows.setdefault(key, Row(target, load, connections, per_request))
+
+    def measure(self, row: Row, url: str, pid: int, connections: int, mode: str = "single",
+                service_url: str | None = None, topic: str | None = None, **env: str) -> None:  # fmt: skip
+        """Warm up, then one timed wrk run with the server sampled and Kafka checked."""
+        wrk(url, connections, self.warmup, mode, **env)
+        if service_url is not None:
+            drained(service_url)
+        elif topic is not None:
+            settled(self.bootstrap, topic)
+        before = kafka_count(self.bootstrap, topic) if topic else 0
+        published_before = published_total(service_url) if service_url else 0
+        with Sampler(pid) as sampler:
+            load = wrk(url, connections, self.seconds, mode, **env)
+        check = "—"
+        if topic is not None:
+            ok_commands = (load.ok - load.reads) * row.per_request
+            check = delivery_check(self.bootstrap, topic, before, service_url, published_before,
+                                   ok_commands, connections * row.per_request)  # fmt: skip
+        row.add(load, sampler, check)
+
+    def noop(self) -> None:
+        """The HTTP ceiling at 16 and 64 connections."""
+        app = Uvicorn("noop_app:app", self.log_dir, self.python)
+        try:
+            for connections in (16, 64):
+                self.measure(self.row("no-op Starlette route", "single", connections), app.url, app.pid, connections)
+        finally:
+            app.stop()
+
+    def raw(self) -> None:
+        """The Kafka-client ceiling."""
+        topic = new_topic(self.bootstrap)
+        command = [self.python, str(BENCH / "raw_producer.py"), self.bootstrap, topic, str(self.raw_count)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        row = self.row("kafka-python producer, no HTTP", "producer", None)
+        row.rates.append(figures["rate"])
+        row.rss.append(figures["rss_mb"])
+        row.cpu.append(figures["cpu"])
+        count = kafka_count(self.bootstrap, topic)
+        row.checks.append("ok" if count == self.raw_count + 1 else f"kafka {count} != {self.raw_count} + 1")
+
+    def service(self) -> None:
+        """This service: single at 16 and 64, respond-async, batch of 100, mixed reads; start and idle figures."""
+        topic = new_topic(self.bootstrap)
+        started = time.monotonic()
+        env = service_env(self.bootstrap, topic, self.log_dir)
+        service = ServiceProcess(self.log_dir, self.python, **env).start()
+        self.extra["start_to_ready"].append(time.monotonic() - started)
+        try:
+            time.sleep(1)
+            self.extra["idle_rss"].append(rss_mb(service.process.pid))
+            pid, url = service.process.pid, service.url
+            common = {"service_url": url, "topic": topic, "BENCH_API_KEY": API_KEY}
+            for connections in (16, 64):
+                self.measure(self.row("pusher (200 after Kafka ack)", "single", connections), url, pid, connections,
+                             **common)  # fmt: skip
+            self.measure(self.row("pusher, Prefer: respond-async (202)", "single", 64), url, pid, 64,
+                         BENCH_PREFER="respond-async", **common)  # fmt: skip
+            self.measure(self.row("pusher", "batch of 100", 16, per_request=100), url, pid, 16, "batch", **common)
+            self.measure(self.row("pusher", "mixed, 5 % status reads", 64), url, pid, 64, "mixed", **common)
+        finally:
+            service.stop()
+
+    def multicore(self) -> None:
+        """Two processes (one per core), each its own journal, 32 connections each: summed."""
+        topic = new_topic(self.bootstrap)
+        services = [
+            ServiceProcess(self.log_dir, self.python, **service_env(self.bootstrap, topic, self.log_dir)).start()
+            for _ in range(2)
+        ]
+        try:
+            loads: list[Load] = []
+            for service in services:
+                wrk(service.url, 32, self.warmup, BENCH_API_KEY=API_KEY)
+            threads = [
+                threading.Thread(target=lambda s=s: loads.append(wrk(s.url, 32, self.seconds, BENCH_API_KEY=API_KEY)))
+                for s in services
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            row = self.row("pusher, 2 processes (one per core)", "single", 64)
+            row.rates.append(sum(x.rate for x in loads))
+            row.p99.append(max(x.p99_ms for x in loads))
+            row.p50.append(max(x.p50_ms for x in loads))
+            row.non2xx.append(sum(x.non2xx + x.socket_errors for x in loads))
+            row.checks.append("—")
+        finally:
+            for service in services:
+                service.stop()
+
+    def seed(self) -> None:
+        """The seed plan's app, with `.get()` and without."""
+        for fire_and_forget, label in (("0", "seed plan: FastAPI + .get()"), ("1", "seed plan without .get()")):
+            topic = new_topic(self.bootstrap)
+            env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "KAFKA_COMMAND_TOPIC": topic,
+                   "SEED_FIRE_AND_FORGET": fire_and_forget}  # fmt: skip
+            app = Uvicorn("seed_app:app", self.log_dir, **env)
+            try:
+                self.measure(self.row(label, "single", 64), app.url, app.pid, 64, topic=topic)
+            finally:
+                app.stop()
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def report(bench: Bench, runs: int) -> str:
+    """The markdown table, the goals and the run's facts."""
+    rows = bench.rows
+    noop = {c: rows[("no-op Starlette route", "single", c)].rate for c in (16, 64)}
+    raw = rows[("kafka-python producer, no HTTP", "producer", None)].rate
+    lines = [
+        "| target | load | conns | req/s | commands/s | ratio | p50 ms | p99 ms | p99.9 ms | non-2xx | peak RSS MB"
+        " | CPU cores | Kafka count |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows.values():
+        if row.load == "producer":
+            ratio, against = 1.0, "producer"
+        elif row.load.startswith("batch"):
+            ratio, against = row.commands / raw, "producer"
+        elif "2 processes" in row.target:
+            single = rows[("pusher (200 after Kafka ack)", "single", 64)].rate
+            ratio, against = row.rate / single, "1 process"
+        else:
+            ratio, against = row.rate / noop[row.connections or 64], "no-op"
+        checks = sorted(set(row.checks))
+        lines.append(
+            f"| {row.target} | {row.load} | {row.connections or '—'} | {_fmt(row.rate)} | {_fmt(row.commands)} "
+            f"| {ratio:.3f}× {against} | {_fmt(median(row.p50), 1)} | {_fmt(median(row.p99), 1)} "
+            f"| {_fmt(median(row.p999), 1)} | {_fmt(median(row.non2xx))} | {_fmt(median(row.rss))} "
+            f"| {_fmt(median(row.cpu), 2)} | {', '.join(checks)} |"
+        )
+    single = rows[("pusher (200 after Kafka ack)", "single", 64)]
+    seed_get = rows[("seed plan: FastAPI + .get()", "single", 64)].rate
+    seed_ff = rows[("seed plan without .get()", "single", 64)].rate
+    asynchronous = rows[("pusher, Prefer: respond-async (202)", "single", 64)].rate
+    batch = rows[("pusher", "batch of 100", 16)].commands
+    multi = rows[("pusher, 2 processes (one per core)", "single", 64)].rate
+    idle, ready = median(bench.extra["idle_rss"]), median(bench.extra["start_to_ready"])
+    goals = [
+        ("single, 200 after ack, 64 conns ≥ 0.30× no-op", single.rate / noop[64], 0.30, "×"),
+        ("its p99 ≤ 20 ms", median(single.p99) or 0, 20, "ms≤"),
+        ("≥ 1.5× the seed plan without .get()", single.rate / seed_ff, 1.5, "×"),
+        ("≥ 60× the seed plan as written", single.rate / seed_get, 60, "×"),
+        ("batch of 100 ≥ 0.70× the raw producer", batch / raw, 0.70, "×"),
+        ("respond-async ≥ 0.40× no-op", asynchronous / noop[64], 0.40, "×"),
+        ("idle RSS ≤ 50 MB", idle or 0, 50, "MB≤"),
+        ("RSS under 64-connection load ≤ 100 MB", median(single.rss) or 0, 100, "MB≤"),
+        ("start to /ready ≤ 1 s", ready or 0, 1, "s≤"),
+        ("2 processes ≥ 1.6× one", multi / single.rate, 1.6, "×"),
+    ]
+    lines += ["", "| goal | measured | met |", "| --- | ---: | :---: |"]
+    for name, value, target, unit in goals:
+        met = value <= target if unit.endswith("≤") else value >= target
+        shown = f"{value:.2f}×" if unit == "×" else f"{value:.2f} {unit[:-1]}"
+        lines.append(f"| {name} | {shown} | {'yes' if met else 'no'} |")
+    lines += ["", _facts(runs, bench)]
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _facts(runs: int, bench: Bench) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    shown = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    wrk_version = "wrk " + (re.search(r"wrk (?:debian/)?([0-9][^ ]*)", shown) or ["", "?"])[1]
+    names = ("starlette", "uvicorn", "uvloop", "httptools", "msgspec", "kafka-python", "crc32c", "fastapi", "pydantic")
+    packages = ", ".join(f"{p} {_version(p)}" for p in names)
+    return (
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} × {cpu}, {memory} GiB, "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; Apache Kafka "
+        f"{KAFKA_VERSION if not os.environ.get('KAFKA_BOOTSTRAP_SERVERS') else '(given broker)'} on loopback; "
+        f"{wrk_version} with 1 thread. Medians of {runs} round(s), {bench.seconds:g} s timed after "
+        f"{bench.warmup:g} s warm-up each. {packages}. Ratios are to the no-op route at the same connections, "
+        "to the raw producer for the batch, to one process for two. Kafka count: every 2xx command is in Kafka "
+        "once (the topic's count equals the service's own published count, and the client's 2xx count within "
+        "the requests still in flight when wrk stopped counting)."
+    )
+
+
+def replace_between_markers(path: Path, text: str) -> None:
+    """Put `text` between <!-- bench:start --> and <!-- bench:end --> in `path` (appended when absent)."""
+    content = path.read_text() if path.exists() else ""
+    block = f"<!-- bench:start -->\n{text}\n<!-- bench:end -->"
+    if "<!-- bench:start -->" in content:
+        content = re.sub(r"<!-- bench:start -->.*?<!-- bench:end -->", lambda _: block, content, flags=re.S)
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    path.write_text(content)
+
+
+def main() -> None:
+    """Run the suite and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="rounds; every figure is the median (3)")
+    parser.add_argument("--seconds", type=float, default=10, help="timed seconds per load (10)")
+    parser.add_argument("--warmup", type=float, default=3, help="warm-up seconds before each (3)")
+    parser.add_argument("--raw-count", type=int, default=200_000, help="records the raw producer sends (200000)")
+    parser.add_argument("--only", help="comma-separated targets: noop,raw,service,multicore,seed")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and README alone")
+    args = parser.parse_args()
+    targets = (args.only or "noop,raw,service,multicore,seed").split(",")
+    with tempfile.TemporaryDirectory(prefix="pusher-bench-") as tmp:
+        log_dir = Path(tmp)
+        broker = None
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            broker = LocalKafka(log_dir / "kafka").start()
+            bootstrap = broker.bootstrap
+        try:
+            bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir)
+            for round_number in range(1, args.runs + 1):
+                for target in targets:
+                    print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
+                    getattr(bench, target)()
+        finally:
+            if broker is not None:
+                broker.stop()
+    if set(targets) != {"noop", "raw", "service", "multicore", "seed"}:
+        for row in bench.rows.values():
+            print(row.target, row.load, row.connections, f"{row.rate:,.0f}/s", f"p99 {median(row.p99)}", row.checks)
+        return
+    table = report(bench, args.runs)
+    print(table)
+    if not args.no_write:
+        replace_between_markers(BENCH / "RESULTS.md", table)
+        replace_between_markers(ROOT / "README.md", table)
+
+
+if __name__ == "__main__":
+    main()
