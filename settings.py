@@ -55,7 +55,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_command_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "device_commands"
     kafka_client_id: str = "preservarium-pusher"
     kafka_producer_timeout: Positive = 30.0
-    kafka_linger_ms: Annotated[int, Meta(ge=0, le=1000)] = 5
+    # 0: a record goes at once; what arrives while a request is in flight is batched anyway. Waiting 5 ms
+    # cost a third of the throughput at 16 connections (each answer waits for its ack).
+    kafka_linger_ms: Annotated[int, Meta(ge=0, le=1000)] = 0
     kafka_compression: Literal["none", "gzip"] = "none"
     kafka_create_topic: bool = False
     kafka_topic_partitions: Annotated[int, Meta(ge=1)] = 3
