@@ -120,11 +120,14 @@ class ServiceProcess:
         raise RuntimeError(f"service not answering {path} within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the process and wait for it; return its exit code."""
+        """Signal the process and wait for it; return its exit code. A process that ignores SIGTERM is killed
+        and the test fails: a service that does not stop when told is a bug, not something to wait out."""
         if self.process is None:
             return 0
-        code = stop_process(self.process, sig, timeout)
-        self.process = None
+        process, self.process = self.process, None
+        code = stop_process(process, sig, timeout)
+        if sig == signal.SIGTERM and code == -signal.SIGKILL:
+            raise AssertionError(f"the service did not exit within {timeout:g} s of SIGTERM:\n{self.log()[-3000:]}")
         return code
 
     def wait_drained(self, timeout: float = 120.0) -> float:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -193,3 +194,12 @@ def test_full_install_runs_the_server_and_the_command(kafka_bootstrap, topic, tm
         server.terminate()
         server.wait(30)
     assert json.loads(read_topic(kafka_bootstrap, topic, 1)[0].value)["device_id"] == "pip-full"
+
+
+def test_every_module_is_packaged():
+    """pyproject's py-modules names every top-level module, and client/ links every module the client needs."""
+    modules = {path.stem for path in ROOT.glob("*.py")}
+    packaged = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
+    assert packaged == modules
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert all((ROOT / "client" / f"{name}.py").resolve() == ROOT / f"{name}.py" for name in client)
