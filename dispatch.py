@@ -192,7 +192,7 @@ class Dispatcher:
         def journaled(done: asyncio.Future[list[Accepted]]) -> None:
             try:
                 result = [(a, *self._submit(n, a)) for n, a in zip(news, done.result(), strict=True)]
-            except Exception as exc:  # never leave the request waiting
+            except BaseException as exc:  # never leave the request waiting (what is journaled goes at restart)
                 if not stored.done():
                     stored.set_exception(exc)
                 raise

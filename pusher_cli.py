@@ -36,7 +36,8 @@ examples:
               --payload '{"measurement_interval": 600}' --parser-script-ref efento_bidirectional_parser.py
   pusher send --device mqtt_device_001 --type set_led --protocol mqtt --payload '{"state": "on"}' \\
               --metadata '{"topic": "devices/mqtt_device_001/commands"}' --wait
-  pusher batch commands.jsonl          one command per line; `-` reads standard input
+  pusher batch commands.jsonl --idempotency-key nightly-2026-11-29
+                                       one command per line (`-`: standard input); the key makes a rerun safe
   pusher status 3f2c9a1e-…             add --wait to block until it is published
   pusher list --device efento_device_001 --status accepted
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.action == "batch" and args.chunk_size < 1:
         parser.error("--chunk-size must be at least 1")
-    retry = RetryPolicy(deadline=args.retry_for)
+    retry = RetryPolicy(attempts=1_000_000, deadline=args.retry_for)  # --retry-for alone bounds it
     try:
         with PusherClient(args.url, args.api_key, timeout=args.request_timeout, retry=retry) as client:
             if args.action == "send":
@@ -121,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("file", type=argparse.FileType("r", encoding="utf-8"), help="one JSON command per line; -")
     batch.add_argument("--chunk-size", type=int, default=100, metavar="N", help="commands per request (100)")
     batch.add_argument("--async", dest="respond_async", action="store_true", help="answer once journaled (202)")
+    batch.add_argument(
+        "--idempotency-key",
+        help="makes a rerun of this file safe: each chunk's key is KEY:LINE (its first line number)",
+    )
 
     status = actions.add_parser("status", parents=[common], help="show a command's status and history")
     status.add_argument("request_id")
@@ -213,12 +218,17 @@ def _batch(client: PusherClient, args: argparse.Namespace) -> int:
     for chunk in _chunks(args.file, args.chunk_size):
         commands = [entry for _, entry in chunk if not isinstance(entry, _Line)]
         try:
-            results = iter(client.push_commands(commands, respond_async=args.respond_async).results if commands else [])
+            key = f"{args.idempotency_key}:{chunk[0][0]}" if args.idempotency_key else None
+            results = iter([])
+            if commands:
+                results = iter(
+                    client.push_commands(commands, idempotency_key=key, respond_async=args.respond_async).results
+                )
         except PusherClientError as exc:
             for number, entry in chunk:
                 _print(entry if isinstance(entry, _Line) else _Line(number, False, error=str(exc)))
-            _say(f"pusher: stopped at line {chunk[0][0]}: {exc}")
-            _say(f"pusher: {sent} sent, {failed + len(chunk)} failed or not sent")
+            _say(f"pusher: stopped at line {chunk[0][0]}: {exc}; the lines from there on were not sent")
+            _say(f"pusher: {sent} sent, {failed + len(chunk)} failed or not sent before stopping")
             return _exit_code(exc)
         for number, entry in chunk:
             if not isinstance(entry, _Line):

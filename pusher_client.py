@@ -8,9 +8,9 @@
     │   ├── NotFound                 404
     │   └── Conflict                 409: the Idempotency-Key or request_id was used with another command
     ├── RateLimited                  429, still refused when the retry budget ran out (`retry_after`)
-    ├── Unavailable                  503, 504 or no connection, still so when the retry budget ran out
+    ├── Unavailable                  503, 504, a proxy's 502 or no connection, when the retry budget ran out
     ├── ServerError                  500, or 502: Kafka refused the command for good
-    ├── CommandFailed                wait_for: the command ended failed or expired (`command`)
+    ├── CommandFailed                the command ended failed or expired (wait_for, or a 200 saying so)
     └── WaitTimeout                  wait_for: the stage was not reached in time (also a TimeoutError)
 
 Every call that sends commands carries an Idempotency-Key, made once per call and reused by each of its
@@ -133,10 +133,13 @@ class ServerError(PusherClientError):
 
 
 class CommandFailed(PusherClientError):
-    """wait_for: the command ended `failed` or `expired` before reaching the stage; `command` has its history."""
+    """The command ended `failed` or `expired`: seen by wait_for (`command` is its CommandStatus, with history),
+    or answered so when sending (`command` is the CommandResult, e.g. a replay of a command Kafka refused)."""
 
-    def __init__(self, command: CommandStatus) -> None:
-        super().__init__(f"Command {command.request_id} ended {command.status}: {command.error or 'no detail'}")
+    def __init__(self, command: CommandStatus | CommandResponse) -> None:
+        error = command.error.detail if isinstance(command.error, Problem) else command.error
+        detail = error or getattr(command, "message", None) or "no detail"
+        super().__init__(f"Command {command.request_id} ended {command.status}: {detail}")
         self.command = command
 
 
@@ -244,9 +247,14 @@ class _Core:
         """The decoded 2xx body, or the typed error for anything else."""
         if response.is_success:
             try:
-                return msgspec.json.decode(response.content, type=call.kind)
+                result = msgspec.json.decode(response.content, type=call.kind)
             except msgspec.DecodeError as exc:
                 raise ServerError(f"Unreadable answer from {call.path}: {exc}", response.status_code) from None
+            # A 200 can carry an end that is no success: expired before publishing, or the replay of a
+            # command Kafka refused (the first answer was lost). The caller must not take it for sent.
+            if isinstance(result, CommandResponse) and not result.success:
+                raise CommandFailed(result)
+            return result
         raise _error_for(response)
 
     def unreachable(self, call: _Call, exc: httpx.TransportError) -> Unavailable:
@@ -306,6 +314,8 @@ def _error_for(response: httpx.Response) -> PusherClientError:
     problem = _problem(response)
     status = response.status_code
     kind = _ERRORS_BY_STATUS.get(status) or (RequestRejected if status < 500 else ServerError)
+    if status in (408, 502) and problem is None:  # a proxy's, or a body too slow: try later, nothing refused
+        kind = Unavailable
     if problem is not None:
         message = f"{status} {problem.title}: {problem.detail}"
     else:

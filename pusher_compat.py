@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from pusher_client import AsyncPusherClient, PusherClientError, RetryPolicy
+from pusher_client import AsyncPusherClient, RetryPolicy
 
 __all__ = [
     "CommandMessage",
@@ -101,31 +103,36 @@ class PusherService:
         self.base_url = base_url
         self.api_key = api_key
         self.timeout = timeout
-        self._client: AsyncPusherClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # One client per event loop: the old sync factory initialised on one loop and pushed on another, and
+        # threads may each run their own. A client's connections belong to the loop that opened them.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPusherClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
 
     @property
     def client(self) -> AsyncPusherClient:
-        """The AsyncPusherClient underneath, for code that wants statuses and typed errors."""
+        """The AsyncPusherClient underneath (for this event loop), for code that wants statuses and typed errors."""
         loop = asyncio.get_running_loop()
-        # The old sync factory initialised on one event loop and pushed on another; a client is per loop.
-        if self._client is None or self._loop is not loop:
-            self._client = AsyncPusherClient(self.base_url, self.api_key, timeout=self.timeout)
-            self._loop = loop
-        return self._client
+        with self._lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = self._clients[loop] = AsyncPusherClient(self.base_url, self.api_key, timeout=self.timeout)
+            return client
 
     async def initialize(self) -> bool:
         """Check that the service answers; False (logged) when it does not."""
         try:
             await self.client.health(STARTUP_RETRY)
-        except PusherClientError as exc:
+        except Exception as exc:  # the old module returned False, whatever went wrong
             log.error("Pusher service at %s is not reachable: %s", self.client.base_url, exc)
             return False
         return True
 
     async def push_command(self, command: CommandMessage) -> bool:
         """Send a CommandMessage; True once the service has it durably (published, or journaled to follow)."""
-        return await self._push(msgspec.structs.asdict(command))
+        fields = msgspec.structs.asdict(command) if isinstance(command, msgspec.Struct) else dict(command)
+        return await self._push(fields)
 
     async def push_command_dict(self, command_dict: dict[str, Any]) -> bool:
         """Send a command given as a dict of CommandMessage fields."""
@@ -153,10 +160,11 @@ class PusherService:
         return await self._push(fields | kwargs)
 
     async def close(self, timeout: float | None = None) -> None:
-        """Close the HTTP connections (nothing is buffered here: the service holds what it accepted)."""
-        if self._client is not None and self._loop is asyncio.get_running_loop():
-            await self._client.aclose()
-        self._client = None
+        """Close this loop's HTTP connections (nothing is buffered here: the service holds what it accepted)."""
+        with self._lock:
+            client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     async def stop(self) -> None:
         """Same as close(), as in the old module."""
@@ -166,7 +174,7 @@ class PusherService:
         request_id = fields.get("request_id") or "unknown"
         try:
             result = await self.client.send(_as_request(fields))
-        except PusherClientError as exc:
+        except Exception as exc:  # failures are logged, never raised, as the old module did
             log.error("[%s] Error pushing command: %s", request_id, exc)
             return False
         log.debug("[%s] Command %s", result.request_id, result.status)

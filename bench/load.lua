@@ -8,7 +8,7 @@
 local mode = os.getenv("BENCH_MODE") or "single"
 local batch_size = tonumber(os.getenv("BENCH_BATCH") or "100")
 local run = os.getenv("BENCH_RUN") or "0"
-local thread_id = 0
+thread_id = 0  -- a global: setup() gives each thread its own with thread:set()
 local counter = 0
 
 local COMMAND = '{"device_id":"device_%03d","command_type":"config_update",'

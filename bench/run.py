@@ -257,11 +257,11 @@ def settled(bootstrap: str, topic: str, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
-def published_total(url: str) -> int:
-    """The service's own count of commands Kafka acknowledged."""
+def outcome_totals(url: str) -> dict[str, int]:
+    """The service's own command counters by outcome (accepted, published, expired, failed, …)."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    match = re.search(r'^pusher_commands_total\{outcome="published"\} ([0-9.e+]+)$', text, re.M)
-    return int(float(match[1])) if match else 0
+    found = re.findall(r'^pusher_commands_total\{outcome="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {outcome: int(float(value)) for outcome, value in found}
 
 
 def drained(url: str, timeout: float = 120.0) -> None:
@@ -274,7 +274,7 @@ def drained(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError("backlog not drained")
 
 
-def delivery_check(bootstrap: str, topic: str, before: int, url: str | None, published_before: int,
+def delivery_check(bootstrap: str, topic: str, before: int, url: str | None, published_before: tuple[int, int],
                    ok_commands: int, in_flight: int) -> str:  # fmt: skip
     """Kafka holds every 2xx command once: its count matches the service's own (exactly) and the client's 2xx
     (never fewer; a few more are requests the server finished after wrk stopped counting)."""
@@ -282,8 +282,13 @@ def delivery_check(bootstrap: str, topic: str, before: int, url: str | None, pub
         drained(url)
     added = kafka_count(bootstrap, topic) - before
     problems = []
-    if url is not None and added != published_total(url) - published_before:
-        problems.append(f"kafka {added} != service's published {published_total(url) - published_before}")
+    if url is not None:
+        totals = outcome_totals(url)
+        if added != totals.get("published", 0) - published_before[0]:
+            problems.append(f"kafka {added} != service's published {totals.get('published', 0) - published_before[0]}")
+        accepted = totals.get("accepted", 0) - published_before[1]
+        if accepted != added:  # every command the journal took (2xx) reached Kafka: none expired or failed
+            problems.append(f"service accepted {accepted} but kafka got {added}")
     # Below the 2xx count would be a lost command; the upper slack covers requests (and, mixed, status reads)
     # still in flight when wrk stopped counting.
     if not ok_commands <= added <= ok_commands + 2 * in_flight:
@@ -321,7 +326,8 @@ class Bench:
         elif topic is not None:
             settled(self.bootstrap, topic)
         before = kafka_count(self.bootstrap, topic) if topic else 0
-        published_before = published_total(service_url) if service_url else 0
+        totals = outcome_totals(service_url) if service_url else {}
+        published_before = (totals.get("published", 0), totals.get("accepted", 0))
         with Sampler(pid) as sampler:
             load = wrk(url, connections, self.seconds, mode, **env)
         check = "—"

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, read_topic, service_on
+from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, new_topic, read_topic, service_on
 from kafka_local import free_port
 
 import pusher_compat
@@ -26,6 +26,7 @@ from pusher_client import (
     PusherClient,
     RateLimited,
     RetryPolicy,
+    ServerError,
     Unauthorized,
     Unavailable,
     ValidationFailed,
@@ -169,6 +170,23 @@ def test_kafka_outage_accepted_then_published_and_expiry_reported(own_broker, tm
         client.close()
         service.stop()
     assert [v["command_type"] for v in _values(read_topic(own_broker.bootstrap, topic, 1))] == ["kept"]
+
+
+def test_a_refused_command_is_never_reported_as_sent(kafka_bootstrap, tmp_path):
+    """Kafka refuses an oversized command: 502, ServerError. Sending it again with the same key replays that
+    end as a 200 with success false, which the client raises as CommandFailed rather than returning it."""
+    topic = new_topic(kafka_bootstrap, configs={"max.message.bytes": "2000"})
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
+    try:
+        with PusherClient(service.url) as client:
+            big = {"blob": "x" * 5000}
+            with pytest.raises(ServerError, match="502"):
+                client.push_command("big-dev", "t", big, "mqtt", idempotency_key="big-1")
+            with pytest.raises(CommandFailed) as failed:
+                client.push_command("big-dev", "t", big, "mqtt", idempotency_key="big-1")
+        assert failed.value.command.status == "failed" and failed.value.command.replayed
+    finally:
+        service.stop()
 
 
 def test_typed_errors_for_keys_scopes_and_conflicts(keyed_service):
