@@ -134,6 +134,8 @@ class Dispatcher:
         if handed_over and not prefer_async:
             await asyncio.wait({future}, timeout=self.settings.publish_timeout)
         answer = self._answer(new, accepted, future)
+        if accepted.outcome == "inserted" and answer.response.status in ("failed", "expired"):
+            await self._settled()
         self._log(cmd, answer.response, traceparent, note)
         if not answer.response.success and answer.response.error is not None:
             raise _error_from(answer.response, accepted)
@@ -167,6 +169,8 @@ class Dispatcher:
             else self._answer(news[i], accepted[i], futures[i]).response
             for i, item in enumerate(items)
         ]
+        if any(r.status in ("failed", "expired") for i, r in enumerate(results) if i in news):
+            await self._settled()
         for item, result in zip(items, results, strict=True):
             if not isinstance(item, PusherError):
                 self._log(item, result, traceparent)
@@ -201,6 +205,11 @@ class Dispatcher:
 
         self.journal.accept(news).add_done_callback(journaled)
         return stored
+
+    async def _settled(self) -> None:
+        """Before answering that a command ended failed or expired, wait until the journal says so too: a retry
+        that reads the journal must not find it still `accepted` (and answer 202)."""
+        await asyncio.wait({self.journal.committed()}, timeout=self.settings.publish_timeout)
 
     def _submit(self, new: NewCommand, accepted: Accepted) -> tuple[asyncio.Future[Outcome] | None, bool]:
         """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""

@@ -152,6 +152,8 @@ class _Mark:
 @dataclass(slots=True)
 class _Flush:
     event: threading.Event = field(default_factory=threading.Event)
+    outbox: Outbox | None = None  # with `future`: resolved on the event loop instead of (as well as) `event`
+    future: asyncio.Future[None] | None = None
 
 
 _STOP = object()
@@ -305,6 +307,13 @@ class Journal:
         """Queue a status transition; it is committed with the writer's next transaction."""
         self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error))
 
+    def committed(self) -> asyncio.Future[None]:
+        """Resolves once everything queued so far (status marks included) is committed."""
+        self._outbox = outbox_for(self._outbox)
+        future: asyncio.Future[None] = self._outbox.loop.create_future()
+        self._ops.put(_Flush(outbox=self._outbox, future=future))
+        return future
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything queued so far is committed (shutdown, tests)."""
         op = _Flush()
@@ -374,6 +383,8 @@ class Journal:
                 op.outbox.put(_settle, op.future, result)
         for flush in flushes:
             flush.event.set()
+            if flush.outbox is not None:
+                flush.outbox.put(_settle, flush.future, None)
 
     def _insert_all(self, conn: sqlite3.Connection, items: list[NewCommand]) -> list[Accepted]:
         results = []
