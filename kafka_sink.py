@@ -349,7 +349,7 @@ class KafkaSink:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not _STOP:
+            if job is not _STOP and job is not _WAKE:  # a wake-up has no future (it used to kill this thread)
                 self._holding.set()
                 job.outbox.put(_settle, job.future, None, error)
 
