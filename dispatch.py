@@ -229,15 +229,13 @@ class Dispatcher:
         return self.forwarder.submit(pending)
 
     def _answer(self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None) -> Answer:
-        if accepted.outcome == "replayed" and accepted.row.key_id == new.key_id:
+        if accepted.outcome in ("replayed", "conflict") and accepted.row.key_id != new.key_id:
+            # Another API key's command: say nothing about it.
+            error = IdempotencyConflict("This request_id is already used")
+            return Answer(failed_result(None, error, "rejected"), 409)
+        if accepted.outcome == "replayed":
             self.metrics.outcomes["replayed"].inc()
             return _replay(accepted.row)
-        if accepted.outcome == "replayed":  # another API key's command: say nothing about it
-            error = IdempotencyConflict("This request_id is already used")
-            return Answer(failed_result(None, error, "rejected"), 409)
-        if accepted.outcome == "conflict" and accepted.row.key_id != new.key_id:
-            error = IdempotencyConflict("This request_id is already used")
-            return Answer(failed_result(None, error, "rejected"), 409)
         if accepted.outcome == "conflict":
             error = IdempotencyConflict(
                 f"This key was used for request_id {accepted.row.request_id!r} with a different body"

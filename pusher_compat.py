@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from pusher_client import AsyncPusherClient, RetryPolicy
+from pusher_client import AsyncPusherClient, CommandRequest, RetryPolicy
 
 __all__ = [
     "CommandMessage",
@@ -36,20 +36,7 @@ log = logging.getLogger("pusher_compat")
 STARTUP_RETRY = RetryPolicy(deadline=5.0)
 
 # Fields the service takes as they are; anything else a command carries travels in `metadata`.
-_SERVICE_FIELDS = (
-    "device_id",
-    "command_type",
-    "payload",
-    "protocol",
-    "parser_script_ref",
-    "metadata",
-    "qos",
-    "retain",
-    "confirmable",
-    "request_id",
-    "ttl_seconds",
-    "expires_at",
-)
+_SERVICE_FIELDS = CommandRequest.__struct_fields__
 
 
 class CommandMessage(msgspec.Struct, kw_only=True):

@@ -264,29 +264,20 @@ def outcome_totals(url: str) -> dict[str, int]:
     return {outcome: int(float(value)) for outcome, value in found}
 
 
-def drained(url: str, timeout: float = 120.0) -> None:
-    """Wait until the service has nothing waiting for Kafka."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/ready", timeout=10).json().get("backlog") == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("backlog not drained")
-
-
-def delivery_check(bootstrap: str, topic: str, before: int, url: str | None, published_before: tuple[int, int],
-                   ok_commands: int, in_flight: int) -> str:  # fmt: skip
+def delivery_check(bootstrap: str, topic: str, before: int, service: ServiceProcess | None,
+                   totals_before: dict[str, int], ok_commands: int, in_flight: int) -> str:  # fmt: skip
     """Kafka holds every 2xx command once: its count matches the service's own (exactly) and the client's 2xx
     (never fewer; a few more are requests the server finished after wrk stopped counting)."""
-    if url is not None:
-        drained(url)
+    if service is not None:
+        service.wait_drained()
     added = kafka_count(bootstrap, topic) - before
     problems = []
-    if url is not None:
-        totals = outcome_totals(url)
-        if added != totals.get("published", 0) - published_before[0]:
-            problems.append(f"kafka {added} != service's published {totals.get('published', 0) - published_before[0]}")
-        accepted = totals.get("accepted", 0) - published_before[1]
+    if service is not None:
+        totals = outcome_totals(service.url)
+        published = totals.get("published", 0) - totals_before.get("published", 0)
+        accepted = totals.get("accepted", 0) - totals_before.get("accepted", 0)
+        if added != published:
+            problems.append(f"kafka {added} != service's published {published}")
         if accepted != added:  # every command the journal took (2xx) reached Kafka: none expired or failed
             problems.append(f"service accepted {accepted} but kafka got {added}")
     # Below the 2xx count would be a lost command; the upper slack covers requests (and, mixed, status reads)
@@ -318,22 +309,21 @@ class Bench:
         return self.rows.setdefault(key, Row(target, load, connections, per_request))
 
     def measure(self, row: Row, url: str, pid: int, connections: int, mode: str = "single",
-                service_url: str | None = None, topic: str | None = None, **env: str) -> None:  # fmt: skip
+                service: ServiceProcess | None = None, topic: str | None = None, **env: str) -> None:  # fmt: skip
         """Warm up, then one timed wrk run with the server sampled and Kafka checked."""
         wrk(url, connections, self.warmup, mode, **env)
-        if service_url is not None:
-            drained(service_url)
+        if service is not None:
+            service.wait_drained()
         elif topic is not None:
             settled(self.bootstrap, topic)
         before = kafka_count(self.bootstrap, topic) if topic else 0
-        totals = outcome_totals(service_url) if service_url else {}
-        published_before = (totals.get("published", 0), totals.get("accepted", 0))
+        totals_before = outcome_totals(service.url) if service else {}
         with Sampler(pid) as sampler:
             load = wrk(url, connections, self.seconds, mode, **env)
         check = "—"
         if topic is not None:
             ok_commands = (load.ok - load.reads) * row.per_request
-            check = delivery_check(self.bootstrap, topic, before, service_url, published_before,
+            check = delivery_check(self.bootstrap, topic, before, service, totals_before,
                                    ok_commands, connections * row.per_request)  # fmt: skip
         row.add(load, sampler, check)
 
@@ -370,7 +360,7 @@ class Bench:
             time.sleep(1)
             self.extra["idle_rss"].append(rss_mb(service.process.pid))
             pid, url = service.process.pid, service.url
-            common = {"service_url": url, "topic": topic, "BENCH_API_KEY": API_KEY}
+            common = {"service": service, "topic": topic, "BENCH_API_KEY": API_KEY}
             for connections in (16, 64):
                 self.measure(self.row("pusher (200 after Kafka ack)", "single", connections), url, pid, connections,
                              **common)  # fmt: skip
