@@ -10,9 +10,11 @@ Nothing here touches kafka-python or sqlite3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +27,8 @@ from journal import Accepted, Journal, JournalRow, NewCommand, Pending
 from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
+    STAGE_RANK,
+    TERMINAL,
     BatchCommandResponse,
     CommandMessage,
     CommandRequest,
@@ -32,6 +36,7 @@ from schemas import (
     CommandStatus,
     Counters,
     Transition,
+    from_epoch,
     merged_metadata,
     problem_for,
 )
@@ -44,10 +49,6 @@ _HASH_ENCODER = msgspec.json.Encoder(order="sorted")
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
-
-
-def _at(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
 # A journaled command: the journal's verdict, its outcome future, and whether it went to Kafka at once.
@@ -245,8 +246,8 @@ class Dispatcher:
             self.metrics.failures.labels(f"journal_{accepted.outcome}").inc()
             self._note_error(accepted.error.detail)
             return Answer(failed_result(None, accepted.error, "failed"), accepted.error.status)
-        expires = _at(new.expires_at)
-        created = _at(new.created_at)
+        expires = from_epoch(new.expires_at)
+        created = from_epoch(new.created_at)
         if future is None or not future.done():
             return Answer(_accepted(new.request_id, created, expires), 202)
         outcome = future.result()
@@ -333,21 +334,69 @@ class Dispatcher:
         )
 
 
+class Watchers:
+    """Long polls and event streams waiting for a command's next transition (lives on the event loop)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.closed = False
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        journal.on_change = self.changed
+
+    def changed(self, request_ids: list[str]) -> None:
+        """The journal committed a change to these commands: wake whoever waits on them."""
+        for request_id in request_ids:
+            for event in self._waiting.get(request_id, ()):
+                event.set()
+
+    @contextlib.contextmanager
+    def watching(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set on every change to `request_id` (clear it after waking), and at shutdown."""
+        event = asyncio.Event()
+        if self.closed:
+            event.set()
+        self._waiting.setdefault(request_id, set()).add(event)
+        self.journal.watch(request_id)
+        try:
+            yield event
+        finally:
+            self.journal.unwatch(request_id)
+            waiting = self._waiting.get(request_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._waiting[request_id]
+
+    def close(self) -> None:
+        """Shutting down: every waiter answers with what it has now."""
+        self.closed = True
+        for events in self._waiting.values():
+            for event in events:
+                event.set()
+
+
+def reached(row: JournalRow, stage: str) -> bool:
+    """Whether a wait for `stage` is over: the command got there, further, or to an end."""
+    current = row.stage
+    return STAGE_RANK[current] >= STAGE_RANK[stage] or current in TERMINAL
+
+
 def command_status(row: JournalRow) -> CommandStatus:
     """A journal row as the status API shows it."""
     return CommandStatus(
         request_id=row.request_id,
         device_id=row.device_id,
         command_type=row.command_type,
-        status=row.status,
-        created_at=_at(row.created_at),
-        updated_at=_at(row.updated_at),
-        expires_at=_at(row.expires_at),
+        status=row.stage,
+        created_at=from_epoch(row.created_at),
+        updated_at=from_epoch(row.updated_at),
+        expires_at=from_epoch(row.expires_at),
         topic=row.topic,
         partition=row.partition,
         offset=row.offset,
         error=row.error,
-        history=[Transition(status=s, at=_at(at), detail=detail) for s, at, detail in row.history],
+        history=[Transition(status=s, at=from_epoch(at), detail=detail) for s, at, detail in row.history],
+        result=row.result,
     )
 
 
@@ -364,19 +413,18 @@ def _accepted(request_id: str, created: datetime, expires: datetime | None) -> C
 
 def _replay(row: JournalRow) -> Answer:
     """The original result of a repeated request, with its current status."""
-    created, expires = _at(row.created_at), _at(row.expires_at)
-    if row.status == "accepted":
+    created, expires = from_epoch(row.created_at), from_epoch(row.expires_at)
+    stage = row.stage
+    if stage == "accepted":
         response = _accepted(row.request_id, created, expires)
         return Answer(msgspec.structs.replace(response, replayed=True), 202)
+    # The request's own job was to get the command into Kafka: a command that got there and then failed
+    # at the device was still sent (its status says what became of it).
     response = CommandResponse(
-        success=row.status == "published",
+        success=row.was_published,
         request_id=row.request_id,
-        status=row.status,
-        message={
-            "published": "Command published to Kafka",
-            "expired": "Command expired before it could be published",
-            "failed": f"Command failed: {row.error}",
-        }[row.status],
+        status=stage,
+        message=_REPLAY_MESSAGES[stage].format(error=row.error),
         timestamp=created,
         topic=row.topic,
         partition=row.partition,
@@ -385,6 +433,16 @@ def _replay(row: JournalRow) -> Answer:
         replayed=True,
     )
     return Answer(response, 200)
+
+
+_REPLAY_MESSAGES = {
+    "published": "Command published to Kafka",
+    "delivered": "Command delivered to the device",
+    "succeeded": "The device carried the command out",
+    "rejected": "The connector rejected the command: {error}",
+    "expired": "Command expired before it could be delivered",
+    "failed": "Command failed: {error}",
+}
 
 
 def _error_from(response: CommandResponse, accepted: Accepted) -> PusherError:

@@ -21,6 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ import msgspec
 import structlog
 
 from errors import JournalError, JournalFull, JournalUnavailable
+from schemas import STAGE_RANK, Status, StatusEvent, from_epoch
 from threadbridge import Outbox, outbox_for
 
 log = structlog.get_logger("journal")
@@ -55,9 +57,16 @@ CREATE TABLE IF NOT EXISTS commands (
     "offset"       INTEGER,
     error          TEXT,
     history        TEXT NOT NULL,
-    key_id         TEXT
+    key_id         TEXT,
+    origin         TEXT,
+    result         TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS status_outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    event      BLOB NOT NULL
+);
 INSERT OR IGNORE INTO meta VALUES ('probe', 0);
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(seq) WHERE status = 'accepted';
 CREATE INDEX IF NOT EXISTS commands_device ON commands(device_id, seq);
@@ -65,10 +74,12 @@ CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE statu
 """
 _ROW = (
     'seq, request_id, device_id, command_type, status, created_at, updated_at, expires_at, topic, partition, "offset", '
-    "error, history, body_hash, key_id"
+    "error, history, body_hash, key_id, origin, result"
 )
 _HEADERS = msgspec.msgpack.Encoder()
 _HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+_EVENT_ENCODER = msgspec.json.Encoder()
+_ADDED_COLUMNS = ("key_id", "origin", "result")  # journals written by earlier versions lack them
 
 
 class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,7 +106,7 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     device_id: str
     command_type: str
-    status: Literal["accepted", "published", "expired", "failed"]
+    status: Status
     created_at: float
     updated_at: float
     expires_at: float | None
@@ -106,6 +117,22 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
     history: list[tuple[str, float, str | None]]
     body_hash: bytes
     key_id: str | None = None
+    origin: str | None = None  # the instance or connector that told us of it; None: accepted here
+    result: dict | None = None  # what the device answered
+
+    @property
+    def stage(self) -> str:
+        """The furthest stage reached: the first of the highest rank among the transitions."""
+        best = self.status
+        for step, _, _ in self.history:
+            if STAGE_RANK.get(step, 0) > STAGE_RANK[best]:
+                best = step
+        return best
+
+    @property
+    def was_published(self) -> bool:
+        """Whether the command reached Kafka (it may have failed later, at the device)."""
+        return self.partition is not None or self.stage in ("published", "delivered", "succeeded")
 
 
 class Pending(msgspec.Struct, kw_only=True):
@@ -150,6 +177,18 @@ class _Mark:
 
 
 @dataclass(slots=True)
+class _Events:
+    events: list[StatusEvent]
+    positions: dict[int, int]  # status topic partition -> next offset to read
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(slots=True)
+class _OutboxSent:
+    up_to: int
+
+
+@dataclass(slots=True)
 class _Flush:
     event: threading.Event = field(default_factory=threading.Event)
     outbox: Outbox | None = None  # with `future`: resolved on the event loop instead of (as well as) `event`
@@ -161,8 +200,9 @@ _STOP = object()
 
 def _row(values: tuple) -> JournalRow:
     (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id) = (
-        values
+        values[:15]
     )
+    origin, result = values[15:]
     return JournalRow(
         seq=seq,
         request_id=rid,
@@ -179,6 +219,8 @@ def _row(values: tuple) -> JournalRow:
         history=[tuple(h) for h in json.loads(hist)],
         body_hash=body_hash,
         key_id=key_id,
+        origin=origin,
+        result=json.loads(result) if result else None,
     )
 
 
@@ -203,6 +245,7 @@ class Journal:
         max_bytes: int = 256 * 1024 * 1024,
         retention: float = 7 * 86400,
         housekeeping_interval: float = 60.0,
+        status_source: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.sync = sync
@@ -218,6 +261,7 @@ class Journal:
         self._outbox: Outbox | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._feed_reader: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._retry_marks: list[_Mark] = []
         self._txn_delta = 0  # pending-count change of the transaction being built
@@ -225,6 +269,17 @@ class Journal:
         self._pending_sizes: dict[int, int] = {}
         self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-) by the transaction
         self._txn_bytes = 0  # their sum, kept as it changes (summing per insert made big batches quadratic)
+        # With a status topic: every transition is also written to status_outbox, in the same transaction,
+        # for the status feed to publish (so a transition is never lost between the journal and Kafka).
+        self.status_source = status_source
+        self.outbox_written = threading.Event()
+        # Request ids someone waits on (long polls, event streams): changes to them are reported to
+        # `on_change` on the event loop. Read by the writer, changed only on the loop.
+        self.watched: dict[str, int] = {}
+        self.on_change: Callable[[list[str]], None] | None = None
+        self._watch_outbox: Outbox | None = None
+        self._changed: list[str] = []
+        self._emitted = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -247,12 +302,13 @@ class Journal:
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(commands)")}
-        if "key_id" not in columns:  # journals written before API keys existed
-            self._writer.execute("ALTER TABLE commands ADD COLUMN key_id TEXT")
+        for column in _ADDED_COLUMNS:
+            if column not in columns:
+                self._writer.execute(f"ALTER TABLE commands ADD COLUMN {column} TEXT")
         self._reader = self._connect()
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
-            "FROM commands WHERE status = 'accepted' ORDER BY seq"
+            "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         ).fetchall()
         pending = [
             Pending(
@@ -281,10 +337,10 @@ class Journal:
             self._ops.put(_STOP)
             self._thread.join(30)
             self._thread = None
-        for conn in (self._reader, self._writer):
+        for conn in (self._reader, self._feed_reader, self._writer):
             if conn is not None:
                 conn.close()
-        self._reader = self._writer = None
+        self._reader = self._feed_reader = self._writer = None
 
     # ------------------------------------------------------------------ writes
 
@@ -313,6 +369,29 @@ class Journal:
         future: asyncio.Future[None] = self._outbox.loop.create_future()
         self._ops.put(_Flush(outbox=self._outbox, future=future))
         return future
+
+    def apply_events(self, events: list[StatusEvent], positions: dict[int, int], timeout: float = 30.0) -> bool:
+        """Apply status-topic events and store the read positions in one transaction; blocks until committed."""
+        op = _Events(events, positions)
+        self._ops.put(op)
+        return op.done.wait(timeout)
+
+    def outbox_sent(self, up_to: int) -> None:
+        """Forget the status outbox up to id `up_to`: the status topic has it."""
+        self._ops.put(_OutboxSent(up_to))
+
+    def watch(self, request_id: str) -> None:
+        """Report changes to this request id to `on_change` (on the calling event loop) until unwatch."""
+        self._watch_outbox = outbox_for(self._watch_outbox)
+        self.watched[request_id] = self.watched.get(request_id, 0) + 1
+
+    def unwatch(self, request_id: str) -> None:
+        """Undo one watch()."""
+        left = self.watched.get(request_id, 0) - 1
+        if left > 0:
+            self.watched[request_id] = left
+        else:
+            self.watched.pop(request_id, None)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything queued so far is committed (shutdown, tests)."""
@@ -348,17 +427,22 @@ class Journal:
         inserts = [op for op in ops if isinstance(op, _Insert)]
         marks = self._retry_marks + [op for op in ops if isinstance(op, _Mark)]
         flushes = [op for op in ops if isinstance(op, _Flush)]
+        feed = [op for op in ops if isinstance(op, _Events | _OutboxSent)]
         self._retry_marks = []
-        if inserts or marks:
+        if inserts or marks or feed:
             conn = self._writer
             self._txn_delta = 0
             self._txn_sizes = {}
             self._txn_bytes = 0
+            self._changed = []
+            self._emitted = False
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._insert_all(conn, op.items) for op in inserts]
                 for mark in marks:
                     self._apply_mark(conn, mark)
+                for op in feed:
+                    self._apply_feed(conn, op)
                 conn.execute("COMMIT")
                 self.commits += 1
             except sqlite3.Error as exc:
@@ -368,6 +452,8 @@ class Journal:
                 log.error("journal write failed", error=error.detail, sqlite_error=str(exc))
                 self._retry_marks = marks
                 results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
+                self._changed = []
+                self._emitted = False
             else:
                 self.pending_count += self._txn_delta
                 for seq, size in self._txn_sizes.items():
@@ -381,6 +467,10 @@ class Journal:
                 self.writable, self.last_error = True, None
             for op, result in zip(inserts, results, strict=True):
                 op.outbox.put(_settle, op.future, result)
+            for op in feed:
+                if isinstance(op, _Events):
+                    op.done.set()  # after a failed write too: the consumer reads the events again from Kafka
+            self._report_changes()
         for flush in flushes:
             flush.event.set()
             if flush.outbox is not None:
@@ -427,6 +517,25 @@ class Journal:
             self._txn_delta += 1
             self._txn_sizes[cursor.lastrowid] = len(item.value)
             self._txn_bytes += len(item.value)
+            if self.watched:
+                self._changed.append(item.request_id)
+            if self.status_source is not None:
+                self._emit(
+                    conn,
+                    StatusEvent(
+                        request_id=item.request_id,
+                        status="accepted",
+                        at=from_epoch(item.created_at),
+                        source=self.status_source,
+                        device_id=item.device_id,
+                        command_type=item.command_type,
+                        created_at=from_epoch(item.created_at),
+                        expires_at=from_epoch(item.expires_at),
+                        owner=item.key_id,
+                        idempotency_key=item.idem_key,
+                        body_hash=item.body_hash.hex(),
+                    ),
+                )
             row = JournalRow(
                 seq=cursor.lastrowid,
                 request_id=item.request_id,
@@ -467,7 +576,8 @@ class Journal:
             'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
             "history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
             "record_value = CASE WHEN ? IN ('published', 'expired', 'failed') THEN NULL ELSE record_value END "
-            "WHERE seq = ? AND status = 'accepted'",
+            "WHERE seq = ? AND status = 'accepted' "
+            "RETURNING request_id, device_id, command_type, created_at, expires_at, key_id",
             (
                 mark.status,
                 mark.at,
@@ -481,7 +591,28 @@ class Journal:
                 mark.status,
                 mark.seq,
             ),
-        ).rowcount
+        ).fetchone()
+        if updated and (self.watched or self.status_source is not None):
+            request_id, device_id, command_type, created_at, expires_at, key_id = updated
+            if request_id in self.watched:
+                self._changed.append(request_id)
+            if self.status_source is not None:
+                event = StatusEvent(
+                    request_id=request_id,
+                    status=mark.status,
+                    at=from_epoch(mark.at),
+                    source=self.status_source,
+                    device_id=device_id,
+                    command_type=command_type,
+                    created_at=from_epoch(created_at),
+                    expires_at=from_epoch(expires_at),
+                    topic=mark.topic,
+                    partition=mark.partition,
+                    offset=mark.offset,
+                    error=mark.error,
+                    owner=key_id,
+                )
+                self._emit(conn, event)
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
             if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
@@ -489,6 +620,107 @@ class Journal:
             else:
                 self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
                 self._txn_bytes += self._txn_sizes[mark.seq]
+
+    def _emit(self, conn: sqlite3.Connection, event: StatusEvent) -> None:
+        conn.execute(
+            "INSERT INTO status_outbox (request_id, event) VALUES (?, ?)",
+            (event.request_id, _EVENT_ENCODER.encode(event)),
+        )
+        self._emitted = True
+
+    def _apply_feed(self, conn: sqlite3.Connection, op: _Events | _OutboxSent) -> None:
+        if isinstance(op, _OutboxSent):
+            conn.execute("DELETE FROM status_outbox WHERE id <= ?", (op.up_to,))
+            return
+        for event in op.events:
+            self._apply_event(conn, event)
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"status_pos:{p}", o) for p, o in op.positions.items()]
+        )
+
+    def _apply_event(self, conn: sqlite3.Connection, event: StatusEvent) -> None:
+        """One status-topic event: a new row for a command accepted elsewhere, or a step on a known one.
+
+        Repeats change nothing and a status never moves to a lower stage, so events may come late, twice
+        or out of order. A row accepted here keeps status 'accepted' until the forwarder marks it (that
+        is what the forwarder and the backlog count go by); its API status comes from its history."""
+        at = event.at.timestamp()
+        detail = event.error
+        if event.status == "published" and event.offset is not None:
+            detail = f"{event.topic}/{event.partition}@{event.offset}"
+        result = json.dumps(event.result) if event.result is not None else None
+        found = conn.execute(
+            "SELECT seq, status, history, origin FROM commands WHERE request_id = ?", (event.request_id,)
+        ).fetchone()
+        if found is None:
+            idem = event.idempotency_key
+            if idem is not None and conn.execute("SELECT 1 FROM commands WHERE idem_key = ?", (idem,)).fetchone():
+                idem = None
+            conn.execute(
+                "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
+                'updated_at, expires_at, record_key, topic, partition, "offset", error, history, key_id, origin, '
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, x'', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.request_id,
+                    idem,
+                    _unhex(event.body_hash),
+                    event.device_id or "",
+                    event.command_type or "",
+                    event.status,
+                    event.created_at.timestamp() if event.created_at else at,
+                    at,
+                    event.expires_at.timestamp() if event.expires_at else None,
+                    event.topic,
+                    event.partition,
+                    event.offset,
+                    event.error,
+                    json.dumps([[event.status, at, detail]]),
+                    event.owner,
+                    event.source,
+                    result,
+                ),
+            )
+        else:
+            seq, status, history, origin = found
+            steps = json.loads(history)
+            if any(step[0] == event.status for step in steps):
+                return  # a repeat (our own events come back this way too)
+            steps.append([event.status, at, detail])
+            steps.sort(key=lambda step: (STAGE_RANK.get(step[0], 0), step[1]))
+            forward = STAGE_RANK[event.status] > STAGE_RANK.get(status, 0)
+            if origin is None and status == "accepted":
+                forward = False  # the forwarder's own mark moves it on
+            conn.execute(
+                "UPDATE commands SET status = ?, updated_at = max(updated_at, ?), history = ?, "
+                'topic = coalesce(topic, ?), partition = coalesce(partition, ?), "offset" = coalesce("offset", ?), '
+                "error = CASE WHEN ? THEN coalesce(?, error) ELSE error END, result = coalesce(?, result), "
+                "command_type = CASE WHEN command_type = '' THEN coalesce(?, '') ELSE command_type END, "
+                "device_id = CASE WHEN device_id = '' THEN coalesce(?, '') ELSE device_id END "
+                "WHERE seq = ?",
+                (
+                    event.status if forward else status,
+                    at,
+                    json.dumps(steps),
+                    event.topic,
+                    event.partition,
+                    event.offset,
+                    forward,
+                    event.error,
+                    result,
+                    event.command_type,
+                    event.device_id,
+                    seq,
+                ),
+            )
+        if event.request_id in self.watched:
+            self._changed.append(event.request_id)
+
+    def _report_changes(self) -> None:
+        if self._emitted:
+            self.outbox_written.set()
+        if self._changed and self.on_change is not None and self._watch_outbox is not None:
+            self._watch_outbox.put(self.on_change, self._changed)
+        self._changed = []
 
     def _probe_writable(self) -> None:
         """While writes fail, try a one-row write each second, so readiness comes back without traffic."""
@@ -515,6 +747,12 @@ class Journal:
                 ).rowcount
                 if deleted < 5000:
                     break
+            # Commands accepted by other instances that we never heard more of.
+            conn.execute(
+                "DELETE FROM commands WHERE status = 'accepted' AND origin IS NOT NULL AND updated_at < ?", (cutoff,)
+            )
+            if self.status_source is None:  # nobody will publish what an earlier run left there
+                conn.execute("DELETE FROM status_outbox")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("journal housekeeping failed", sqlite_error=str(exc))
@@ -546,9 +784,29 @@ class Journal:
     def oldest_pending_created_at(self) -> float | None:
         """When the oldest command still waiting for Kafka was accepted."""
         found = self._reader.execute(
-            "SELECT created_at FROM commands WHERE status = 'accepted' ORDER BY seq LIMIT 1"
+            "SELECT created_at FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq LIMIT 1"
         ).fetchone()
         return found[0] if found else None
+
+    def status_positions(self) -> dict[int, int]:
+        """Where the status feed stopped reading, per status topic partition."""
+        rows = self._reader.execute("SELECT key, value FROM meta WHERE key LIKE 'status_pos:%'").fetchall()
+        return {int(key.split(":")[1]): int(value) for key, value in rows}
+
+    def outbox_batch(self, after: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
+        """Status events written after outbox id `after`, oldest first (for the status feed's thread only)."""
+        if self._feed_reader is None:
+            self._feed_reader = self._connect()
+        return self._feed_reader.execute(
+            "SELECT id, request_id, event FROM status_outbox WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+
+
+def _unhex(text: str | None) -> bytes:
+    try:
+        return bytes.fromhex(text) if text else b""
+    except ValueError:
+        return b""
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -26,13 +26,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-from dispatch import Dispatcher, command_status
+from dispatch import Dispatcher, Watchers, command_status, reached
 from errors import (
     BodyTooLarge,
     FieldProblem,
@@ -49,12 +49,14 @@ from errors import (
     ValidationFailed,
 )
 from forwarder import Forwarder
-from journal import Journal
+from journal import Journal, JournalRow
 from kafka_sink import KafkaSink
 from logs import configure_logging
 from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
+    STAGE_RANK,
+    TERMINAL,
     VERSION,
     CommandList,
     CommandRequest,
@@ -63,16 +65,20 @@ from schemas import (
     Readiness,
     ServiceStatus,
     Status,
+    StatusChange,
+    StatusFeedState,
     check_command,
     decode_batch,
     decode_batch_item,
     decode_command,
     field_problem,
+    from_epoch,
     openapi_document,
     problem_for,
 )
 from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
 from settings import Settings, SettingsError, load_settings
+from status_feed import StatusFeed
 
 log = structlog.get_logger("pusher")
 
@@ -337,8 +343,16 @@ def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
         raise ValidationFailed(problems)
 
 
-async def get_command_status(request: Request) -> Response:
-    """GET /api/v1/commands/{request_id}/status: current status and every transition, from the journal."""
+class _StatusQuery(msgspec.Struct, forbid_unknown_fields=True):
+    wait_for: Status | msgspec.UnsetType = msgspec.UNSET
+    timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+
+
+_BEYOND_KAFKA = ("delivered", "succeeded", "rejected")
+
+
+async def _readable_row(request: Request) -> JournalRow:
+    """The command named in the path, if this request's key may read it (else 404)."""
     key = require(request.scope["state"], "commands:read")
     await _rate_limit(request, key, 1)
     request_id = request.path_params["request_id"]
@@ -346,7 +360,94 @@ async def get_command_status(request: Request) -> Response:
     # Another key's command does not exist for this key (object-level authorization).
     if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
         raise NotFound(f"No command with request_id {request_id!r} is known")
+    return row
+
+
+async def get_command_status(request: Request) -> Response:
+    """GET /api/v1/commands/{request_id}/status[?wait_for=&timeout=]: status and history; optionally a long poll."""
+    try:
+        query = msgspec.convert(dict(request.query_params), _StatusQuery, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed([field_problem(str(exc), "query")]) from None
+    settings: Settings = request.app.state.settings
+    if query.timeout > settings.long_poll_max:
+        raise ValidationFailed(
+            [FieldProblem("query.timeout", f"at most LONG_POLL_MAX={settings.long_poll_max:g} seconds")]
+        )
+    if query.wait_for in _BEYOND_KAFKA and not settings.kafka_status_topic:
+        raise ValidationFailed(
+            [
+                FieldProblem(
+                    "query.wait_for", "only connectors report this, through KAFKA_STATUS_TOPIC, which is not set"
+                )
+            ]
+        )
+    row = await _readable_row(request)
+    if query.wait_for is msgspec.UNSET or reached(row, query.wait_for) or query.timeout == 0:
+        return JSONResponse(command_status(row))
+    journal: Journal = request.app.state.journal
+    watchers: Watchers = request.app.state.watchers
+    deadline = time.monotonic() + query.timeout
+    with watchers.watching(row.request_id) as changed:
+        while not reached(row, query.wait_for) and not watchers.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Re-read at least every second: a change committed while this wait was being set up is
+            # not reported, and must not make the poll sleep out its whole timeout.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+            changed.clear()
+            row = journal.get(row.request_id) or row
     return JSONResponse(command_status(row))
+
+
+async def command_events(request: Request) -> Response:
+    """GET /api/v1/commands/{request_id}/events: Server-Sent Events, one per transition, until the last."""
+    row = await _readable_row(request)
+    journal: Journal = request.app.state.journal
+    watchers: Watchers = request.app.state.watchers
+    # A reconnecting EventSource sends the id of the last event it got: the status; go on after it.
+    last = request.headers.get("last-event-id", "")
+    sent = {s for s in STAGE_RANK if STAGE_RANK[s] <= STAGE_RANK[last]} if last in STAGE_RANK else set()
+
+    async def stream() -> AsyncIterator[bytes]:
+        current = row
+        with watchers.watching(current.request_id) as changed:
+            while True:
+                for status, at, detail in current.history:
+                    if status in sent:
+                        continue
+                    sent.add(status)
+                    change = StatusChange(
+                        request_id=current.request_id,
+                        status=status,
+                        at=from_epoch(at),
+                        detail=detail,
+                        result=current.result if status in TERMINAL else None,
+                    )
+                    yield b"id: %s\nevent: %s\ndata: %s\n\n" % (
+                        status.encode(),
+                        status.encode(),
+                        JSON_ENCODER.encode(change),
+                    )
+                if current.stage in TERMINAL or watchers.closed:
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), _SSE_KEEPALIVE)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                changed.clear()
+                current = journal.get(current.request_id) or current
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+_SSE_KEEPALIVE = 15.0
 
 
 class _ListQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -438,8 +539,21 @@ async def service_status(request: Request) -> Response:
             command_topic=sink.topic,
             partitions=sink.health.partitions,
             brokers=sink.health.brokers,
+            status_feed=_feed_state(request.app.state.status_feed),
             configuration=dispatcher.settings.masked(),
         )
+    )
+
+
+def _feed_state(feed: StatusFeed | None) -> StatusFeedState | None:
+    if feed is None:
+        return None
+    return StatusFeedState(
+        topic=feed.topic,
+        consuming=feed.consuming,
+        events_published=feed.published,
+        events_applied=feed.applied,
+        events_ignored=feed.ignored,
     )
 
 
@@ -520,6 +634,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.journal_max_pending,
             settings.journal_max_bytes,
             settings.journal_retention,
+            status_source=f"pusher@{settings.instance_id}" if settings.kafka_status_topic else None,
         )
         try:
             recovered = await asyncio.to_thread(journal.open)
@@ -537,7 +652,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             kafka_connected=lambda: sink.connected,
             in_flight=lambda: forwarder.in_flight,
         )
-        app.state.journal, app.state.sink = journal, sink
+        status_feed = StatusFeed(settings, journal) if settings.kafka_status_topic else None
+        if status_feed is not None:
+            status_feed.start()
+        app.state.journal, app.state.sink, app.state.status_feed = journal, sink, status_feed
+        app.state.watchers = Watchers(journal)
         app.state.dispatcher = Dispatcher(settings, journal, forwarder, metrics)
         app.state.started = time.monotonic()
         app.state.accepting = True
@@ -564,6 +683,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await asyncio.to_thread(sink.close, settings.shutdown_timeout)
             for _ in range(3):
                 await asyncio.sleep(0)
+            if status_feed is not None:
+                await asyncio.to_thread(status_feed.close)
             await asyncio.to_thread(journal.close)
             if app.state.limiter is not None:
                 await app.state.limiter.close()
@@ -574,6 +695,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/v1/commands", list_commands, methods=["GET"]),
         Route("/api/v1/commands/batch", push_commands_batch, methods=["POST"]),
         Route("/api/v1/commands/{request_id}/status", get_command_status, methods=["GET"]),
+        Route("/api/v1/commands/{request_id}/events", command_events, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/api/v1/status", service_status, methods=["GET"]),
@@ -734,9 +856,15 @@ class DrainingServer(uvicorn.Server):
     def _drain_then_exit(self) -> None:
         log.info("signal received: refusing new commands", drain_seconds=self.drain)
         if self.drain > 0:
-            self.loop.call_later(self.drain, setattr, self, "should_exit", True)
+            self.loop.call_later(self.drain, self._exit)
         else:
-            self.should_exit = True
+            self._exit()
+
+    def _exit(self) -> None:
+        self.should_exit = True
+        watchers = getattr(self.app_state, "watchers", None)
+        if watchers is not None:  # long polls and event streams answer now instead of holding the shutdown
+            watchers.close()
 
 
 if __name__ == "__main__":

@@ -39,11 +39,13 @@ examples:
   pusher batch commands.jsonl --idempotency-key nightly-2026-11-29
                                        one command per line (`-`: standard input); the key makes a rerun safe
   pusher status 3f2c9a1e-…             add --wait to block until it is published
+  pusher status 3f2c9a1e-… --wait --until succeeded --timeout 60
+                                       until the device answered (needs the service's status topic)
   pusher list --device efento_device_001 --status accepted
 
 exit codes:
   0  done: accepted (202) or published (200); for batch, every line
-  1  refused or failed: invalid command (4xx), Kafka refused it, ended failed/expired; for batch, any line
+  1  refused or failed: invalid command (4xx), Kafka refused it, ended failed/rejected/expired; for batch, any line
   2  usage: bad arguments or JSON given on the command line
   3  the API key is missing, unknown, or not allowed to do this (401/403)
   4  no such command (status)
@@ -141,7 +143,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _wait_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--wait", action="store_true", help=help_text)
-    parser.add_argument("--until", choices=STAGES, default="published", help="the stage --wait waits for")
+    parser.add_argument(
+        "--until",
+        choices=STAGES,
+        default="published",
+        help="the stage --wait waits for (delivered and succeeded need the service's KAFKA_STATUS_TOPIC)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long --wait waits (30)")
 
 

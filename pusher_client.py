@@ -71,9 +71,11 @@ Command = CommandRequest | Mapping[str, Any]  # a CommandRequest, or a dict of i
 CommandResult = CommandResponse
 BatchResult = BatchCommandResponse
 DEFAULT_URL = "http://127.0.0.1:8000"
-# Lifecycle stages in order; a command that reached a later stage has passed the earlier ones.
-STAGES = ("accepted", "published")
-FINAL_FAILURES = ("failed", "expired")
+# Lifecycle stages in order; a command that reached a later stage has passed the earlier ones. The last
+# two are reported by connectors, through the service's status topic (KAFKA_STATUS_TOPIC).
+STAGES = ("accepted", "published", "delivered", "succeeded")
+FINAL_FAILURES = ("failed", "expired", "rejected")
+LONG_POLL = 25.0  # seconds one wait_for request may hold (the service allows LONG_POLL_MAX, 60 by default)
 
 
 # ---------------------------------------------------------------- errors
@@ -133,8 +135,9 @@ class ServerError(PusherClientError):
 
 
 class CommandFailed(PusherClientError):
-    """The command ended `failed` or `expired`: seen by wait_for (`command` is its CommandStatus, with history),
-    or answered so when sending (`command` is the CommandResult, e.g. a replay of a command Kafka refused)."""
+    """The command ended `failed`, `rejected` or `expired`: seen by wait_for (`command` is its CommandStatus,
+    with history), or answered so when sending (`command` is the CommandResult, e.g. a replay of a command
+    Kafka refused)."""
 
     def __init__(self, command: CommandStatus | CommandResponse) -> None:
         error = command.error.detail if isinstance(command.error, Problem) else command.error
@@ -197,6 +200,12 @@ class _Call(NamedTuple):
     content: bytes | None = None
     headers: dict[str, str] | None = None
     params: dict[str, Any] | None = None
+    read_timeout: float | None = None  # for a long poll: longer than the client's usual timeout
+
+    @property
+    def timeout(self) -> Any:
+        """The request's timeout: the read timeout when set, else the client's."""
+        return httpx.USE_CLIENT_DEFAULT if self.read_timeout is None else httpx.Timeout(10.0, read=self.read_timeout)
 
 
 class _Core:
@@ -221,9 +230,13 @@ class _Core:
         headers = _send_headers(idempotency_key, respond_async)
         return _Call("POST", "/api/v1/commands/batch", BatchCommandResponse, body, headers)
 
-    def status(self, request_id: str) -> _Call:
-        """GET /api/v1/commands/{request_id}/status."""
-        return _Call("GET", f"/api/v1/commands/{_path_segment(request_id)}/status", CommandStatus)
+    def status(self, request_id: str, wait_for: str | None = None, timeout: float = 0.0) -> _Call:
+        """GET /api/v1/commands/{request_id}/status, as a long poll for `wait_for` when given."""
+        path = f"/api/v1/commands/{_path_segment(request_id)}/status"
+        if wait_for is None:
+            return _Call("GET", path, CommandStatus)
+        params = {"wait_for": wait_for, "timeout": round(timeout, 3)}
+        return _Call("GET", path, CommandStatus, params=params, read_timeout=timeout + 10.0)
 
     def list(self, device_id: str | None, status: str | None, limit: int, before: int | None) -> _Call:
         """GET /api/v1/commands?device_id=&status=&limit=&before=."""
@@ -417,21 +430,17 @@ class PusherClient:
         """Recent commands, newest first; pass `next_before` as `before` for the next page."""
         return self._request(self._core.list(device_id, status, limit, before))
 
-    def wait_for(
-        self, request_id: str, until: str = "published", timeout: float = 30.0, interval: float = 0.05
-    ) -> CommandStatus:
-        """Poll until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
+    def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
+        """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
         _check_stage(until)
         deadline = time.monotonic() + timeout
         while True:
-            command = self.get_status(request_id)
+            remaining = max(0.0, deadline - time.monotonic())
+            command = self._request(self._core.status(request_id, until, min(remaining, LONG_POLL)))
             if _reached(command, until):
                 return command
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline - time.monotonic() <= 0:
                 raise WaitTimeout(command, until, timeout)
-            time.sleep(min(interval, remaining))
-            interval = min(interval * 2, 1.0)
 
     def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""
@@ -443,7 +452,12 @@ class PusherClient:
         while True:
             try:
                 response = self._http.request(
-                    call.method, call.path, content=call.content, headers=call.headers, params=call.params
+                    call.method,
+                    call.path,
+                    content=call.content,
+                    headers=call.headers,
+                    params=call.params,
+                    timeout=call.timeout,
                 )
             except httpx.TransportError as exc:
                 wait = self._core.retry_wait(attempt, started, None, retry)
@@ -535,21 +549,17 @@ class AsyncPusherClient:
         """Recent commands, newest first; pass `next_before` as `before` for the next page."""
         return await self._request(self._core.list(device_id, status, limit, before))
 
-    async def wait_for(
-        self, request_id: str, until: str = "published", timeout: float = 30.0, interval: float = 0.05
-    ) -> CommandStatus:
-        """Poll until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
+    async def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
+        """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
         _check_stage(until)
         deadline = time.monotonic() + timeout
         while True:
-            command = await self.get_status(request_id)
+            remaining = max(0.0, deadline - time.monotonic())
+            command = await self._request(self._core.status(request_id, until, min(remaining, LONG_POLL)))
             if _reached(command, until):
                 return command
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline - time.monotonic() <= 0:
                 raise WaitTimeout(command, until, timeout)
-            await asyncio.sleep(min(interval, remaining))
-            interval = min(interval * 2, 1.0)
 
     async def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""
@@ -561,7 +571,12 @@ class AsyncPusherClient:
         while True:
             try:
                 response = await self._http.request(
-                    call.method, call.path, content=call.content, headers=call.headers, params=call.params
+                    call.method,
+                    call.path,
+                    content=call.content,
+                    headers=call.headers,
+                    params=call.params,
+                    timeout=call.timeout,
                 )
             except httpx.TransportError as exc:
                 wait = self._core.retry_wait(attempt, started, None, retry)

@@ -40,10 +40,27 @@ RequestId = Annotated[
     ),
 ]
 Qos = Annotated[int, Meta(ge=0, le=2, description="MQTT QoS; only with protocol mqtt.")]
-Status = Literal["accepted", "published", "failed", "expired"]
+Status = Literal["accepted", "published", "delivered", "succeeded", "failed", "rejected", "expired"]
+# How far along each status is: a command's status only ever moves to a higher rank, so late, repeated or
+# out-of-order events change nothing. The last rank is terminal.
+STAGE_RANK: dict[str, int] = {
+    "accepted": 0,
+    "published": 1,
+    "delivered": 2,
+    "succeeded": 3,
+    "failed": 3,
+    "rejected": 3,
+    "expired": 3,
+}
+TERMINAL = frozenset(s for s, rank in STAGE_RANK.items() if rank == 3)
 MAX_TTL = 30 * 86400
 PROTOCOL_OPTIONS = {"qos": "mqtt", "retain": "mqtt", "confirmable": "coap"}
 _INT64 = 2**63
+
+
+def from_epoch(epoch: float | None) -> datetime | None:
+    """Seconds since the epoch as an aware UTC datetime (None stays None)."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
 class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -101,7 +118,7 @@ class CommandResponse(Struct, kw_only=True, omit_defaults=True):
 
     success: bool
     request_id: str | None
-    status: Literal["published", "accepted", "expired", "rejected", "failed"]
+    status: Status
     message: str
     timestamp: datetime
     topic: str | None = None
@@ -144,6 +161,59 @@ class CommandStatus(Struct, kw_only=True):
     offset: int | None = None
     error: str | None = None
     history: list[Transition] = []
+    result: Annotated[dict[str, Any], Meta(description="What the device answered (from its connector).")] | None = None
+
+
+class StatusChange(Struct, kw_only=True, omit_defaults=True):
+    """One transition, as GET /api/v1/commands/{request_id}/events streams it (the SSE `data`)."""
+
+    request_id: str
+    status: Status
+    at: datetime
+    detail: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class StatusEvent(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
+    """One lifecycle transition of a command on the status topic (record key: its request_id, UTF-8)."""
+
+    request_id: RequestId
+    status: Annotated[Status, Meta(description="The stage reached; a status never goes back to a lower stage.")]
+    at: Annotated[datetime, Meta(tz=True, description="When the transition happened (ISO 8601 with offset).")]
+    source: Annotated[
+        str, Meta(min_length=1, max_length=255, description="Who reports it: `pusher@<instance>` or a connector name.")
+    ]
+    device_id: DeviceId | None = None
+    command_type: CommandType | None = None
+    created_at: Annotated[datetime, Meta(tz=True, description="When the command was accepted.")] | None = None
+    expires_at: (
+        Annotated[datetime, Meta(tz=True, description="When the command expires (the command's own field).")] | None
+    ) = None
+    topic: Annotated[str, Meta(description="Set by the service on `published`: the Kafka command topic.")] | None = None
+    partition: Annotated[int, Meta(description="Set by the service on `published`: the Kafka partition.")] | None = None
+    offset: Annotated[int, Meta(description="Set by the service on `published`: the Kafka offset.")] | None = None
+    error: Annotated[str, Meta(max_length=2000, description="Why it failed, was rejected or expired.")] | None = None
+    result: Annotated[dict[str, Any], Meta(description="What the device answered.")] | None = None
+    owner: Annotated[str, Meta(description="The API key id that sent it (set by the service).")] | None = None
+    idempotency_key: (
+        Annotated[str, Meta(description="Set by the service, so a retry at another instance replays.")] | None
+    ) = None
+    body_hash: Annotated[str, Meta(description="Set by the service: hex SHA-256 of the accepted body.")] | None = None
+
+
+STATUS_EVENT_DECODER = msgspec.json.Decoder(StatusEvent)
+
+
+def status_event_schema() -> dict[str, Any]:
+    """The status topic's event contract as a JSON Schema (the file in contract/ is this, written out)."""
+    schema = msgspec.json.schema(StatusEvent)
+    body = schema["$defs"]["StatusEvent"]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://preservarium.dev/pusher/status-event.schema.json",
+        **body,
+        "title": "Preservarium Pusher status event",
+    }
 
 
 class CommandList(Struct, kw_only=True):
@@ -187,6 +257,16 @@ class Counters(Struct, kw_only=True):
     publish_latency_ms_avg: float = 0.0
 
 
+class StatusFeedState(Struct, kw_only=True):
+    """The status topic as this instance sees it (counts since start)."""
+
+    topic: str
+    consuming: bool
+    events_published: int
+    events_applied: int
+    events_ignored: int
+
+
 class ServiceStatus(Struct, kw_only=True):
     """Detailed service status."""
 
@@ -204,6 +284,7 @@ class ServiceStatus(Struct, kw_only=True):
     command_topic: str
     partitions: int | None
     brokers: int = 0
+    status_feed: StatusFeedState | None = None
     configuration: dict[str, Any] = {}
 
 
@@ -443,6 +524,7 @@ _SCHEMA_TYPES = (
     ServiceStatus,
     Counters,
     CommandMessage,
+    StatusChange,
 )
 
 
@@ -548,7 +630,7 @@ def openapi_document(
                         "name": "status",
                         "in": "query",
                         "required": False,
-                        "schema": {"enum": ["accepted", "published", "failed", "expired"]},
+                        "schema": {"enum": list(STAGE_RANK)},
                     },
                     {
                         "name": "limit",
@@ -586,10 +668,49 @@ def openapi_document(
         "/api/v1/commands/{request_id}/status": {
             "get": {
                 "operationId": "getCommandStatus",
-                "summary": "A command's current status and every transition, from the journal",
+                "summary": "A command's current status and every transition; with `wait_for`, a long poll",
+                "description": "With `wait_for`, the answer comes as soon as the command reaches that stage, a "
+                "later one or an end (`failed`, `rejected`, `expired`), or after `timeout` seconds with the status "
+                "it has then. `delivered`, `succeeded` and `rejected` come from connectors through the status topic "
+                "(KAFKA_STATUS_TOPIC); without it, waiting for them is a 422.",
                 "tags": ["commands"],
-                "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": _json("CommandStatus", "Known command"), "404": _problem("Unknown request id")},
+                "parameters": [
+                    {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "wait_for", "in": "query", "required": False, "schema": {"enum": list(STAGE_RANK)}},
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "required": False,
+                        "description": "Seconds a `wait_for` may hold the request (at most LONG_POLL_MAX, 60)",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 30},
+                    },
+                ],
+                "responses": {
+                    "200": _json("CommandStatus", "Known command"),
+                    "404": _problem("Unknown request id"),
+                    "422": _problem("Bad wait_for or timeout"),
+                },
+            }
+        },
+        "/api/v1/commands/{request_id}/events": {
+            "get": {
+                "operationId": "streamCommandEvents",
+                "summary": "Server-Sent Events: one per transition as it happens; the stream ends after the last",
+                "description": "Each event has `id` and `event` set to the status and `data` a StatusChange. "
+                "A reconnect with `Last-Event-ID` resumes after that stage. A comment line every 15 s keeps "
+                "proxies from closing an idle stream.",
+                "tags": ["commands"],
+                "parameters": [
+                    {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The event stream",
+                        "content": {"text/event-stream": {"schema": _ref("StatusChange")}},
+                    },
+                    "404": _problem("Unknown request id"),
+                },
             }
         },
         "/health": {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +18,7 @@ _HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}"
 _HOST_PORTS = rf"^{_HOST_PORT}(,{_HOST_PORT})*$"
 _HINTS = {"kafka_bootstrap_servers": "expected host:port[,host:port…]"}
 Port = Annotated[int, Meta(ge=0, le=65535)]
+_DEFAULT_INSTANCE = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:128] or "pusher"
 
 
 class SettingsError(Exception):
@@ -62,6 +65,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_create_topic: bool = False
     kafka_topic_partitions: Annotated[int, Meta(ge=1)] = 3
     kafka_topic_replication: Annotated[int, Meta(ge=1)] = 1
+    # The shared status topic (compacted, key = request_id); empty: statuses stay local to this instance.
+    kafka_status_topic: Annotated[str, Meta(pattern=r"^([A-Za-z0-9._-]{1,249})?$")] = ""
+    instance_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] = _DEFAULT_INSTANCE
+    long_poll_max: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     publish_timeout: Positive = 5.0
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576

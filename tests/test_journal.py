@@ -9,8 +9,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import ROOT
 from kafka_local import free_port
@@ -18,6 +20,7 @@ from kafka_local import free_port
 from errors import JournalError
 from journal import Journal, NewCommand
 from kafka_sink import Backoff
+from schemas import StatusEvent
 
 
 def new(request_id: str, device: str = "d1", body: bytes = b"h", idem_key: str | None = None, **extra) -> NewCommand:
@@ -306,5 +309,88 @@ def test_pending_bytes_follow_what_waits_for_kafka(tmp_path):
     j.open()
     try:
         assert j.pending_bytes == 50_000 and j.pending_count == 2
+    finally:
+        j.close()
+
+
+def _event(request_id: str, status: str, at: float, **extra) -> StatusEvent:
+    return StatusEvent(
+        request_id=request_id,
+        status=status,
+        at=datetime.fromtimestamp(at, UTC),
+        source=extra.pop("source", "connector"),
+        device_id=extra.pop("device_id", "d1"),
+        **extra,
+    )
+
+
+def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_path):
+    """Events for a command accepted elsewhere make a row of its own; a lower stage arriving late joins the
+    history without moving the status; a repeat is dropped; the read position is stored with them."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        now = time.time()
+        assert j.apply_events([_event("r1", "delivered", now + 2, command_type="reboot")], {0: 5})
+        assert j.apply_events([_event("r1", "accepted", now, created_at=datetime.fromtimestamp(now, UTC))], {0: 6})
+        assert j.apply_events([_event("r1", "delivered", now + 3), _event("r1", "published", now + 1)], {0: 8})
+        row = j.get("r1")
+        assert row.status == row.stage == "delivered" and row.origin == "connector"
+        assert [step[0] for step in row.history] == ["accepted", "published", "delivered"]
+        assert row.created_at == pytest.approx(now) and row.command_type == "reboot"
+        assert j.apply_events([_event("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2})
+        assert j.apply_events([_event("r1", "failed", now + 5, error="late")], {1: 3})  # a second end: too late
+        row = j.get("r1")
+        assert row.stage == "succeeded" and row.result == {"ok": 1} and row.error is None
+        assert j.status_positions() == {0: 8, 1: 3}
+        assert j.pending_count == 0  # a command accepted elsewhere is never ours to send
+    finally:
+        j.close()
+    reopened = Journal(tmp_path / "j.db")
+    assert reopened.open() == []
+    reopened.close()
+
+
+def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
+    """A connector's event that overtakes our own acknowledgement shows in the API status, but the row stays
+    'accepted' for the forwarder (and the backlog count) until its own mark; then the outbox holds our events."""
+    j = Journal(tmp_path / "j.db", status_source="pusher@test")
+    j.open()
+    try:
+        [accepted] = accept(j, new("own-1"))
+        seq = accepted.row.seq
+        assert j.apply_events([_event("own-1", "delivered", time.time())], {0: 1})
+        row = j.get("own-1")
+        assert row.status == "accepted" and row.stage == "delivered" and j.pending_count == 1
+        j.mark(seq, "published", topic="t", partition=0, offset=7)
+        assert j.flush()
+        row = j.get("own-1")
+        assert row.status == "published" and row.stage == "delivered" and j.pending_count == 0
+        events = [msgspec.json.decode(e, type=StatusEvent) for _, _, e in j.outbox_batch(0)]
+        assert [(e.status, e.source, e.offset) for e in events] == [
+            ("accepted", "pusher@test", None),
+            ("published", "pusher@test", 7),
+        ]
+        assert events[0].body_hash == b"h".hex()
+        j.outbox_sent(j.outbox_batch(0)[0][0])
+        assert j.flush()
+        assert [e[1] for e in j.outbox_batch(0)] == ["own-1"]
+    finally:
+        j.close()
+
+
+def test_a_retry_at_another_instance_finds_the_command_by_its_idempotency_key(tmp_path):
+    """The accepted event carries the (key-scoped) Idempotency-Key and body hash: the same request at this
+    instance is a replay of the other's command, a different body a conflict."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        event = _event("elsewhere-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
+        assert j.apply_events([event], {0: 1})
+        [replayed] = accept(j, new("fresh-id", idem_key="k1\x1fabc"))
+        [conflict] = accept(j, new("fresh-id-2", idem_key="k1\x1fabc", body=b"other"))
+        assert replayed.outcome == "replayed" and replayed.row.request_id == "elsewhere-1"
+        assert conflict.outcome == "conflict"
+        assert j.pending_count == 0
     finally:
         j.close()

@@ -1,0 +1,192 @@
+"""The shared status topic: this instance's transitions out, every instance's and connector's in.
+
+Out: the journal writes each transition into its status outbox in the same transaction as the
+transition itself; a thread here publishes the outbox in order and forgets only what Kafka
+acknowledged, so a crash can repeat an event but never lose one. In: a consumer assigned every
+partition of the topic (no consumer group: every instance reads everything) applies the events to
+the journal and stores its read position in the same transaction, so any instance answers for any
+command. Both directions tolerate repeats, since a status never moves back to a lower stage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import kafka.errors as kerr
+import msgspec
+import structlog
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+
+from journal import Journal
+from kafka_sink import Backoff, security_options
+from schemas import STATUS_EVENT_DECODER, StatusEvent
+from settings import Settings
+
+log = structlog.get_logger("status_feed")
+_TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the status topic
+
+
+class StatusFeed:
+    """Publishes the journal's status outbox to KAFKA_STATUS_TOPIC and applies the topic back to it."""
+
+    def __init__(self, settings: Settings, journal: Journal) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.topic = settings.kafka_status_topic
+        self.published = 0
+        self.applied = 0
+        self.ignored = 0
+        self.consuming = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the publishing and the consuming thread."""
+        for target, name in ((self._publish_loop, "status-out"), (self._consume_loop, "status-in")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both threads; what the outbox still holds is published at the next start."""
+        self._stop.set()
+        self.journal.outbox_written.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+
+    def _options(self) -> dict[str, object]:
+        s = self.settings
+        return {
+            "bootstrap_servers": s.kafka_bootstrap_servers.split(","),
+            "client_id": f"{s.kafka_client_id}-status",
+            "reconnect_backoff_max_ms": 2000,
+            **security_options(s),
+        }
+
+    # ------------------------------------------------------------------ out
+
+    def _publish_loop(self) -> None:
+        producer: KafkaProducer | None = None
+        backoff = Backoff(0.2, 5.0)
+        sent_up_to = 0
+        while not self._stop.is_set():
+            self.journal.outbox_written.clear()
+            batch = self.journal.outbox_batch(sent_up_to)
+            if not batch:
+                self.journal.outbox_written.wait(1.0)
+                continue
+            try:
+                if producer is None:
+                    producer = KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **self._options())
+                futures = [producer.send(self.topic, key=rid.encode(), value=event) for _, rid, event in batch]
+                producer.flush(timeout=self.settings.kafka_producer_timeout)
+                for future in futures:
+                    if future.failed():
+                        raise future.exception
+            except Exception as exc:  # anything: the outbox keeps the events, and they go again
+                log.warning("status events not published yet", error=type(exc).__name__, detail=str(exc)[:200])
+                if producer is not None:
+                    producer.close(timeout=0.5)
+                    producer = None
+                self._stop.wait(backoff.next())
+                continue
+            backoff.reset()
+            sent_up_to = batch[-1][0]
+            self.published += len(batch)
+            self.journal.outbox_sent(sent_up_to)
+        if producer is not None:
+            producer.close(timeout=1.0)
+
+    # ------------------------------------------------------------------ in
+
+    def _consume_loop(self) -> None:
+        consumer: KafkaConsumer | None = None
+        backoff = Backoff(0.2, 5.0)
+        next_check = 0.0
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **self._options())
+                    next_check = 0.0
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + (_TOPIC_CHECK if self._assign(consumer) else 1.0)
+                if not consumer.assignment():
+                    self._stop.wait(1.0)
+                    continue
+                polled = consumer.poll(timeout_ms=500, max_records=2000)
+                if polled:
+                    self._apply(polled)
+                    if not self.journal.writable:
+                        next_check = 0.0  # not stored: read again from the stored positions
+                backoff.reset()
+            except Exception as exc:  # the broker went away, or worse: start over from the stored positions
+                log.warning("status topic not readable", error=type(exc).__name__, detail=str(exc)[:200])
+                self.consuming = False
+                if consumer is not None:
+                    consumer.close()
+                    consumer = None
+                self._stop.wait(backoff.next())
+        if consumer is not None:
+            consumer.close()
+
+    def _assign(self, consumer: KafkaConsumer) -> bool:
+        """Assign every partition of the topic, at the positions stored in the journal; False while it is missing."""
+        partitions = consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            if self.settings.kafka_create_topic:
+                self._create_topic()
+            else:
+                log.warning("status topic missing: create it (compacted) or set KAFKA_CREATE_TOPIC", topic=self.topic)
+            return False
+        wanted = {TopicPartition(self.topic, p) for p in partitions}
+        consumer.assign(sorted(wanted))
+        stored = self.journal.status_positions()
+        for tp in wanted:
+            if tp.partition in stored:
+                consumer.seek(tp, stored[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        if not self.consuming:
+            log.info("status topic assigned", topic=self.topic, partitions=len(wanted))
+        self.consuming = True
+        return True
+
+    def _apply(self, polled: dict) -> None:
+        events: list[StatusEvent] = []
+        positions: dict[int, int] = {}
+        for tp, records in polled.items():
+            for record in records:
+                positions[tp.partition] = record.offset + 1
+                try:
+                    events.append(STATUS_EVENT_DECODER.decode(record.value))
+                except (msgspec.DecodeError, TypeError) as exc:  # one bad event must not stop the feed
+                    self.ignored += 1
+                    log.warning(
+                        "status event ignored",
+                        partition=tp.partition,
+                        offset=record.offset,
+                        error=str(exc)[:300],
+                    )
+        self.journal.apply_events(events, positions)
+        self.applied += len(events)
+
+    def _create_topic(self) -> None:
+        s = self.settings
+        spec = {
+            "num_partitions": s.kafka_topic_partitions,
+            "replication_factor": s.kafka_topic_replication,
+            # Compaction keeps one event per command, the last written, which need not be the furthest stage
+            # (events race). Leaving events alone for as long as the journal keeps commands means an
+            # instance reading the topic from the start sees every stage of every command it could be asked of.
+            "configs": {"cleanup.policy": "compact", "min.compaction.lag.ms": str(int(s.journal_retention * 1000))},
+        }
+        admin = KafkaAdminClient(**self._options())
+        try:
+            admin.create_topics({self.topic: spec}, wait_for_metadata=True)
+            log.info("status topic created", topic=self.topic, partitions=s.kafka_topic_partitions)
+        except kerr.TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()

@@ -1,0 +1,311 @@
+"""The shared status topic, long polls and event streams, and two instances on one broker (real Kafka)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+
+import httpx
+import jsonschema_rs
+import pytest
+from helpers import ROOT, ServiceProcess, command, new_topic, read_topic, wait_for
+from kafka import KafkaProducer
+
+from pusher_client import CommandFailed, PusherClient, WaitTimeout
+from schemas import status_event_schema
+
+CONTRACT = json.loads((ROOT / "contract" / "status-event.schema.json").read_text())
+
+
+def _status_topic(bootstrap: str) -> str:
+    return new_topic(bootstrap, name=f"status-{time.monotonic_ns()}", configs={"cleanup.policy": "compact"})
+
+
+def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str, **env: str) -> ServiceProcess:
+    (tmp_path / name).mkdir(exist_ok=True)
+    return ServiceProcess(
+        tmp_path / name,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        KAFKA_COMMAND_TOPIC=topic,
+        KAFKA_STATUS_TOPIC=status_topic,
+        INSTANCE_ID=name,
+        **env,
+    ).start()
+
+
+class Connector:
+    """Reports stages on the status topic as a connector would (key: request_id; value: the contract's JSON)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+
+    def report(self, request_id: str, device_id: str, status: str, **extra) -> dict:
+        event = {
+            "request_id": request_id,
+            "status": status,
+            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "source": "test-connector",
+            "device_id": device_id,
+            **extra,
+        }
+        jsonschema_rs.validate(CONTRACT, event)
+        self.producer.send(self.topic, key=request_id.encode(), value=json.dumps(event).encode()).get(10)
+        return event
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+@pytest.fixture
+def status_topic(kafka_bootstrap: str) -> str:
+    """A fresh compacted status topic."""
+    return _status_topic(kafka_bootstrap)
+
+
+@pytest.fixture
+def connector(kafka_bootstrap: str, status_topic: str):
+    """Something that reports connector stages."""
+    reporter = Connector(kafka_bootstrap, status_topic)
+    yield reporter
+    reporter.close()
+
+
+def _statuses(body: dict) -> list[str]:
+    return [step["status"] for step in body["history"]]
+
+
+def test_the_contract_file_is_the_schema_the_service_builds():
+    """contract/status-event.schema.json is written from schemas.StatusEvent: they cannot drift apart."""
+    assert status_event_schema() == CONTRACT
+    jsonschema_rs.meta.validate(CONTRACT)
+
+
+def test_own_transitions_go_out_and_connector_stages_come_back(
+    kafka_bootstrap, topic, status_topic, connector, tmp_path
+):
+    """accepted and published are on the status topic (valid per the contract); delivered and succeeded
+    reported by a connector come back, repeats and a late lower stage change nothing, the result is kept."""
+    service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "solo")
+    try:
+        posted = httpx.post(f"{service.url}/api/v1/commands", json=command("fb-1", payload={"v": 1})).json()
+        rid = posted["request_id"]
+        events = [json.loads(r.value) for r in read_topic(kafka_bootstrap, status_topic, 2)]
+        for event in events:
+            jsonschema_rs.validate(CONTRACT, event)
+        assert [(e["status"], e["request_id"], e["source"]) for e in events] == [
+            ("accepted", rid, "pusher@solo"),
+            ("published", rid, "pusher@solo"),
+        ]
+        assert events[1]["offset"] == posted["offset"] and events[0]["device_id"] == "fb-1"
+
+        connector.report(rid, "fb-1", "delivered")
+        connector.report(rid, "fb-1", "delivered")  # a repeat
+        connector.report(rid, "fb-1", "succeeded", result={"applied": {"v": 1}})
+        connector.report(rid, "fb-1", "delivered")  # late, and lower than succeeded
+        body = httpx.get(
+            f"{service.url}/api/v1/commands/{rid}/status", params={"wait_for": "succeeded", "timeout": 20}, timeout=30
+        ).json()
+        assert body["status"] == "succeeded"
+        assert _statuses(body) == ["accepted", "published", "delivered", "succeeded"]
+        assert body["result"] == {"applied": {"v": 1}}
+        time.sleep(0.5)  # the late repeat is applied by now, and must not have moved anything
+        again = httpx.get(f"{service.url}/api/v1/commands/{rid}/status").json()
+        assert again["status"] == "succeeded" and _statuses(again) == _statuses(body)
+        listed = httpx.get(f"{service.url}/api/v1/commands", params={"device_id": "fb-1"}).json()["items"]
+        assert [(i["request_id"], i["status"]) for i in listed] == [(rid, "succeeded")]
+    finally:
+        service.stop()
+
+
+def test_long_poll_waits_for_the_stage_and_answers_at_its_timeout(
+    kafka_bootstrap, topic, status_topic, connector, tmp_path
+):
+    """wait_for answers as soon as the stage is reached, or with the current status when the time is up; a
+    terminal stage ends any wait."""
+    service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "poll")
+    url = f"{service.url}/api/v1/commands"
+    try:
+        rid = httpx.post(url, json=command("fb-2")).json()["request_id"]
+        assert httpx.get(f"{url}/{rid}/status", params={"wait_for": "published"}).json()["status"] == "published"
+        started = time.monotonic()
+        timed_out = httpx.get(f"{url}/{rid}/status", params={"wait_for": "delivered", "timeout": 1}, timeout=10)
+        assert timed_out.status_code == 200 and timed_out.json()["status"] == "published"
+        assert time.monotonic() - started >= 0.9
+
+        answered: dict = {}
+
+        def poll() -> None:
+            answered["body"] = httpx.get(
+                f"{url}/{rid}/status", params={"wait_for": "succeeded", "timeout": 30}, timeout=40
+            ).json()
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        time.sleep(0.5)
+        assert poller.is_alive()
+        connector.report(rid, "fb-2", "rejected", error="device offline for good")
+        poller.join(20)
+        assert not poller.is_alive()
+        assert answered["body"]["status"] == "rejected" and answered["body"]["error"] == "device offline for good"
+    finally:
+        service.stop()
+
+
+def test_event_stream_sends_each_transition_then_ends(kafka_bootstrap, topic, status_topic, connector, tmp_path):
+    """Server-Sent Events: one event per transition as it happens, ending after the last; Last-Event-ID resumes."""
+    service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "sse")
+    url = f"{service.url}/api/v1/commands"
+    try:
+        rid = httpx.post(url, json=command("fb-3")).json()["request_id"]
+        seen: list[tuple[str, dict]] = []
+
+        def follow() -> None:
+            with httpx.stream("GET", f"{url}/{rid}/events", timeout=30) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                event = None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        seen.append((event, json.loads(line[6:])))
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_for(lambda: len(seen) >= 2, timeout=10)
+        connector.report(rid, "fb-3", "delivered")
+        wait_for(lambda: len(seen) >= 3, timeout=10)
+        connector.report(rid, "fb-3", "succeeded", result={"ok": True})
+        follower.join(15)
+        assert not follower.is_alive(), "the stream did not end after the last stage"
+        assert [e for e, _ in seen] == ["accepted", "published", "delivered", "succeeded"]
+        assert seen[-1][1]["result"] == {"ok": True} and seen[0][1]["request_id"] == rid
+
+        resumed = httpx.get(f"{url}/{rid}/events", headers={"Last-Event-ID": "published"}, timeout=10).text
+        assert [line[7:] for line in resumed.splitlines() if line.startswith("event: ")] == ["delivered", "succeeded"]
+        unknown = httpx.get(f"{url}/nope/events")
+        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+    finally:
+        service.stop()
+
+
+def test_two_instances_share_status_and_idempotency(kafka_bootstrap, topic, status_topic, connector, tmp_path):
+    """Commands go to A; B answers their status (long poll included) and the device's list, and a retry of the
+    same Idempotency-Key at B is a replay, not a second send. An instance started later catches up."""
+    a = _service(tmp_path, kafka_bootstrap, topic, status_topic, "a")
+    b = _service(tmp_path, kafka_bootstrap, topic, status_topic, "b")
+    late = None
+    try:
+        headers = {"Idempotency-Key": "fb-two-1"}
+        first = httpx.post(f"{a.url}/api/v1/commands", json=command("fb-4", payload={"n": 1}), headers=headers)
+        assert first.status_code == 200
+        rid = first.json()["request_id"]
+        at_b = wait_for(lambda: _get(b.url, rid), timeout=20)
+        assert at_b["device_id"] == "fb-4" and at_b["command_type"] == "reboot"
+        connector.report(rid, "fb-4", "delivered")
+        body = httpx.get(
+            f"{b.url}/api/v1/commands/{rid}/status", params={"wait_for": "delivered", "timeout": 20}, timeout=30
+        ).json()
+        assert _statuses(body) == ["accepted", "published", "delivered"]
+        assert body["partition"] == first.json()["partition"] and body["offset"] == first.json()["offset"]
+        listed = httpx.get(f"{b.url}/api/v1/commands", params={"device_id": "fb-4"}).json()["items"]
+        assert [i["request_id"] for i in listed] == [rid]
+
+        retry = httpx.post(f"{b.url}/api/v1/commands", json=command("fb-4", payload={"n": 1}), headers=headers)
+        assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+        assert retry.json()["request_id"] == rid and retry.json()["replayed"] is True
+        conflict = httpx.post(f"{b.url}/api/v1/commands", json=command("fb-4", payload={"n": 2}), headers=headers)
+        assert conflict.status_code == 409
+
+        connector.report(rid, "fb-4", "succeeded", result={"applied": {"n": 1}})
+        wait_for(lambda: (_get(a.url, rid) or {}).get("status") == "succeeded", timeout=20)
+        late = _service(tmp_path, kafka_bootstrap, topic, status_topic, "late")
+        caught_up = wait_for(lambda: _get(late.url, rid), timeout=20)
+        assert caught_up["status"] == "succeeded" and caught_up["result"] == {"applied": {"n": 1}}
+    finally:
+        for service in (a, b, late):
+            if service is not None:
+                service.stop()
+    assert len(read_topic(kafka_bootstrap, topic, 1, timeout=5)) == 1  # sent once, by A
+
+
+def _get(url: str, request_id: str) -> dict | None:
+    response = httpx.get(f"{url}/api/v1/commands/{request_id}/status", timeout=5)
+    return response.json() if response.status_code == 200 else None
+
+
+def test_bad_waits_are_clear_422s(service):
+    """Without a status topic, waiting for a connector's stage is refused (it would never come), as is a timeout
+    above LONG_POLL_MAX or an unknown stage; each names the query field."""
+    rid = httpx.post(f"{service.url}/api/v1/commands", json=command("fb-5")).json()["request_id"]
+    url = f"{service.url}/api/v1/commands/{rid}/status"
+    for params, field in (
+        ({"wait_for": "delivered"}, "query.wait_for"),
+        ({"wait_for": "published", "timeout": 3601}, "query.timeout"),
+        ({"wait_for": "published", "timeout": 61}, "query.timeout"),
+        ({"wait_for": "arrived"}, "query.wait_for"),
+    ):
+        response = httpx.get(url, params=params)
+        assert response.status_code == 422, params
+        assert response.headers["content-type"] == "application/problem+json"
+        assert [e["loc"] for e in response.json()["errors"]] == [field], params
+    assert httpx.get(url, params={"wait_for": "published", "timeout": 5}).json()["status"] == "published"
+
+
+def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, status_topic, connector, tmp_path):
+    """PusherClient.wait_for and `pusher status --wait --until` follow a command to delivered and succeeded;
+    a rejected one raises CommandFailed (exit 1); a stage not reached in time is WaitTimeout (exit 6)."""
+    service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "client")
+    client = PusherClient(service.url)
+    env = {**os.environ, "PUSHER_URL": service.url}
+    cli = [sys.executable, "-m", "pusher_cli"]
+    try:
+        result = client.push_command("fb-6", "reboot", {"now": True}, "mqtt")
+        with pytest.raises(WaitTimeout):
+            client.wait_for(result.request_id, until="delivered", timeout=0.5)
+        threading.Timer(0.5, connector.report, (result.request_id, "fb-6", "delivered")).start()
+        assert client.wait_for(result.request_id, until="delivered", timeout=20).status == "delivered"
+        connector.report(result.request_id, "fb-6", "succeeded", result={"rebooted": True})
+        waited = subprocess.run(
+            [*cli, "status", result.request_id, "--wait", "--until", "succeeded", "--timeout", "20"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["result"] == {"rebooted": True}
+
+        doomed = client.push_command("fb-6", "reboot", {}, "mqtt")
+        connector.report(doomed.request_id, "fb-6", "rejected", error="unknown command")
+        with pytest.raises(CommandFailed) as failed:
+            client.wait_for(doomed.request_id, until="succeeded", timeout=20)
+        assert failed.value.command.status == "rejected"
+        refused = subprocess.run(
+            [*cli, "status", doomed.request_id, "--wait", "--until", "succeeded"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1
+        pending = client.push_command("fb-6", "reboot", {}, "mqtt")
+        timed_out = subprocess.run(
+            [*cli, "status", pending.request_id, "--wait", "--until", "delivered", "--timeout", "0.5"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert timed_out.returncode == 6
+    finally:
+        client.close()
+        service.stop()
