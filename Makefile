@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, wrk), when missing
+system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, Mosquitto, wrk), when missing
 	scripts/system-packages.sh
 
 run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service

@@ -1,0 +1,326 @@
+"""The reference MQTT connector and simulated device (examples/) end to end: the service, a real Kafka broker,
+a real mosquitto broker, and every status event read back from the status topic and checked against the contract."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import jsonschema_rs
+import pytest
+from helpers import ROOT, ServiceProcess, command, new_topic, read_topic
+from kafka_local import free_port, stop_process
+
+EXAMPLES = ROOT / "examples"
+EVENT_SCHEMA = jsonschema_rs.validator_for(
+    json.loads((ROOT / "contract" / "status-event.schema.json").read_text()), validate_formats=True
+)
+
+
+class Mosquitto:
+    """A mosquitto broker of the tests' own on a free loopback port, with a config file of its own; stopped by
+    PID. It runs as the current user (as root it would switch to `mosquitto`, which cannot write the temp folder)."""
+
+    def __init__(self, folder: Path, persistent: bool = False) -> None:
+        self.binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+        self.port = free_port()
+        self.config = folder / f"mosquitto-{self.port}.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", f"user {getpass.getuser()}"]
+        if persistent:
+            # Sessions (subscriptions, queued messages) are saved at shutdown and restored at start.
+            lines += ["persistence true", f"persistence_location {folder}/"]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = folder / f"mosquitto-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        """Start it and wait until it listens; fail the test (never skip) when it cannot."""
+        if self.binary is None:
+            pytest.fail("mosquitto is not installed (scripts/system-packages.sh installs it)", pytrace=False)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not _listening(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mosquitto did not start:\n{self.log_path.read_text(errors='replace')}", pytrace=False)
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Stop it by PID."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def mqtt_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The port of a mosquitto broker shared by this module's tests."""
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    yield broker.port
+    broker.stop()
+
+
+class Example:
+    """One of the examples as a process, logging to its own file."""
+
+    def __init__(self, script: str, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(EXAMPLES / script), *args], stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the process has printed `text`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.log_path.name}: no {text!r}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, and the process must exit cleanly."""
+        code = stop_process(self.process, signal.SIGTERM, timeout=15)
+        assert code == 0, f"{self.log_path.name} exited with {code}:\n{self.log()[-3000:]}"
+
+    def log(self) -> str:
+        """What the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+class Setup:
+    """The service publishing to a fresh command topic, a fresh status topic, and the examples around them."""
+
+    def __init__(self, bootstrap: str, mqtt_port: int, folder: Path, **service_env: str) -> None:
+        self.bootstrap = bootstrap
+        self.mqtt_port = mqtt_port
+        self.folder = folder
+        self.command_topic = new_topic(bootstrap)
+        self.status_topic = new_topic(bootstrap, configs={"cleanup.policy": "compact"})
+        self.received_path = folder / "received.jsonl"
+        self.service = ServiceProcess(
+            folder, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=self.command_topic, **service_env
+        )
+        self.examples: list[Example] = []
+
+    def post(self, body: dict) -> dict:
+        """POST a command to the service, which must publish it at once (200)."""
+        response = httpx.post(self.service.url + "/api/v1/commands", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def start_device(self, *device_ids: str, mqtt_port: int | None = None) -> Example:
+        """The simulated device(s), subscribed."""
+        port = mqtt_port or self.mqtt_port
+        args = [*device_ids, "--received", str(self.received_path), "--mqtt-port", str(port)]
+        device = Example("simulated_device.py", args, self.folder / "device.log")
+        self.examples.append(device)
+        device.wait_for("ready")
+        return device
+
+    def start_connector(self, mqtt_port: int | None = None) -> Example:
+        """The MQTT connector, consuming the command topic in a group of its own."""
+        args = [
+            "--bootstrap", self.bootstrap,
+            "--command-topic", self.command_topic,
+            "--status-topic", self.status_topic,
+            "--group", f"mqtt-connector-{self.command_topic}",
+            "--mqtt-port", str(mqtt_port or self.mqtt_port),
+            "--mqtt-client-id", f"mqtt-connector-{self.command_topic}",
+        ]  # fmt: skip
+        connector = Example("mqtt_connector.py", args, self.folder / "connector.log")
+        self.examples.append(connector)
+        return connector
+
+    def events(self, count: int) -> dict[str, list[dict]]:
+        """Read `count` events from the status topic (and any surplus), each checked against the contract;
+        their statuses and bodies, by request id, in the order reported."""
+        by_request: dict[str, list[dict]] = {}
+        for record in read_topic(self.bootstrap, self.status_topic, count, timeout=30):
+            event = json.loads(record.value)
+            EVENT_SCHEMA.validate(event)
+            assert record.key == event["request_id"].encode()
+            assert event["source"] == "mqtt-connector"
+            assert datetime.fromisoformat(event["at"]).tzinfo is not None
+            by_request.setdefault(event["request_id"], []).append(event)
+        assert sum(map(len, by_request.values())) == count, self.logs()
+        return by_request
+
+    def received(self) -> list[dict]:
+        """Every message the simulated devices received, in order."""
+        if not self.received_path.exists():
+            return []
+        return [json.loads(line) for line in self.received_path.read_text().splitlines()]
+
+    def logs(self) -> str:
+        """The examples' output, for a failing assertion."""
+        return "\n".join(f"--- {e.log_path.name}\n{e.log()[-3000:]}" for e in self.examples)
+
+    def close(self) -> None:
+        """Stop the examples, newest first, and the service."""
+        while self.examples:
+            self.examples.pop().stop()
+        self.service.stop()
+
+
+@pytest.fixture
+def setup(kafka_bootstrap: str, mqtt_port: int, tmp_path: Path) -> Iterator[Setup]:
+    """The service running; the examples started by the test."""
+    built = Setup(kafka_bootstrap, mqtt_port, tmp_path)
+    built.service.start()
+    yield built
+    built.close()
+
+
+def statuses(events: list[dict]) -> list[str]:
+    """The statuses of a command's events, in the order reported."""
+    return [event["status"] for event in events]
+
+
+def test_command_is_delivered_once_and_succeeds(setup: Setup) -> None:
+    """A posted command reaches the device once, exactly as posted; the connector reports delivered, then
+    succeeded with the device's result. After a restart it sends nothing again."""
+    setup.start_device("thermostat-1")
+    connector = setup.start_connector()
+    payload = {"setpoint": 21.5, "schedule": [{"from": "06:00", "to": "22:00"}], "label": "séjour"}
+    sent = setup.post(command("thermostat-1", command_type="config_update", payload=payload, qos=1))
+
+    events = setup.events(2)[sent["request_id"]]
+    assert statuses(events) == ["delivered", "succeeded"]
+    assert events[0]["command_type"] == "config_update"
+    assert events[1]["result"] == {"applied": payload}
+    assert setup.received() == [
+        {
+            "device_id": "thermostat-1",
+            "topic": "devices/thermostat-1/commands",
+            "qos": 1,
+            "retain": False,
+            "command": {"request_id": sent["request_id"], "command_type": "config_update", "payload": payload},
+        }
+    ]
+
+    connector.stop()
+    setup.start_connector()
+    again = setup.post(command("thermostat-1", command_type="reboot"))
+    events = setup.events(4)
+    assert statuses(events[sent["request_id"]]) == ["delivered", "succeeded"]
+    assert statuses(events[again["request_id"]]) == ["delivered", "succeeded"]
+    assert [line["command"]["request_id"] for line in setup.received()] == [sent["request_id"], again["request_id"]]
+
+
+def test_failures_are_reported_with_their_reason(setup: Setup) -> None:
+    """A command the device fails is reported delivered, then failed with the device's error and result; one
+    that cannot be published as given (a wildcard topic) is reported rejected and never sent."""
+    setup.start_device("valve-7")
+    setup.start_connector()
+    failing = setup.post(command("valve-7", command_type="fail", payload={"position": 40}))
+    unroutable = setup.post(command("valve-7", metadata={"topic": "devices/+/commands"}))
+
+    events = setup.events(3)
+    assert statuses(events[failing["request_id"]]) == ["delivered", "failed"]
+    assert events[failing["request_id"]][1]["error"] == "simulated failure"
+    assert events[failing["request_id"]][1]["result"] == {"refused": {"position": 40}}
+    assert statuses(events[unroutable["request_id"]]) == ["rejected"]
+    assert "without wildcards" in events[unroutable["request_id"]][0]["error"]
+    assert [line["command"]["request_id"] for line in setup.received()] == [failing["request_id"]]
+
+
+def test_expired_command_never_reaches_the_device(setup: Setup) -> None:
+    """A command whose expires_at passed before the connector read it is reported expired and not published;
+    the device's next command goes through."""
+    setup.start_device("meter-3")
+    stale = setup.post(command("meter-3", command_type="set_tariff", payload={"tariff": "night"}, ttl_seconds=1))
+    expires_at = datetime.fromisoformat(stale["expires_at"])
+    time.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.2)
+    fresh = setup.post(command("meter-3", command_type="set_tariff", payload={"tariff": "day"}))
+    setup.start_connector()
+
+    events = setup.events(3)
+    assert statuses(events[stale["request_id"]]) == ["expired"]
+    assert events[stale["request_id"]][0]["error"] == "expired before delivery"
+    assert events[stale["request_id"]][0]["command_type"] == "set_tariff"
+    assert statuses(events[fresh["request_id"]]) == ["delivered", "succeeded"]
+    # Both went to one partition (key: device_id), so the stale one was handled first: the device never saw it.
+    assert [line["command"]["request_id"] for line in setup.received()] == [fresh["request_id"]]
+
+
+def test_command_waits_while_the_mqtt_broker_is_down(setup: Setup, tmp_path: Path) -> None:
+    """While the MQTT broker is unreachable the connector reports nothing and commits nothing; once it is back
+    the command is delivered, once."""
+    broker = Mosquitto(tmp_path, persistent=True).start()
+    try:
+        setup.start_device("pump-2", mqtt_port=broker.port)
+        broker.stop()  # the device's session, with its subscription, is saved and comes back with the broker
+        setup.start_connector(mqtt_port=broker.port)
+        sent = setup.post(command("pump-2", command_type="start", payload={"rpm": 1200}))
+        assert read_topic(setup.bootstrap, setup.status_topic, 1, timeout=2) == []
+
+        broker.start()
+        events = setup.events(2)[sent["request_id"]]
+        assert statuses(events) == ["delivered", "succeeded"]
+        assert [line["command"]["payload"] for line in setup.received()] == [{"rpm": 1200}]
+        assert "not connected to the MQTT broker" in setup.logs()
+    finally:
+        setup.close()
+        broker.stop()
+
+
+def test_end_to_end_the_service_follows_the_command_to_the_device(kafka_bootstrap, mqtt_port, tmp_path) -> None:
+    """With the status topic on, the service itself shows the whole lifecycle: POST, then a long poll for
+    `succeeded` answers with accepted → published → delivered → succeeded and the device's result, the event
+    stream replays the same, and the device got exactly the posted payload once. An expired command ends
+    `expired` at the service too, and never reaches the device."""
+    built = Setup(kafka_bootstrap, mqtt_port, tmp_path)
+    built.service.env["KAFKA_STATUS_TOPIC"] = built.status_topic
+    built.service.start()
+    url = built.service.url + "/api/v1/commands"
+    try:
+        built.start_device("lamp-9")
+        connector = built.start_connector()
+        payload = {"state": "on", "brightness": 80, "colour": [255, 200, 120]}
+        sent = built.post(command("lamp-9", command_type="set_led", payload=payload))
+        rid = sent["request_id"]
+        body = httpx.get(f"{url}/{rid}/status", params={"wait_for": "succeeded", "timeout": 30}, timeout=40).json()
+        assert body["status"] == "succeeded", built.logs()
+        assert [step["status"] for step in body["history"]] == ["accepted", "published", "delivered", "succeeded"]
+        assert body["result"] == {"applied": payload}
+        assert [line["command"] for line in built.received()] == [
+            {"request_id": rid, "command_type": "set_led", "payload": payload}
+        ]
+        stream = httpx.get(f"{url}/{rid}/events", timeout=10).text
+        assert [line[7:] for line in stream.splitlines() if line.startswith("event: ")] == [
+            "accepted",
+            "published",
+            "delivered",
+            "succeeded",
+        ]
+
+        connector.stop()
+        built.examples.remove(connector)
+        stale = built.post(command("lamp-9", command_type="set_led", payload={"state": "off"}, ttl_seconds=1))
+        time.sleep(1.2)
+        built.start_connector()
+        body = httpx.get(
+            f"{url}/{stale['request_id']}/status", params={"wait_for": "succeeded", "timeout": 30}, timeout=40
+        ).json()
+        assert body["status"] == "expired" and body["error"] == "expired before delivery"
+        assert [line["command"]["request_id"] for line in built.received()] == [rid]
+    finally:
+        built.close()
