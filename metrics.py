@@ -60,6 +60,11 @@ class Metrics:
         self.kafka_connected = Gauge("pusher_kafka_connected", "1 while Kafka is reachable, else 0", registry=r)
         self.in_flight = Gauge("pusher_producer_in_flight", "Records handed to the producer, not yet acknowledged",
                                registry=r)  # fmt: skip
+        status_events = Counter(
+            "pusher_status_events", "Status topic events: published by this instance (out), applied (in), ignored "
+            "(not valid per the contract)", ["direction"], registry=r,
+        )  # fmt: skip
+        self.status_events = {d: status_events.labels(d) for d in ("out", "in", "ignored")}
         # Every known series exists from the start at 0, so rate() and increase() see the first event.
         # Children bound once: labels() takes a lock and a lookup on every call, and these count every command.
         self.outcomes = {

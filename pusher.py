@@ -652,7 +652,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             kafka_connected=lambda: sink.connected,
             in_flight=lambda: forwarder.in_flight,
         )
-        status_feed = StatusFeed(settings, journal) if settings.kafka_status_topic else None
+        status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
         if status_feed is not None:
             status_feed.start()
         app.state.journal, app.state.sink, app.state.status_feed = journal, sink, status_feed

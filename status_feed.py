@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from journal import Journal
 from kafka_sink import Backoff, security_options
+from metrics import Metrics
 from schemas import STATUS_EVENT_DECODER, StatusEvent
 from settings import Settings
 
@@ -30,9 +31,10 @@ _TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the st
 class StatusFeed:
     """Publishes the journal's status outbox to KAFKA_STATUS_TOPIC and applies the topic back to it."""
 
-    def __init__(self, settings: Settings, journal: Journal) -> None:
+    def __init__(self, settings: Settings, journal: Journal, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.journal = journal
+        self.metrics = metrics
         self.topic = settings.kafka_status_topic
         self.published = 0
         self.applied = 0
@@ -95,6 +97,7 @@ class StatusFeed:
             backoff.reset()
             sent_up_to = batch[-1][0]
             self.published += len(batch)
+            self._count("out", len(batch))
             self.journal.outbox_sent(sent_up_to)
         if producer is not None:
             producer.close(timeout=1.0)
@@ -163,6 +166,7 @@ class StatusFeed:
                     events.append(STATUS_EVENT_DECODER.decode(record.value))
                 except (msgspec.DecodeError, TypeError) as exc:  # one bad event must not stop the feed
                     self.ignored += 1
+                    self._count("ignored", 1)
                     log.warning(
                         "status event ignored",
                         partition=tp.partition,
@@ -171,6 +175,11 @@ class StatusFeed:
                     )
         self.journal.apply_events(events, positions)
         self.applied += len(events)
+        self._count("in", len(events))
+
+    def _count(self, direction: str, n: int) -> None:
+        if self.metrics is not None and n:
+            self.metrics.status_events[direction].inc(n)
 
     def _create_topic(self) -> None:
         s = self.settings

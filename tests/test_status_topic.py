@@ -105,6 +105,8 @@ def test_own_transitions_go_out_and_connector_stages_come_back(
         ]
         assert events[1]["offset"] == posted["offset"] and events[0]["device_id"] == "fb-1"
 
+        for bad in (b"not json", b'{"request_id": "x"}', b'{"request_id": "x", "status": "teleported"}', None):
+            connector.producer.send(status_topic, key=b"x", value=bad).get(10)  # skipped, and the feed goes on
         connector.report(rid, "fb-1", "delivered")
         connector.report(rid, "fb-1", "delivered")  # a repeat
         connector.report(rid, "fb-1", "succeeded", result={"applied": {"v": 1}})
@@ -120,6 +122,11 @@ def test_own_transitions_go_out_and_connector_stages_come_back(
         assert again["status"] == "succeeded" and _statuses(again) == _statuses(body)
         listed = httpx.get(f"{service.url}/api/v1/commands", params={"device_id": "fb-1"}).json()["items"]
         assert [(i["request_id"], i["status"]) for i in listed] == [(rid, "succeeded")]
+        feed = httpx.get(f"{service.url}/api/v1/status").json()["status_feed"]
+        assert feed["consuming"] is True and feed["events_published"] == 2 and feed["events_ignored"] == 4
+        assert feed["events_applied"] == 6  # our own two, four from the connector
+        exposition = httpx.get(f"{service.url}/metrics").text
+        assert 'pusher_status_events_total{direction="ignored"} 4.0' in exposition
     finally:
         service.stop()
 
