@@ -79,6 +79,7 @@ _ROW = (
 _HEADERS = msgspec.msgpack.Encoder()
 _HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 _EVENT_ENCODER = msgspec.json.Encoder()
+SERVICE_SOURCE = "pusher@"  # how this service's instances sign their status events
 _ADDED_COLUMNS = ("key_id", "origin", "result")  # journals written by earlier versions lack them
 
 
@@ -122,12 +123,8 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def stage(self) -> str:
-        """The furthest stage reached: the first of the highest rank among the transitions."""
-        best = self.status
-        for step, _, _ in self.history:
-            if STAGE_RANK.get(step, 0) > STAGE_RANK[best]:
-                best = step
-        return best
+        """The furthest stage reached: of the highest rank, the first one received."""
+        return furthest(self.status, self.history)
 
     @property
     def was_published(self) -> bool:
@@ -147,6 +144,15 @@ class Pending(msgspec.Struct, kw_only=True):
     value: bytes
     headers: list[tuple[str, bytes]]
     handed_at: float | None = None  # when this process first gave it to the producer
+
+
+def furthest(status: str, history: list) -> str:
+    """Of `status` and the stages in `history` (in the order received), the first of the highest rank."""
+    best = status
+    for step in history:
+        if STAGE_RANK.get(step[0], 0) > STAGE_RANK.get(best, 0):
+            best = step[0]
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +187,8 @@ class _Events:
     events: list[StatusEvent]
     positions: dict[int, int]  # status topic partition -> next offset to read
     done: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    skipped: int = 0  # events that could not be applied (logged; the feed goes on)
 
 
 @dataclass(slots=True)
@@ -370,11 +378,15 @@ class Journal:
         self._ops.put(_Flush(outbox=self._outbox, future=future))
         return future
 
-    def apply_events(self, events: list[StatusEvent], positions: dict[int, int], timeout: float = 30.0) -> bool:
-        """Apply status-topic events and store the read positions in one transaction; blocks until committed."""
+    def apply_events(self, events: list[StatusEvent], positions: dict[int, int], timeout: float = 30.0) -> int | None:
+        """Apply status-topic events and store the read positions in one transaction; blocks until committed.
+
+        Returns how many events could not be applied (skipped), or None when nothing was committed."""
         op = _Events(events, positions)
         self._ops.put(op)
-        return op.done.wait(timeout)
+        if not op.done.wait(timeout) or not op.committed:
+            return None
+        return op.skipped
 
     def outbox_sent(self, up_to: int) -> None:
         """Forget the status outbox up to id `up_to`: the status topic has it."""
@@ -445,11 +457,15 @@ class Journal:
                     self._apply_feed(conn, op)
                 conn.execute("COMMIT")
                 self.commits += 1
-            except sqlite3.Error as exc:
+            except Exception as exc:  # sqlite3.Error, or a bug: the writer thread must live on either way
                 _rollback(conn)
-                error = describe(exc)
+                error = (
+                    describe(exc)
+                    if isinstance(exc, sqlite3.Error)
+                    else JournalUnavailable("The journal could not be written (internal error); nothing was stored")
+                )
                 self.writable, self.last_error = False, error.detail
-                log.error("journal write failed", error=error.detail, sqlite_error=str(exc))
+                log.error("journal write failed", error=error.detail, sqlite_error=str(exc), exc_info=True)
                 self._retry_marks = marks
                 results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
                 self._changed = []
@@ -469,6 +485,7 @@ class Journal:
                 op.outbox.put(_settle, op.future, result)
             for op in feed:
                 if isinstance(op, _Events):
+                    op.committed = self.writable
                     op.done.set()  # after a failed write too: the consumer reads the events again from Kafka
             self._report_changes()
         for flush in flushes:
@@ -609,7 +626,7 @@ class Journal:
                     topic=mark.topic,
                     partition=mark.partition,
                     offset=mark.offset,
-                    error=mark.error,
+                    error=mark.error[:2000] if mark.error else None,  # the contract's limit
                     owner=key_id,
                 )
                 self._emit(conn, event)
@@ -633,7 +650,16 @@ class Journal:
             conn.execute("DELETE FROM status_outbox WHERE id <= ?", (op.up_to,))
             return
         for event in op.events:
-            self._apply_event(conn, event)
+            # One event that cannot be applied (absurd values) is skipped, not the whole batch, and never
+            # the writer thread: a savepoint undoes what it half did.
+            conn.execute("SAVEPOINT event")
+            try:
+                self._apply_event(conn, event)
+            except (sqlite3.Error, ValueError, OverflowError, RecursionError, TypeError) as exc:
+                conn.execute("ROLLBACK TO event")
+                op.skipped += 1
+                log.warning("status event skipped", request_id=event.request_id, error=f"{type(exc).__name__}: {exc}")
+            conn.execute("RELEASE event")
         conn.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"status_pos:{p}", o) for p, o in op.positions.items()]
         )
@@ -649,6 +675,8 @@ class Journal:
         if event.status == "published" and event.offset is not None:
             detail = f"{event.topic}/{event.partition}@{event.offset}"
         result = json.dumps(event.result) if event.result is not None else None
+        if not event.source.startswith(SERVICE_SOURCE):  # only an instance may speak for keys and bodies
+            event = msgspec.structs.replace(event, owner=None, idempotency_key=None, body_hash=None)
         found = conn.execute(
             "SELECT seq, status, history, origin FROM commands WHERE request_id = ?", (event.request_id,)
         ).fetchone()
@@ -685,15 +713,17 @@ class Journal:
             steps = json.loads(history)
             if any(step[0] == event.status for step in steps):
                 return  # a repeat (our own events come back this way too)
+            advance = STAGE_RANK[event.status] > STAGE_RANK.get(furthest(status, steps), 0)
             steps.append([event.status, at, detail])
-            steps.sort(key=lambda step: (STAGE_RANK.get(step[0], 0), step[1]))
+            steps.sort(key=lambda step: STAGE_RANK.get(step[0], 0))  # stable: within a rank, as received
             forward = STAGE_RANK[event.status] > STAGE_RANK.get(status, 0)
             if origin is None and status == "accepted":
                 forward = False  # the forwarder's own mark moves it on
             conn.execute(
                 "UPDATE commands SET status = ?, updated_at = max(updated_at, ?), history = ?, "
                 'topic = coalesce(topic, ?), partition = coalesce(partition, ?), "offset" = coalesce("offset", ?), '
-                "error = CASE WHEN ? THEN coalesce(?, error) ELSE error END, result = coalesce(?, result), "
+                "error = CASE WHEN ? THEN coalesce(?, error) ELSE error END, "
+                "result = CASE WHEN ? THEN coalesce(?, result) ELSE result END, "
                 "command_type = CASE WHEN command_type = '' THEN coalesce(?, '') ELSE command_type END, "
                 "device_id = CASE WHEN device_id = '' THEN coalesce(?, '') ELSE device_id END "
                 "WHERE seq = ?",
@@ -704,8 +734,9 @@ class Journal:
                     event.topic,
                     event.partition,
                     event.offset,
-                    forward,
+                    advance,
                     event.error,
+                    advance,
                     result,
                     event.command_type,
                     event.device_id,
@@ -789,12 +820,18 @@ class Journal:
         return found[0] if found else None
 
     def status_positions(self) -> dict[int, int]:
-        """Where the status feed stopped reading, per status topic partition."""
-        rows = self._reader.execute("SELECT key, value FROM meta WHERE key LIKE 'status_pos:%'").fetchall()
+        """Where the status feed stopped reading, per status topic partition (from the status feed's thread)."""
+        conn = self._connect()  # not the event loop's reader: SQLite connections are not shared across threads
+        try:
+            rows = conn.execute("SELECT key, value FROM meta WHERE key LIKE 'status_pos:%'").fetchall()
+        finally:
+            conn.close()
         return {int(key.split(":")[1]): int(value) for key, value in rows}
 
     def outbox_batch(self, after: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         """Status events written after outbox id `after`, oldest first (for the status feed's thread only)."""
+        if self._writer is None:  # closed
+            return []
         if self._feed_reader is None:
             self._feed_reader = self._connect()
         return self._feed_reader.execute(

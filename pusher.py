@@ -49,7 +49,7 @@ from errors import (
     ValidationFailed,
 )
 from forwarder import Forwarder
-from journal import Journal, JournalRow
+from journal import SERVICE_SOURCE, Journal, JournalRow
 from kafka_sink import KafkaSink
 from logs import configure_logging
 from metrics import Metrics
@@ -365,20 +365,17 @@ async def _readable_row(request: Request) -> JournalRow:
 
 async def get_command_status(request: Request) -> Response:
     """GET /api/v1/commands/{request_id}/status[?wait_for=&timeout=]: status and history; optionally a long poll."""
+    require(request.scope["state"], "commands:read")  # who asks comes before what is asked
     try:
         query = msgspec.convert(dict(request.query_params), _StatusQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
     settings: Settings = request.app.state.settings
-    if query.timeout > settings.long_poll_max:
-        raise ValidationFailed(
-            [FieldProblem("query.timeout", f"at most LONG_POLL_MAX={settings.long_poll_max:g} seconds")]
-        )
     if query.wait_for in _BEYOND_KAFKA and not settings.kafka_status_topic:
         raise ValidationFailed(
             [
                 FieldProblem(
-                    "query.wait_for", "only connectors report this, through KAFKA_STATUS_TOPIC, which is not set"
+                    "query.wait_for", "connectors report this stage through KAFKA_STATUS_TOPIC, which is not set"
                 )
             ]
         )
@@ -387,19 +384,33 @@ async def get_command_status(request: Request) -> Response:
         return JSONResponse(command_status(row))
     journal: Journal = request.app.state.journal
     watchers: Watchers = request.app.state.watchers
-    deadline = time.monotonic() + query.timeout
+    deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
     with watchers.watching(row.request_id) as changed:
+        row = journal.get(row.request_id) or row  # read again once watched: no change slips in between
         while not reached(row, query.wait_for) and not watchers.closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            # Re-read at least every second: a change committed while this wait was being set up is
-            # not reported, and must not make the poll sleep out its whole timeout.
+            # Re-read at least every second anyway: cheap, and a safety net under the notifications.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
             changed.clear()
             row = journal.get(row.request_id) or row
     return JSONResponse(command_status(row))
+
+
+def _unsent(row: JournalRow, sent: set[str]) -> list[StatusChange]:
+    """The transitions not streamed yet, in stage order, with one end only: the one that counts."""
+    stage = row.stage
+    changes = []
+    for status, at, detail in sorted(row.history, key=lambda step: STAGE_RANK.get(step[0], 0)):
+        if status in sent or (status in TERMINAL and status != stage):
+            continue
+        result = row.result if status == stage and status in TERMINAL else None
+        changes.append(
+            StatusChange(request_id=row.request_id, status=status, at=from_epoch(at), detail=detail, result=result)
+        )
+    return changes
 
 
 async def command_events(request: Request) -> Response:
@@ -410,27 +421,19 @@ async def command_events(request: Request) -> Response:
     # A reconnecting EventSource sends the id of the last event it got: the status; go on after it.
     last = request.headers.get("last-event-id", "")
     sent = {s for s in STAGE_RANK if STAGE_RANK[s] <= STAGE_RANK[last]} if last in STAGE_RANK else set()
+    if row.stage in TERMINAL and not _unsent(row, sent):
+        # Finished, and the client has it all. A stream that just closed would make EventSource reconnect
+        # every few seconds for ever; 204 tells it to stop.
+        return Response(status_code=204)
 
     async def stream() -> AsyncIterator[bytes]:
-        current = row
-        with watchers.watching(current.request_id) as changed:
+        with watchers.watching(row.request_id) as changed:
+            current = journal.get(row.request_id) or row  # read again once watched: no change slips in between
             while True:
-                for status, at, detail in current.history:
-                    if status in sent:
-                        continue
-                    sent.add(status)
-                    change = StatusChange(
-                        request_id=current.request_id,
-                        status=status,
-                        at=from_epoch(at),
-                        detail=detail,
-                        result=current.result if status in TERMINAL else None,
-                    )
-                    yield b"id: %s\nevent: %s\ndata: %s\n\n" % (
-                        status.encode(),
-                        status.encode(),
-                        JSON_ENCODER.encode(change),
-                    )
+                for change in _unsent(current, sent):
+                    sent.add(change.status)
+                    encoded = change.status.encode()
+                    yield b"id: %s\nevent: %s\ndata: %s\n\n" % (encoded, encoded, JSON_ENCODER.encode(change))
                 if current.stage in TERMINAL or watchers.closed:
                     return
                 try:
@@ -634,7 +637,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.journal_max_pending,
             settings.journal_max_bytes,
             settings.journal_retention,
-            status_source=f"pusher@{settings.instance_id}" if settings.kafka_status_topic else None,
+            status_source=f"{SERVICE_SOURCE}{settings.instance_id}" if settings.kafka_status_topic else None,
         )
         try:
             recovered = await asyncio.to_thread(journal.open)

@@ -342,6 +342,15 @@ def _reached(status: CommandStatus, until: str) -> bool:
     return STAGES.index(status.status) >= STAGES.index(until)
 
 
+def _early_answer_pause(asked: float, started: float, deadline: float) -> float:
+    """A long poll answered well before its time without the stage (a service shutting down, or one that
+    does not hold polls) is not asked again at once: half a second's pause, within the deadline."""
+    now = time.monotonic()
+    if now - started >= asked - 1.0:
+        return 0.0
+    return max(0.0, min(0.5, deadline - now))
+
+
 def _check_stage(until: str) -> None:
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES)}, not {until!r}")
@@ -435,12 +444,13 @@ class PusherClient:
         _check_stage(until)
         deadline = time.monotonic() + timeout
         while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            command = self._request(self._core.status(request_id, until, min(remaining, LONG_POLL)))
+            asked, started = min(max(0.0, deadline - time.monotonic()), LONG_POLL), time.monotonic()
+            command = self._request(self._core.status(request_id, until, asked))
             if _reached(command, until):
                 return command
             if deadline - time.monotonic() <= 0:
                 raise WaitTimeout(command, until, timeout)
+            time.sleep(_early_answer_pause(asked, started, deadline))
 
     def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""
@@ -554,12 +564,13 @@ class AsyncPusherClient:
         _check_stage(until)
         deadline = time.monotonic() + timeout
         while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            command = await self._request(self._core.status(request_id, until, min(remaining, LONG_POLL)))
+            asked, started = min(max(0.0, deadline - time.monotonic()), LONG_POLL), time.monotonic()
+            command = await self._request(self._core.status(request_id, until, asked))
             if _reached(command, until):
                 return command
             if deadline - time.monotonic() <= 0:
                 raise WaitTimeout(command, until, timeout)
+            await asyncio.sleep(_early_answer_pause(asked, started, deadline))
 
     async def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""

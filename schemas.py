@@ -190,8 +190,14 @@ class StatusEvent(Struct, kw_only=True, omit_defaults=True, forbid_unknown_field
         Annotated[datetime, Meta(tz=True, description="When the command expires (the command's own field).")] | None
     ) = None
     topic: Annotated[str, Meta(description="Set by the service on `published`: the Kafka command topic.")] | None = None
-    partition: Annotated[int, Meta(description="Set by the service on `published`: the Kafka partition.")] | None = None
-    offset: Annotated[int, Meta(description="Set by the service on `published`: the Kafka offset.")] | None = None
+    partition: (
+        Annotated[int, Meta(ge=0, lt=2**31, description="Set by the service on `published`: the Kafka partition.")]
+        | None
+    ) = None
+    offset: (
+        Annotated[int, Meta(ge=0, le=2**63 - 1, description="Set by the service on `published`: the Kafka offset.")]
+        | None
+    ) = None
     error: Annotated[str, Meta(max_length=2000, description="Why it failed, was rejected or expired.")] | None = None
     result: Annotated[dict[str, Any], Meta(description="What the device answered.")] | None = None
     owner: Annotated[str, Meta(description="The API key id that sent it (set by the service).")] | None = None
@@ -681,7 +687,7 @@ def openapi_document(
                         "name": "timeout",
                         "in": "query",
                         "required": False,
-                        "description": "Seconds a `wait_for` may hold the request (at most LONG_POLL_MAX, 60)",
+                        "description": "Seconds a `wait_for` may hold the request (longer is cut to LONG_POLL_MAX, 60)",
                         "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 30},
                     },
                 ],

@@ -10,11 +10,12 @@ command. Both directions tolerate repeats, since a status never moves back to a 
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 
 import kafka.errors as kerr
-import msgspec
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -26,6 +27,20 @@ from settings import Settings
 
 log = structlog.get_logger("status_feed")
 _TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the status topic
+
+
+def _checked(event: StatusEvent) -> StatusEvent:
+    """The event, if its times are ones we can store and show; a far-future `at` would also pin the row forever."""
+    for when in (event.at, event.created_at, event.expires_at):
+        if when is not None and not _EARLIEST <= when.timestamp() <= _LATEST:
+            raise ValueError(f"time out of range: {when.isoformat()}")
+    if event.at.timestamp() > time.time() + _SKEW:
+        raise ValueError(f"`at` is in the future: {event.at.isoformat()}")
+    return event
+
+
+_EARLIEST, _LATEST = 0.0, 253_402_214_400.0  # 1970 .. 9999-12-30: every time shown stays a valid datetime
+_SKEW = 3600.0  # clocks of hosts writing the topic may disagree, but not by more than an hour
 
 
 class StatusFeed:
@@ -50,12 +65,12 @@ class StatusFeed:
             thread.start()
             self._threads.append(thread)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop both threads; what the outbox still holds is published at the next start."""
+    def close(self) -> None:
+        """Stop both threads (a publish under way may take KAFKA_PRODUCER_TIMEOUT); the outbox keeps the rest."""
         self._stop.set()
         self.journal.outbox_written.set()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(self.settings.kafka_producer_timeout + 5.0)
         self._threads = []
 
     def _options(self) -> dict[str, object]:
@@ -75,7 +90,12 @@ class StatusFeed:
         sent_up_to = 0
         while not self._stop.is_set():
             self.journal.outbox_written.clear()
-            batch = self.journal.outbox_batch(sent_up_to)
+            try:
+                batch = self.journal.outbox_batch(sent_up_to)
+            except sqlite3.Error as exc:
+                log.warning("status outbox not readable", error=str(exc))
+                self._stop.wait(1.0)
+                continue
             if not batch:
                 self.journal.outbox_written.wait(1.0)
                 continue
@@ -90,7 +110,8 @@ class StatusFeed:
             except Exception as exc:  # anything: the outbox keeps the events, and they go again
                 log.warning("status events not published yet", error=type(exc).__name__, detail=str(exc)[:200])
                 if producer is not None:
-                    producer.close(timeout=0.5)
+                    with contextlib.suppress(Exception):
+                        producer.close(timeout=0.5)
                     producer = None
                 self._stop.wait(backoff.next())
                 continue
@@ -100,7 +121,8 @@ class StatusFeed:
             self._count("out", len(batch))
             self.journal.outbox_sent(sent_up_to)
         if producer is not None:
-            producer.close(timeout=1.0)
+            with contextlib.suppress(Exception):
+                producer.close(timeout=1.0)
 
     # ------------------------------------------------------------------ in
 
@@ -111,7 +133,11 @@ class StatusFeed:
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **self._options())
+                    # earliest: a stored position that is gone (topic recreated, records deleted) restarts
+                    # from the oldest event kept, never silently from the newest
+                    consumer = KafkaConsumer(
+                        group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **self._options()
+                    )
                     next_check = 0.0
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + (_TOPIC_CHECK if self._assign(consumer) else 1.0)
@@ -119,20 +145,20 @@ class StatusFeed:
                     self._stop.wait(1.0)
                     continue
                 polled = consumer.poll(timeout_ms=500, max_records=2000)
-                if polled:
-                    self._apply(polled)
-                    if not self.journal.writable:
-                        next_check = 0.0  # not stored: read again from the stored positions
+                if polled and not self._apply(polled):
+                    next_check = 0.0  # not stored: read again from the stored positions
                 backoff.reset()
             except Exception as exc:  # the broker went away, or worse: start over from the stored positions
                 log.warning("status topic not readable", error=type(exc).__name__, detail=str(exc)[:200])
                 self.consuming = False
                 if consumer is not None:
-                    consumer.close()
+                    with contextlib.suppress(Exception):
+                        consumer.close()
                     consumer = None
                 self._stop.wait(backoff.next())
         if consumer is not None:
-            consumer.close()
+            with contextlib.suppress(Exception):
+                consumer.close()
 
     def _assign(self, consumer: KafkaConsumer) -> bool:
         """Assign every partition of the topic, at the positions stored in the journal; False while it is missing."""
@@ -156,26 +182,34 @@ class StatusFeed:
         self.consuming = True
         return True
 
-    def _apply(self, polled: dict) -> None:
+    def _apply(self, polled: dict) -> bool:
+        """Decode and apply one poll's events; False when the journal did not store them."""
         events: list[StatusEvent] = []
         positions: dict[int, int] = {}
         for tp, records in polled.items():
             for record in records:
                 positions[tp.partition] = record.offset + 1
                 try:
-                    events.append(STATUS_EVENT_DECODER.decode(record.value))
-                except (msgspec.DecodeError, TypeError) as exc:  # one bad event must not stop the feed
-                    self.ignored += 1
-                    self._count("ignored", 1)
+                    events.append(_checked(STATUS_EVENT_DECODER.decode(record.value)))
+                except Exception as exc:  # whatever is in there (tombstones, absurd nesting), the feed goes on
+                    self._ignore(1)
                     log.warning(
                         "status event ignored",
                         partition=tp.partition,
                         offset=record.offset,
-                        error=str(exc)[:300],
+                        error=f"{type(exc).__name__}: {str(exc)[:300]}",
                     )
-        self.journal.apply_events(events, positions)
-        self.applied += len(events)
-        self._count("in", len(events))
+        skipped = self.journal.apply_events(events, positions)
+        if skipped is None:
+            return False
+        self._ignore(skipped)
+        self.applied += len(events) - skipped
+        self._count("in", len(events) - skipped)
+        return True
+
+    def _ignore(self, n: int) -> None:
+        self.ignored += n
+        self._count("ignored", n)
 
     def _count(self, direction: str, n: int) -> None:
         if self.metrics is not None and n:

@@ -331,15 +331,15 @@ def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_
     j.open()
     try:
         now = time.time()
-        assert j.apply_events([_event("r1", "delivered", now + 2, command_type="reboot")], {0: 5})
-        assert j.apply_events([_event("r1", "accepted", now, created_at=datetime.fromtimestamp(now, UTC))], {0: 6})
-        assert j.apply_events([_event("r1", "delivered", now + 3), _event("r1", "published", now + 1)], {0: 8})
+        assert j.apply_events([_event("r1", "delivered", now + 2, command_type="reboot")], {0: 5}) == 0
+        assert j.apply_events([_event("r1", "accepted", now, created_at=datetime.fromtimestamp(now, UTC))], {0: 6}) == 0
+        assert j.apply_events([_event("r1", "delivered", now + 3), _event("r1", "published", now + 1)], {0: 8}) == 0
         row = j.get("r1")
         assert row.status == row.stage == "delivered" and row.origin == "connector"
         assert [step[0] for step in row.history] == ["accepted", "published", "delivered"]
         assert row.created_at == pytest.approx(now) and row.command_type == "reboot"
-        assert j.apply_events([_event("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2})
-        assert j.apply_events([_event("r1", "failed", now + 5, error="late")], {1: 3})  # a second end: too late
+        assert j.apply_events([_event("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2}) == 0
+        assert j.apply_events([_event("r1", "failed", now + 5, error="late")], {1: 3}) == 0  # a second end: late
         row = j.get("r1")
         assert row.stage == "succeeded" and row.result == {"ok": 1} and row.error is None
         assert j.status_positions() == {0: 8, 1: 3}
@@ -359,7 +359,7 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
     try:
         [accepted] = accept(j, new("own-1"))
         seq = accepted.row.seq
-        assert j.apply_events([_event("own-1", "delivered", time.time())], {0: 1})
+        assert j.apply_events([_event("own-1", "delivered", time.time())], {0: 1}) == 0
         row = j.get("own-1")
         assert row.status == "accepted" and row.stage == "delivered" and j.pending_count == 1
         j.mark(seq, "published", topic="t", partition=0, offset=7)
@@ -385,12 +385,57 @@ def test_a_retry_at_another_instance_finds_the_command_by_its_idempotency_key(tm
     j = Journal(tmp_path / "j.db")
     j.open()
     try:
-        event = _event("elsewhere-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
-        assert j.apply_events([event], {0: 1})
+        event = _event(
+            "elsewhere-1",
+            "accepted",
+            time.time(),
+            source="pusher@other",
+            idempotency_key="k1\x1fabc",
+            body_hash=b"h".hex(),
+        )
+        assert j.apply_events([event], {0: 1}) == 0
         [replayed] = accept(j, new("fresh-id", idem_key="k1\x1fabc"))
         [conflict] = accept(j, new("fresh-id-2", idem_key="k1\x1fabc", body=b"other"))
         assert replayed.outcome == "replayed" and replayed.row.request_id == "elsewhere-1"
         assert conflict.outcome == "conflict"
         assert j.pending_count == 0
+    finally:
+        j.close()
+
+
+def test_an_event_that_cannot_be_stored_is_skipped_and_the_writer_lives_on(tmp_path):
+    """Absurd values (an offset past SQLite's integers, a result nested too deep to serialise) skip that event
+    only; the others in the batch are applied, positions stored, and the writer keeps working."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        deep: dict = {}
+        for _ in range(5000):
+            deep = {"a": deep}
+        now = time.time()
+        batch = [
+            _event("bad-1", "published", now, offset=2**63, partition=0, topic="t"),
+            _event("bad-2", "succeeded", now, result=deep),
+            _event("good-1", "delivered", now),
+        ]
+        assert j.apply_events(batch, {0: 3}) == 2
+        assert j.get("bad-1") is None and j.get("bad-2") is None and j.get("good-1").stage == "delivered"
+        assert j.status_positions() == {0: 3}
+        [accepted] = accept(j, new("after-1"))
+        assert accepted.outcome == "inserted"
+    finally:
+        j.close()
+
+
+def test_only_an_instance_may_claim_an_idempotency_key(tmp_path):
+    """A connector's event (or anyone else who can write the topic) cannot plant an Idempotency-Key: a later
+    POST with that key is a new command, not a replay of one that will never be sent."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        forged = _event("forged-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
+        assert j.apply_events([forged], {0: 1}) == 0
+        [fresh] = accept(j, new("real-1", idem_key="k1\x1fabc"))
+        assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"
     finally:
         j.close()
