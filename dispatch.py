@@ -375,10 +375,11 @@ class Watchers:
                 event.set()
 
 
-def reached(row: JournalRow, stage: str) -> bool:
-    """Whether a wait for `stage` is over: the command got there, further, or to an end."""
+def reached(row: JournalRow, stage: str, feedback: bool) -> bool:
+    """Whether a wait for `stage` is over: the command got there, further, or to an end. Without `feedback`
+    (a status topic), `published` is an end too: nobody would report anything after it."""
     current = row.stage
-    return STAGE_RANK[current] >= STAGE_RANK[stage] or current in TERMINAL
+    return STAGE_RANK[current] >= STAGE_RANK[stage] or current in TERMINAL or (current == "published" and not feedback)
 
 
 def command_status(row: JournalRow) -> CommandStatus:

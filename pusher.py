@@ -380,14 +380,15 @@ async def get_command_status(request: Request) -> Response:
             ]
         )
     row = await _readable_row(request)
-    if query.wait_for is msgspec.UNSET or reached(row, query.wait_for) or query.timeout == 0:
+    feedback = bool(settings.kafka_status_topic)
+    if query.wait_for is msgspec.UNSET or reached(row, query.wait_for, feedback) or query.timeout == 0:
         return JSONResponse(command_status(row))
     journal: Journal = request.app.state.journal
     watchers: Watchers = request.app.state.watchers
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
     with watchers.watching(row.request_id) as changed:
         row = journal.get(row.request_id) or row  # read again once watched: no change slips in between
-        while not reached(row, query.wait_for) and not watchers.closed:
+        while not reached(row, query.wait_for, feedback) and not watchers.closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

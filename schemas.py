@@ -713,7 +713,24 @@ def openapi_document(
                 "responses": {
                     "200": {
                         "description": "The event stream",
-                        "content": {"text/event-stream": {"schema": _ref("StatusChange")}},
+                        # Each event as a whole (SSE fields); `data` holds a StatusChange as JSON.
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["id", "event", "data"],
+                                    "properties": {
+                                        "id": {"enum": list(STAGE_RANK)},
+                                        "event": {"enum": list(STAGE_RANK)},
+                                        "data": {
+                                            "type": "string",
+                                            "contentMediaType": "application/json",
+                                            "contentSchema": _ref("StatusChange"),
+                                        },
+                                    },
+                                }
+                            }
+                        },
                     },
                     "404": _problem("Unknown request id"),
                 },
