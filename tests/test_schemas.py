@@ -230,7 +230,7 @@ def test_openapi_lists_every_route_with_problem_responses():
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {
         "/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/{request_id}/status",
-        "/health", "/ready", "/api/v1/status", "/api/v1/metrics",
+        "/api/v1/commands/{request_id}/events", "/health", "/ready", "/api/v1/status", "/api/v1/metrics",
     }  # fmt: skip
     single = doc["paths"]["/api/v1/commands"]["post"]
     assert single["requestBody"]["content"]["application/json"]["example"] == PLAN_EXAMPLE
