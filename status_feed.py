@@ -65,12 +65,14 @@ class StatusFeed:
             thread.start()
             self._threads.append(thread)
 
-    def close(self) -> None:
-        """Stop both threads (a publish under way may take KAFKA_PRODUCER_TIMEOUT); the outbox keeps the rest."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both threads, waiting at most `timeout` for a publish under way: what it has not finished
+        stays in the outbox and goes at the next start, so shutdown need not wait for an absent Kafka."""
         self._stop.set()
         self.journal.outbox_written.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(self.settings.kafka_producer_timeout + 5.0)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def _options(self) -> dict[str, object]:
