@@ -202,10 +202,17 @@ class _Call(NamedTuple):
     params: dict[str, Any] | None = None
     read_timeout: float | None = None  # for a long poll: longer than the client's usual timeout
 
-    @property
-    def timeout(self) -> Any:
-        """The request's timeout: the read timeout when set, else the client's."""
-        return httpx.USE_CLIENT_DEFAULT if self.read_timeout is None else httpx.Timeout(10.0, read=self.read_timeout)
+    def arguments(self) -> dict[str, Any]:
+        """The call as httpx's `request()` arguments (a long poll's read timeout outlasts its wait)."""
+        timeout = httpx.USE_CLIENT_DEFAULT if self.read_timeout is None else httpx.Timeout(10.0, read=self.read_timeout)
+        return {
+            "method": self.method,
+            "url": self.path,
+            "content": self.content,
+            "headers": self.headers,
+            "params": self.params,
+            "timeout": timeout,
+        }
 
 
 class _Core:
@@ -461,14 +468,7 @@ class PusherClient:
         attempt = 0
         while True:
             try:
-                response = self._http.request(
-                    call.method,
-                    call.path,
-                    content=call.content,
-                    headers=call.headers,
-                    params=call.params,
-                    timeout=call.timeout,
-                )
+                response = self._http.request(**call.arguments())
             except httpx.TransportError as exc:
                 wait = self._core.retry_wait(attempt, started, None, retry)
                 if wait is None:
@@ -581,14 +581,7 @@ class AsyncPusherClient:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    content=call.content,
-                    headers=call.headers,
-                    params=call.params,
-                    timeout=call.timeout,
-                )
+                response = await self._http.request(**call.arguments())
             except httpx.TransportError as exc:
                 wait = self._core.retry_wait(attempt, started, None, retry)
                 if wait is None:

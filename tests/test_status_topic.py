@@ -284,13 +284,18 @@ def test_bad_waits_are_clear_422s(service):
     assert time.monotonic() - started < 5
 
 
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PUSHER_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "pusher_cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, status_topic, connector, tmp_path):
     """PusherClient.wait_for and `pusher status --wait --until` follow a command to delivered and succeeded;
     a rejected one raises CommandFailed (exit 1); a stage not reached in time is WaitTimeout (exit 6)."""
     service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "client")
     client = PusherClient(service.url)
-    env = {**os.environ, "PUSHER_URL": service.url}
-    cli = [sys.executable, "-m", "pusher_cli"]
     try:
         result = client.push_command("fb-6", "reboot", {"now": True}, "mqtt")
         with pytest.raises(WaitTimeout):
@@ -298,14 +303,7 @@ def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, statu
         threading.Timer(0.5, connector.report, (result.request_id, "fb-6", "delivered")).start()
         assert client.wait_for(result.request_id, until="delivered", timeout=20).status == "delivered"
         connector.report(result.request_id, "fb-6", "succeeded", result={"rebooted": True})
-        waited = subprocess.run(
-            [*cli, "status", result.request_id, "--wait", "--until", "succeeded", "--timeout", "20"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        waited = _cli(service.url, "status", result.request_id, "--wait", "--until", "succeeded", "--timeout", "20")
         assert waited.returncode == 0, waited.stderr
         assert json.loads(waited.stdout)["result"] == {"rebooted": True}
 
@@ -314,23 +312,11 @@ def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, statu
         with pytest.raises(CommandFailed) as failed:
             client.wait_for(doomed.request_id, until="succeeded", timeout=20)
         assert failed.value.command.status == "rejected"
-        refused = subprocess.run(
-            [*cli, "status", doomed.request_id, "--wait", "--until", "succeeded"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = _cli(service.url, "status", doomed.request_id, "--wait", "--until", "succeeded")
         assert refused.returncode == 1
         pending = client.push_command("fb-6", "reboot", {}, "mqtt")
-        timed_out = subprocess.run(
-            [*cli, "status", pending.request_id, "--wait", "--until", "delivered", "--timeout", "0.5"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        timed_out = _cli(
+            service.url, "status", pending.request_id, "--wait", "--until", "delivered", "--timeout", "0.5"
         )
         assert timed_out.returncode == 6
     finally:
