@@ -819,6 +819,10 @@ class Journal:
         ).fetchone()
         return found[0] if found else None
 
+    def outbox_size(self) -> int:
+        """Status events not yet acknowledged by the status topic."""
+        return self._reader.execute("SELECT count(*) FROM status_outbox").fetchone()[0]
+
     def status_positions(self) -> dict[int, int]:
         """Where the status feed stopped reading, per status topic partition (from the status feed's thread)."""
         conn = self._connect()  # not the event loop's reader: SQLite connections are not shared across threads

@@ -65,6 +65,9 @@ class Metrics:
             "(not valid per the contract)", ["direction"], registry=r,
         )  # fmt: skip
         self.status_events = {d: status_events.labels(d) for d in ("out", "in", "ignored")}
+        self.status_outbox = Gauge(
+            "pusher_status_outbox", "Status events written by this instance, not yet on the status topic", registry=r
+        )
         # Every known series exists from the start at 0, so rate() and increase() see the first event.
         # Children bound once: labels() takes a lock and a lookup on every call, and these count every command.
         self.outcomes = {
@@ -93,12 +96,15 @@ class Metrics:
         oldest_pending_created_at: Callable[[], float | None],
         kafka_connected: Callable[[], bool],
         in_flight: Callable[[], int],
+        status_outbox: Callable[[], int] | None = None,
     ) -> None:
         """Gauges read at scrape time from the journal, the sink and the forwarder."""
         self.backlog.set_function(backlog)
         self.oldest_pending.set_function(lambda: max(0.0, time.time() - (oldest_pending_created_at() or time.time())))
         self.kafka_connected.set_function(lambda: 1.0 if kafka_connected() else 0.0)
         self.in_flight.set_function(in_flight)
+        if status_outbox is not None:
+            self.status_outbox.set_function(status_outbox)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -655,6 +655,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             oldest_pending_created_at=journal.oldest_pending_created_at,
             kafka_connected=lambda: sink.connected,
             in_flight=lambda: forwarder.in_flight,
+            status_outbox=journal.outbox_size if settings.kafka_status_topic else None,
         )
         status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
         if status_feed is not None:

@@ -45,6 +45,7 @@ def test_alert_rules_use_only_exposed_metrics(exposed):
     names = {rule["alert"] for rule in rules}
     assert {"PusherKafkaDisconnected", "PusherBacklogGrowing", "PusherOldestPendingCommand"} <= names
     assert {"PusherErrorRate", "PusherCommandsExpiring"} <= names
+    assert {"PusherStatusOutboxGrowing", "PusherStatusEventsIgnored"} <= names
     used = set().union(*(_used(rule["expr"]) for rule in rules))
     assert used and used <= exposed, used - exposed
 

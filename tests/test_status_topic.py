@@ -141,6 +141,7 @@ def test_own_transitions_go_out_and_connector_stages_come_back(
         assert feed["events_applied"] == 6  # our own two, four from the connector
         exposition = httpx.get(f"{service.url}/metrics").text
         assert f'pusher_status_events_total{{direction="ignored"}} {len(absurd)}.0' in exposition
+        assert "pusher_status_outbox 0.0" in exposition  # both events acknowledged by the status topic
     finally:
         service.stop()
 
