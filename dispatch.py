@@ -338,10 +338,9 @@ class Watchers:
     """Long polls and event streams waiting for a command's next transition (lives on the event loop)."""
 
     def __init__(self, journal: Journal) -> None:
-        self.journal = journal
         self.closed = False
         self._waiting: dict[str, set[asyncio.Event]] = {}
-        journal.on_change = self.changed
+        journal.watch_changes(self.changed, self._waiting)
 
     def changed(self, request_ids: list[str]) -> None:
         """The journal committed a change to these commands: wake whoever waits on them."""
@@ -356,11 +355,9 @@ class Watchers:
         if self.closed:
             event.set()
         self._waiting.setdefault(request_id, set()).add(event)
-        self.journal.watch(request_id)
         try:
             yield event
         finally:
-            self.journal.unwatch(request_id)
             waiting = self._waiting.get(request_id)
             if waiting is not None:
                 waiting.discard(event)

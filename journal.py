@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -281,9 +281,9 @@ class Journal:
         # for the status feed to publish (so a transition is never lost between the journal and Kafka).
         self.status_source = status_source
         self.outbox_written = threading.Event()
-        # Request ids someone waits on (long polls, event streams): changes to them are reported to
-        # `on_change` on the event loop. Read by the writer, changed only on the loop.
-        self.watched: dict[str, int] = {}
+        # Request ids someone waits on (long polls, event streams), owned by the event loop and only read
+        # here: commits that change them are reported to `on_change` on that loop (see watch_changes).
+        self.watched: Mapping[str, object] = {}
         self.on_change: Callable[[list[str]], None] | None = None
         self._watch_outbox: Outbox | None = None
         self._changed: list[str] = []
@@ -392,18 +392,11 @@ class Journal:
         """Forget the status outbox up to id `up_to`: the status topic has it."""
         self._ops.put(_OutboxSent(up_to))
 
-    def watch(self, request_id: str) -> None:
-        """Report changes to this request id to `on_change` (on the calling event loop) until unwatch."""
+    def watch_changes(self, on_change: Callable[[list[str]], None], watched: Mapping[str, object]) -> None:
+        """Report each commit's changes to request ids in `watched` to `on_change`, on the calling event loop
+        (the caller keeps `watched` up to date on that loop; the writer only reads it)."""
         self._watch_outbox = outbox_for(self._watch_outbox)
-        self.watched[request_id] = self.watched.get(request_id, 0) + 1
-
-    def unwatch(self, request_id: str) -> None:
-        """Undo one watch()."""
-        left = self.watched.get(request_id, 0) - 1
-        if left > 0:
-            self.watched[request_id] = left
-        else:
-            self.watched.pop(request_id, None)
+        self.on_change, self.watched = on_change, watched
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything queued so far is committed (shutdown, tests)."""
@@ -534,8 +527,6 @@ class Journal:
             self._txn_delta += 1
             self._txn_sizes[cursor.lastrowid] = len(item.value)
             self._txn_bytes += len(item.value)
-            if self.watched:
-                self._changed.append(item.request_id)
             if self.status_source is not None:
                 self._emit(
                     conn,
@@ -609,27 +600,26 @@ class Journal:
                 mark.seq,
             ),
         ).fetchone()
-        if updated and (self.watched or self.status_source is not None):
+        if updated:
+            self._changed.append(updated[0])
+        if updated and self.status_source is not None:
             request_id, device_id, command_type, created_at, expires_at, key_id = updated
-            if request_id in self.watched:
-                self._changed.append(request_id)
-            if self.status_source is not None:
-                event = StatusEvent(
-                    request_id=request_id,
-                    status=mark.status,
-                    at=from_epoch(mark.at),
-                    source=self.status_source,
-                    device_id=device_id,
-                    command_type=command_type,
-                    created_at=from_epoch(created_at),
-                    expires_at=from_epoch(expires_at),
-                    topic=mark.topic,
-                    partition=mark.partition,
-                    offset=mark.offset,
-                    error=mark.error[:2000] if mark.error else None,  # the contract's limit
-                    owner=key_id,
-                )
-                self._emit(conn, event)
+            event = StatusEvent(
+                request_id=request_id,
+                status=mark.status,
+                at=from_epoch(mark.at),
+                source=self.status_source,
+                device_id=device_id,
+                command_type=command_type,
+                created_at=from_epoch(created_at),
+                expires_at=from_epoch(expires_at),
+                topic=mark.topic,
+                partition=mark.partition,
+                offset=mark.offset,
+                error=mark.error[:2000] if mark.error else None,  # the contract's limit
+                owner=key_id,
+            )
+            self._emit(conn, event)
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
             if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
@@ -743,14 +733,15 @@ class Journal:
                     seq,
                 ),
             )
-        if event.request_id in self.watched:
-            self._changed.append(event.request_id)
+        self._changed.append(event.request_id)
 
     def _report_changes(self) -> None:
         if self._emitted:
             self.outbox_written.set()
-        if self._changed and self.on_change is not None and self._watch_outbox is not None:
-            self._watch_outbox.put(self.on_change, self._changed)
+        # Filtered only now, after the commit: a wait registered after that would have read the change itself.
+        watched = [rid for rid in self._changed if rid in self.watched] if self.watched else None
+        if watched and self.on_change is not None and self._watch_outbox is not None:
+            self._watch_outbox.put(self.on_change, watched)
         self._changed = []
 
     def _probe_writable(self) -> None:

@@ -392,9 +392,8 @@ async def get_command_status(request: Request) -> Response:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            # Re-read at least every second anyway: cheap, and a safety net under the notifications.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+                await asyncio.wait_for(changed.wait(), remaining)
             changed.clear()
             row = journal.get(row.request_id) or row
     return JSONResponse(command_status(row))
