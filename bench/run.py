@@ -3,6 +3,8 @@
 Targets, each started in turn on this machine against the same broker:
   noop     a Starlette route that only reads and decodes the body (the HTTP ceiling)
   raw      kafka-python producing the same JSON directly (the Kafka-client ceiling)
+  floor    Starlette + msgspec + kafka-python answering 200 after Kafka's ack, with nothing else (no journal,
+           keys, limits, metrics or logs): a bound on what any 200-after-ack service on this stack can reach
   service  this service as users run it: journal FULL, API keys and a generous rate limit on, metrics on
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
 Load comes from wrk in its own process (bench/load.lua). Every figure is the median of --runs rounds.
@@ -39,6 +41,7 @@ from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 from kafka_local import KAFKA_VERSION, LocalKafka, free_port, stop_process  # noqa: E402
 
 API_KEY = KEYS["writer"][0]
+FLOOR = "floor: Starlette + kafka-python, 200 after ack"
 RUNTIME = ROOT / ".cache" / "bench-runtime"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -349,6 +352,16 @@ class Bench:
         count = kafka_count(self.bootstrap, topic)
         row.checks.append("ok" if count == self.raw_count + 1 else f"kafka {count} != {self.raw_count} + 1")
 
+    def floor(self) -> None:
+        """The floor for a 200 after Kafka's ack on this stack: Starlette + msgspec + kafka-python, nothing else."""
+        topic = new_topic(self.bootstrap)
+        app = Uvicorn("floor_app:app", self.log_dir, self.python,
+                      KAFKA_BOOTSTRAP_SERVERS=self.bootstrap, KAFKA_COMMAND_TOPIC=topic)  # fmt: skip
+        try:
+            self.measure(self.row(FLOOR, "single", 64), app.url, app.pid, 64, topic=topic)
+        finally:
+            app.stop()
+
     def service(self) -> None:
         """This service: single at 16 and 64, respond-async, batch of 100, mixed reads; start and idle figures."""
         topic = new_topic(self.bootstrap)
@@ -425,6 +438,7 @@ def report(bench: Bench, runs: int) -> str:
     rows = bench.rows
     noop = {c: rows[("no-op Starlette route", "single", c)].rate for c in (16, 64)}
     raw = rows[("kafka-python producer, no HTTP", "producer", None)].rate
+    floor = rows[(FLOOR, "single", 64)]
     lines = [
         "| target | load | conns | req/s | commands/s | ratio | p50 ms | p99 ms | p99.9 ms | non-2xx | peak RSS MB"
         " | CPU cores | Kafka count |",
@@ -457,6 +471,8 @@ def report(bench: Bench, runs: int) -> str:
     goals = [
         ("single, 200 after ack, 64 conns ≥ 0.30× no-op", single.rate / noop[64], 0.30, "×"),
         ("its p99 ≤ 20 ms", median(single.p99) or 0, 20, "ms≤"),
+        ("(the floor: Starlette + kafka-python alone ≥ 0.30× no-op)", floor.rate / noop[64], 0.30, "×"),
+        ("(the floor's p99 ≤ 20 ms)", median(floor.p99) or 0, 20, "ms≤"),
         ("≥ 1.5× the seed plan without .get()", single.rate / seed_ff, 1.5, "×"),
         ("≥ 60× the seed plan as written", single.rate / seed_get, 60, "×"),
         ("batch of 100 ≥ 0.70× the raw producer", batch / raw, 0.70, "×"),
@@ -520,10 +536,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="timed seconds per load (10)")
     parser.add_argument("--warmup", type=float, default=3, help="warm-up seconds before each (3)")
     parser.add_argument("--raw-count", type=int, default=200_000, help="records the raw producer sends (200000)")
-    parser.add_argument("--only", help="comma-separated targets: noop,raw,service,multicore,seed")
+    parser.add_argument("--only", help="comma-separated targets: noop,raw,floor,service,multicore,seed")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and README alone")
     args = parser.parse_args()
-    targets = (args.only or "noop,raw,service,multicore,seed").split(",")
+    targets = (args.only or "noop,raw,floor,service,multicore,seed").split(",")
     with tempfile.TemporaryDirectory(prefix="pusher-bench-") as tmp:
         log_dir = Path(tmp)
         broker = None
@@ -540,7 +556,7 @@ def main() -> None:
         finally:
             if broker is not None:
                 broker.stop()
-    if set(targets) != {"noop", "raw", "service", "multicore", "seed"}:
+    if set(targets) != {"noop", "raw", "floor", "service", "multicore", "seed"}:
         for row in bench.rows.values():
             print(row.target, row.load, row.connections, f"{row.rate:,.0f}/s", f"p99 {median(row.p99)}", row.checks)
         return
