@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
 import msgspec
@@ -136,7 +136,8 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        # It labels one request's log line and answer: unique, not secret, so the fast generator.
+        request_id = given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -203,12 +204,11 @@ class RequestContextMiddleware:
             nonlocal received, deadline, complete
             if complete:
                 return await receive()
-            deadline = deadline or time.monotonic() + self.body_timeout
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout(f"The body did not arrive within BODY_TIMEOUT ({self.body_timeout:g} s)") from None
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_timeout
+            message = await _before(deadline, receive(), loop)
+            if message is None:
+                raise RequestTimeout(f"The body did not arrive within BODY_TIMEOUT ({self.body_timeout:g} s)")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -217,6 +217,28 @@ class RequestContextMiddleware:
             return message
 
         return limited_receive
+
+
+async def _before(deadline: float, receiving: Awaitable[Message], loop: asyncio.AbstractEventLoop) -> Message | None:
+    """Await `receiving` until the loop time `deadline`; None if it passed. `asyncio.timeout` does the same at
+    several times the cost per call (it showed in profiles), and nearly every body has arrived already."""
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_at(deadline, expire)
+    try:
+        return await receiving
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            return None
+        raise
+    finally:
+        timer.cancel()
 
 
 # ---------------------------------------------------------------- handlers

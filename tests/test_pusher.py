@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 
 import msgspec
 import pytest
@@ -12,6 +14,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
+from dispatch import new_request_id, wait_done
 from pusher import create_app
 from settings import load_settings
 
@@ -287,3 +290,36 @@ def test_status_shows_the_effective_configuration(client):
     body = client.get("/api/v1/status").json()
     assert body["configuration"]["max_batch"] == 3 and body["configuration"]["publish_timeout"] == 1.0
     assert body["brokers"] == 0 and body["kafka_connected"] is False
+
+
+def test_generated_request_ids_are_version_4_uuids():
+    """The send path's own UUID text is what uuid.uuid4() would print, and never repeats here."""
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for text in list(ids)[:200]:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_wait_done_returns_when_all_are_done_or_at_the_timeout_and_cancels_nothing():
+    """The send path's wait: all done ends it early; the timeout ends it without touching the futures."""
+
+    async def scenario() -> tuple[float, float, bool, bool]:
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        loop.call_later(0.05, first.set_result, 1)
+        loop.call_later(0.1, second.set_result, 2)
+        started = loop.time()
+        await wait_done((first, second), timeout=5)
+        early = loop.time() - started
+        never = loop.create_future()
+        started = loop.time()
+        await wait_done((never, first), timeout=0.2)
+        late = loop.time() - started
+        await wait_done((), timeout=5)
+        return early, late, never.cancelled(), never.done()
+
+    early, late, cancelled, done = asyncio.run(scenario())
+    assert 0.09 <= early < 1
+    assert 0.19 <= late < 1
+    assert not cancelled and not done
