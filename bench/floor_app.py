@@ -33,7 +33,14 @@ class Command(msgspec.Struct):
     metadata: dict[str, Any] | None = None
 
 
+class Batch(msgspec.Struct):
+    """The plan's batch envelope."""
+
+    commands: list[Command]
+
+
 _DECODER = msgspec.json.Decoder(Command)
+_BATCH_DECODER = msgspec.json.Decoder(Batch)
 _ENCODER = msgspec.json.Encoder()
 producer = KafkaProducer(
     bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"], acks="all", enable_idempotence=True, linger_ms=0
@@ -67,20 +74,39 @@ class _Acks:
 _ACKS = _Acks()
 
 
+def _send(command: Command, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    acked = loop.create_future()
+    sent = producer.send(TOPIC, key=command.device_id.encode(), value=_ENCODER.encode(command))
+    sent.add_callback(lambda _: _ACKS.settle(acked, None))
+    sent.add_errback(lambda exc: _ACKS.settle(acked, exc))
+    return acked
+
+
 async def push_command(request: Request) -> Response:
     """Decode, send, await Kafka's acknowledgement, answer 200 (503 if Kafka refused)."""
     command = _DECODER.decode(await request.body())
     request_id = str(uuid.uuid4())
     loop = _ACKS.loop = asyncio.get_running_loop()
-    acked = loop.create_future()
-    sent = producer.send(TOPIC, key=command.device_id.encode(), value=_ENCODER.encode(command))
-    sent.add_callback(lambda _: _ACKS.settle(acked, None))
-    sent.add_errback(lambda exc: _ACKS.settle(acked, exc))
     try:
-        await acked
+        await _send(command, loop)
     except Exception:
         return Response(b'{"success":false}', 503, media_type="application/json")
     return Response(b'{"success":true,"request_id":"%s"}' % request_id.encode(), media_type="application/json")
 
 
-app = Starlette(routes=[Route("/api/v1/commands", push_command, methods=["POST"])])
+async def push_batch(request: Request) -> Response:
+    """Decode the batch, send every command, await all acknowledgements, answer 200 (503 if any was refused)."""
+    batch = _BATCH_DECODER.decode(await request.body())
+    loop = _ACKS.loop = asyncio.get_running_loop()
+    results = await asyncio.gather(*(_send(command, loop) for command in batch.commands), return_exceptions=True)
+    if any(isinstance(result, BaseException) for result in results):
+        return Response(b'{"success":false}', 503, media_type="application/json")
+    return Response(b'{"success":true,"total_commands":%d}' % len(results), media_type="application/json")
+
+
+app = Starlette(
+    routes=[
+        Route("/api/v1/commands", push_command, methods=["POST"]),
+        Route("/api/v1/commands/batch", push_batch, methods=["POST"]),
+    ]
+)
