@@ -24,6 +24,7 @@ import structlog
 from errors import IdempotencyConflict, JournalError, MessageRejected, PusherError
 from forwarder import Forwarder, Outcome
 from journal import Accepted, Journal, JournalRow, NewCommand, Pending
+from logs import lines_together
 from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
@@ -213,9 +214,10 @@ class Dispatcher:
         ]
         if any(r.status in ("failed", "expired") for i, r in enumerate(results) if i in news):
             await self._settled()
-        for item, result in zip(items, results, strict=True):
-            if not isinstance(item, PusherError):
-                self._log(item, result, traceparent)
+        with lines_together():
+            for item, result in zip(items, results, strict=True):
+                if not isinstance(item, PusherError):
+                    self._log(item, result, traceparent)
         if (
             accepted
             and all(a.outcome in ("full", "unavailable") for a in accepted.values())

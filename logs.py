@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import msgspec
 import structlog
@@ -26,7 +29,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, fast],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout) if console else structlog.BytesLoggerFactory(),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout) if console else _LinesLogger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -53,6 +56,39 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=str)
+_held: ContextVar[list[bytes] | None] = ContextVar("held_log_lines", default=None)
+
+
+class _LinesLogger(structlog.BytesLogger):
+    """structlog's BytesLogger to stdout, except that lines made inside `lines_together()` are held for it."""
+
+    def __init__(self, *_: object) -> None:
+        super().__init__(sys.stdout.buffer)
+
+    def msg(self, message: bytes) -> None:
+        """Write one line, or hold it for the enclosing `lines_together()`."""
+        held = _held.get()
+        if held is None:
+            super().msg(message)
+        else:
+            held.append(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+@contextlib.contextmanager
+def lines_together() -> Iterator[None]:
+    """Write the lines logged inside in one write: a batch's line per command cost a write and a flush each,
+    a fifth of the event loop's time on a batch. Only for code that does not await inside."""
+    held: list[bytes] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+        if held:
+            _LinesLogger().msg(b"\n".join(held))
 
 
 def _json_bytes(event: dict, **_: object) -> bytes:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 
 import msgspec
 import pytest
-from helpers import command
+from helpers import ROOT, command
 from kafka_local import free_port
 from starlette.routing import Route
 from starlette.testclient import TestClient
@@ -283,6 +285,32 @@ def test_one_line_per_command_without_payload(client):
     lines = [entry for entry in logs if entry["event"] == "command"]
     assert [(line["device_id"], line["outcome"]) for line in lines] == [("b1", "accepted"), ("b2", "accepted")]
     assert "secret_value" not in json.dumps(logs, default=str)
+
+
+def test_lines_together_writes_a_batch_of_log_lines_at_once(tmp_path):
+    """Lines logged inside `lines_together()` reach stdout whole, in order, and only when it ends."""
+    script = """
+import os, structlog
+from logs import configure_logging, lines_together
+configure_logging("INFO", "json")
+log = structlog.get_logger("t")
+log.info("before")
+with lines_together():
+    for n in range(3):
+        log.info("command", n=n)
+    held = os.fstat(1).st_size
+log.info("after")
+print("held", held, flush=True)
+"""
+    out = tmp_path / "out.log"
+    with out.open("wb") as stdout:
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, stdout=stdout, check=True, timeout=30)
+    *lines, held = out.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [(e["event"], e.get("n")) for e in events] == [("before", None)] + [("command", n) for n in range(3)] + [
+        ("after", None)
+    ]
+    assert held == f"held {len(lines[0]) + 1}"  # nothing of the three was written inside the block
 
 
 def test_status_shows_the_effective_configuration(client):
