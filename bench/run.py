@@ -489,7 +489,7 @@ def report(bench: Bench, runs: int) -> str:
     lines += ["", "| goal | measured | met |", "| --- | ---: | :---: |"]
     for name, value, target, unit in goals:
         met = value <= target if unit.endswith("≤") else value >= target
-        shown = f"{value:.2f}×" if unit == "×" else f"{value:.2f} {unit[:-1]}"
+        shown = f"{value:.3f}×" if unit == "×" else f"{value:.2f} {unit[:-1]}"
         lines.append(f"| {name} | {shown} | {'yes' if met else 'no'} |")
     lines += ["", _facts(runs, bench)]
     return "\n".join(lines)

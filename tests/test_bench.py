@@ -10,9 +10,10 @@ from helpers import ROOT
 
 
 def test_bench_runs_and_checks_kafka(kafka_bootstrap):
-    """bench/run.py drives the no-op route and the service with wrk, and every 2xx command is in Kafka once."""
+    """bench/run.py drives the no-op route, the floor and the service with wrk, and every 2xx command is in Kafka
+    once."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--only", "noop,service", "--runs", "1",
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--only", "noop,floor,service", "--runs", "1",
          "--seconds", "1", "--warmup", "1", "--no-write"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
     )  # fmt: skip
@@ -21,3 +22,5 @@ def test_bench_runs_and_checks_kafka(kafka_bootstrap):
     service_rows = [line for line in rows if line.startswith("pusher")]
     assert len(service_rows) == 5 and all(line.endswith("['ok']") for line in service_rows), rows
     assert any(line.startswith("no-op Starlette route single 64") for line in rows), rows
+    floor_rows = [line for line in rows if line.startswith("floor")]
+    assert len(floor_rows) == 2 and all(line.endswith("['ok']") for line in floor_rows), rows
