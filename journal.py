@@ -207,10 +207,8 @@ _STOP = object()
 
 
 def _row(values: tuple) -> JournalRow:
-    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id) = (
-        values[:15]
-    )
-    origin, result = values[15:]
+    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id, origin,
+     result) = values  # fmt: skip
     return JournalRow(
         seq=seq,
         request_id=rid,
@@ -530,19 +528,10 @@ class Journal:
             if self.status_source is not None:
                 self._emit(
                     conn,
-                    StatusEvent(
-                        request_id=item.request_id,
-                        status="accepted",
-                        at=from_epoch(item.created_at),
-                        source=self.status_source,
-                        device_id=item.device_id,
-                        command_type=item.command_type,
-                        created_at=from_epoch(item.created_at),
-                        expires_at=from_epoch(item.expires_at),
-                        owner=item.key_id,
-                        idempotency_key=item.idem_key,
-                        body_hash=item.body_hash.hex(),
-                    ),
+                    ("accepted", item.created_at),
+                    (item.request_id, item.device_id, item.command_type, item.created_at, item.expires_at, item.key_id),
+                    idempotency_key=item.idem_key,
+                    body_hash=item.body_hash.hex(),
                 )
             row = JournalRow(
                 seq=cursor.lastrowid,
@@ -603,23 +592,15 @@ class Journal:
         if updated:
             self._changed.append(updated[0])
         if updated and self.status_source is not None:
-            request_id, device_id, command_type, created_at, expires_at, key_id = updated
-            event = StatusEvent(
-                request_id=request_id,
-                status=mark.status,
-                at=from_epoch(mark.at),
-                source=self.status_source,
-                device_id=device_id,
-                command_type=command_type,
-                created_at=from_epoch(created_at),
-                expires_at=from_epoch(expires_at),
+            self._emit(
+                conn,
+                (mark.status, mark.at),
+                updated,
                 topic=mark.topic,
                 partition=mark.partition,
                 offset=mark.offset,
                 error=mark.error[:2000] if mark.error else None,  # the contract's limit
-                owner=key_id,
             )
-            self._emit(conn, event)
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
             if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
@@ -628,10 +609,24 @@ class Journal:
                 self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
                 self._txn_bytes += self._txn_sizes[mark.seq]
 
-    def _emit(self, conn: sqlite3.Connection, event: StatusEvent) -> None:
+    def _emit(self, conn: sqlite3.Connection, step: tuple[str, float], command: tuple, **details: object) -> None:
+        """Write this instance's transition `step` (status, when) of `command` (request_id, device_id,
+        command_type, created_at, expires_at, key_id) to the status outbox, in the transaction under way."""
+        request_id, device_id, command_type, created_at, expires_at, key_id = command
+        event = StatusEvent(
+            request_id=request_id,
+            status=step[0],
+            at=from_epoch(step[1]),
+            source=self.status_source,
+            device_id=device_id,
+            command_type=command_type,
+            created_at=from_epoch(created_at),
+            expires_at=from_epoch(expires_at),
+            owner=key_id,
+            **details,
+        )
         conn.execute(
-            "INSERT INTO status_outbox (request_id, event) VALUES (?, ?)",
-            (event.request_id, _EVENT_ENCODER.encode(event)),
+            "INSERT INTO status_outbox (request_id, event) VALUES (?, ?)", (request_id, _EVENT_ENCODER.encode(event))
         )
         self._emitted = True
 

@@ -34,6 +34,8 @@ import httpx
 import msgspec
 
 from schemas import (
+    STAGE_RANK,
+    TERMINAL,
     VERSION,
     BatchCommandResponse,
     CommandList,
@@ -71,10 +73,10 @@ Command = CommandRequest | Mapping[str, Any]  # a CommandRequest, or a dict of i
 CommandResult = CommandResponse
 BatchResult = BatchCommandResponse
 DEFAULT_URL = "http://127.0.0.1:8000"
-# Lifecycle stages in order; a command that reached a later stage has passed the earlier ones. The last
-# two are reported by connectors, through the service's status topic (KAFKA_STATUS_TOPIC).
-STAGES = ("accepted", "published", "delivered", "succeeded")
-FINAL_FAILURES = ("failed", "expired", "rejected")
+# Lifecycle stages in order; a command that reached a later stage has passed the earlier ones. `delivered`
+# and `succeeded` are reported by connectors, through the service's status topic (KAFKA_STATUS_TOPIC).
+FINAL_FAILURES = tuple(s for s in STAGE_RANK if s in TERMINAL and s != "succeeded")
+STAGES = tuple(s for s in STAGE_RANK if s not in FINAL_FAILURES)
 LONG_POLL = 25.0  # seconds one wait_for request may hold (the service allows LONG_POLL_MAX, 60 by default)
 
 
@@ -343,24 +345,36 @@ def _error_for(response: httpx.Response) -> PusherClientError:
     return kind(message, status, problem, _retry_after(response))
 
 
-def _reached(status: CommandStatus, until: str) -> bool:
-    if status.status in FINAL_FAILURES:
-        raise CommandFailed(status)
-    return STAGES.index(status.status) >= STAGES.index(until)
+class _Wait:
+    """One `wait_for`: the long polls to make and when to stop; the clients only send them and sleep."""
 
+    def __init__(self, core: _Core, request_id: str, until: str, timeout: float) -> None:
+        if until not in STAGES:
+            raise ValueError(f"until must be one of {', '.join(STAGES)}, not {until!r}")
+        self.core, self.request_id, self.until, self.timeout = core, request_id, until, timeout
+        self.deadline = time.monotonic() + timeout
+        self.asked = self.started = 0.0
 
-def _early_answer_pause(asked: float, started: float, deadline: float) -> float:
-    """A long poll answered well before its time without the stage (a service shutting down, or one that
-    does not hold polls) is not asked again at once: half a second's pause, within the deadline."""
-    now = time.monotonic()
-    if now - started >= asked - 1.0:
-        return 0.0
-    return max(0.0, min(0.5, deadline - now))
+    def next_poll(self) -> _Call:
+        """The next long poll, holding at most LONG_POLL seconds and never past the deadline."""
+        self.asked, self.started = min(max(0.0, self.deadline - time.monotonic()), LONG_POLL), time.monotonic()
+        return self.core.status(self.request_id, self.until, self.asked)
 
-
-def _check_stage(until: str) -> None:
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {', '.join(STAGES)}, not {until!r}")
+    def pause_after(self, command: CommandStatus) -> float | None:
+        """None when `command` reached the stage; else seconds to pause before the next poll. Raises
+        CommandFailed at a failed end and WaitTimeout past the deadline."""
+        if command.status in FINAL_FAILURES:
+            raise CommandFailed(command)
+        if STAGES.index(command.status) >= STAGES.index(self.until):
+            return None
+        now = time.monotonic()
+        if self.deadline - now <= 0:
+            raise WaitTimeout(command, self.until, self.timeout)
+        # A long poll answered well before its time without the stage (a service shutting down, or one that
+        # does not hold polls) is not asked again at once: half a second's pause, within the deadline.
+        if now - self.started >= self.asked - 1.0:
+            return 0.0
+        return max(0.0, min(0.5, self.deadline - now))
 
 
 # ---------------------------------------------------------------- clients
@@ -448,16 +462,13 @@ class PusherClient:
 
     def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
         """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
-        _check_stage(until)
-        deadline = time.monotonic() + timeout
+        wait = _Wait(self._core, request_id, until, timeout)
         while True:
-            asked, started = min(max(0.0, deadline - time.monotonic()), LONG_POLL), time.monotonic()
-            command = self._request(self._core.status(request_id, until, asked))
-            if _reached(command, until):
+            command = self._request(wait.next_poll())
+            pause = wait.pause_after(command)
+            if pause is None:
                 return command
-            if deadline - time.monotonic() <= 0:
-                raise WaitTimeout(command, until, timeout)
-            time.sleep(_early_answer_pause(asked, started, deadline))
+            time.sleep(pause)
 
     def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""
@@ -561,16 +572,13 @@ class AsyncPusherClient:
 
     async def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
         """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
-        _check_stage(until)
-        deadline = time.monotonic() + timeout
+        wait = _Wait(self._core, request_id, until, timeout)
         while True:
-            asked, started = min(max(0.0, deadline - time.monotonic()), LONG_POLL), time.monotonic()
-            command = await self._request(self._core.status(request_id, until, asked))
-            if _reached(command, until):
+            command = await self._request(wait.next_poll())
+            pause = wait.pause_after(command)
+            if pause is None:
                 return command
-            if deadline - time.monotonic() <= 0:
-                raise WaitTimeout(command, until, timeout)
-            await asyncio.sleep(_early_answer_pause(asked, started, deadline))
+            await asyncio.sleep(pause)
 
     async def health(self, retry: RetryPolicy | None = None) -> Health:
         """GET /health: the service answers (retrying as `retry` says, default the client's policy)."""
