@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import uuid
 from typing import Any
 
 import msgspec
@@ -51,7 +50,6 @@ class _Acks:
     """Acknowledgements from kafka-python's thread, handed to the loop in bursts (one wake-up per burst)."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.done: list[tuple[asyncio.Future[None], BaseException | None]] = []
         self.lock = threading.Lock()
 
@@ -61,7 +59,7 @@ class _Acks:
             self.done.append((future, error))
             if len(self.done) > 1:
                 return
-        self.loop.call_soon_threadsafe(self._run)
+        future.get_loop().call_soon_threadsafe(self._run)
 
     def _run(self) -> None:
         with self.lock:
@@ -74,8 +72,8 @@ class _Acks:
 _ACKS = _Acks()
 
 
-def _send(command: Command, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    acked = loop.create_future()
+def _send(command: Command) -> asyncio.Future[None]:
+    acked = asyncio.get_running_loop().create_future()
     sent = producer.send(TOPIC, key=command.device_id.encode(), value=_ENCODER.encode(command))
     sent.add_callback(lambda _: _ACKS.settle(acked, None))
     sent.add_errback(lambda exc: _ACKS.settle(acked, exc))
@@ -85,10 +83,9 @@ def _send(command: Command, loop: asyncio.AbstractEventLoop) -> asyncio.Future[N
 async def push_command(request: Request) -> Response:
     """Decode, send, await Kafka's acknowledgement, answer 200 (503 if Kafka refused)."""
     command = _DECODER.decode(await request.body())
-    request_id = str(uuid.uuid4())
-    loop = _ACKS.loop = asyncio.get_running_loop()
+    request_id = os.urandom(16).hex()
     try:
-        await _send(command, loop)
+        await _send(command)
     except Exception:
         return Response(b'{"success":false}', 503, media_type="application/json")
     return Response(b'{"success":true,"request_id":"%s"}' % request_id.encode(), media_type="application/json")
@@ -97,8 +94,7 @@ async def push_command(request: Request) -> Response:
 async def push_batch(request: Request) -> Response:
     """Decode the batch, send every command, await all acknowledgements, answer 200 (503 if any was refused)."""
     batch = _BATCH_DECODER.decode(await request.body())
-    loop = _ACKS.loop = asyncio.get_running_loop()
-    results = await asyncio.gather(*(_send(command, loop) for command in batch.commands), return_exceptions=True)
+    results = await asyncio.gather(*(_send(command) for command in batch.commands), return_exceptions=True)
     if any(isinstance(result, BaseException) for result in results):
         return Response(b'{"success":false}', 503, media_type="application/json")
     return Response(b'{"success":true,"total_commands":%d}' % len(results), media_type="application/json")
