@@ -103,7 +103,8 @@ def new_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port`."""
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -251,7 +252,7 @@ class LocalKafka:
             if self.process is None or self.process.poll() is not None:
                 code = self.process.returncode if self.process else None
                 raise KafkaUnavailable(f"broker {self.node_id} exited with {code}; log:\n{self._log_tail()}")
-            if _port_open(self.port) and self._log_says_started():
+            if port_open(self.port) and self._log_says_started():
                 return
             time.sleep(0.2)
         self.stop()
@@ -368,7 +369,7 @@ def _up() -> None:
         return
     shutil.rmtree(RUN_DIR / "data", ignore_errors=True)
     port = int(os.environ.get("KAFKA_LOCAL_PORT", "9092"))
-    if _port_open(port):
+    if port_open(port):
         raise KafkaUnavailable(f"port {port} is taken; set KAFKA_LOCAL_PORT or KAFKA_BOOTSTRAP_SERVERS")
     broker = LocalKafka(RUN_DIR / "data", port=port).start()
     pid_file.write_text(str(broker.process.pid))

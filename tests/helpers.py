@@ -14,12 +14,16 @@ import uuid
 from pathlib import Path
 
 import httpx
+import jsonschema_rs
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka_local import free_port, stop_process
 
 from security import hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
+STATUS_CONTRACT = json.loads((ROOT / "contract" / "status-event.schema.json").read_text())
+# The status topic's contract, compiled once; formats (date-time) checked too.
+STATUS_EVENT_VALIDATOR = jsonschema_rs.validator_for(STATUS_CONTRACT, validate_formats=True)
 # API keys for tests that turn authentication on: id → (secret, scopes, device patterns)
 KEYS = {
     "writer": ("ppk_writer-secret", ["commands:write", "commands:read"], None),
@@ -40,16 +44,23 @@ def keys_file(path, keys=KEYS) -> str:
     return str(path)
 
 
-def new_topic(bootstrap: str, partitions: int = 3, name: str | None = None, configs: dict | None = None) -> str:
+def new_topic(
+    bootstrap: str, partitions: int = 3, name: str | None = None, configs: dict | None = None, replication: int = 1
+) -> str:
     """Create a fresh topic (one per test keeps tests independent) and return its name."""
     name = name or f"cmd-{uuid.uuid4().hex[:12]}"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
-        spec = {"num_partitions": partitions, "replication_factor": 1, "configs": configs or {}}
+        spec = {"num_partitions": partitions, "replication_factor": replication, "configs": configs or {}}
         admin.create_topics({name: spec}, wait_for_metadata=True)
     finally:
         admin.close()
     return name
+
+
+def new_status_topic(bootstrap: str) -> str:
+    """A fresh compacted status topic."""
+    return new_topic(bootstrap, configs={"cleanup.policy": "compact"})
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
@@ -156,11 +167,28 @@ def command(device_id: str = "device_001", **extra) -> dict:
 
 def record_figure(name: str, value: float | int | str) -> None:
     """Keep a measured figure in .cache/figures.json (README quotes them)."""
+    record_figures({name: value})
+
+
+def record_figures(measured: dict[str, float | int | str]) -> None:
+    """Keep measured figures in .cache/figures.json, in one read and one write."""
     path = ROOT / ".cache" / "figures.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     figures = json.loads(path.read_text()) if path.exists() else {}
-    figures[name] = value
+    figures.update(measured)
     path.write_text(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def run_cli(*args: str, url: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `pusher ARGS` from the source tree against `url`."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pusher_cli.py"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PUSHER_URL": url, "PUSHER_API_KEY": "", **env},
+    )
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):

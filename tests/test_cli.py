@@ -11,20 +11,8 @@ import venv
 from pathlib import Path
 
 import pytest
-from helpers import KEYS, ROOT, read_topic, service_on
+from helpers import KEYS, ROOT, read_topic, run_cli, service_on
 from kafka_local import free_port
-
-
-def pusher(*args: str, url: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `pusher ARGS` from the source tree against `url`."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "pusher_cli.py"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PUSHER_URL": url, "PUSHER_API_KEY": "", **env},
-    )
 
 
 def lines(result: subprocess.CompletedProcess[str]) -> list[dict]:
@@ -33,30 +21,30 @@ def lines(result: subprocess.CompletedProcess[str]) -> list[dict]:
 
 def test_send_status_list_and_their_exit_codes(kafka_bootstrap, topic, service):
     """send → 0 and the result; --wait → the published status; 1 refused, 2 usage, 4 unknown id, 5 no service."""
-    sent = pusher("send", "--device", "cli-dev", "--type", "set_led", "--protocol", "mqtt",
+    sent = run_cli("send", "--device", "cli-dev", "--type", "set_led", "--protocol", "mqtt",
                   "--payload", '{"state": "on"}', "--metadata", '{"topic": "devices/cli-dev/commands"}', "--qos", "1",
                   url=service.url)  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     [result] = lines(sent)
     assert result["status"] == "published" and result["topic"] == topic
 
-    waited = pusher("send", "--device", "cli-dev", "--type", "reboot", "--protocol", "mqtt", "--async", "--wait",
+    waited = run_cli("send", "--device", "cli-dev", "--type", "reboot", "--protocol", "mqtt", "--async", "--wait",
                     url=service.url)  # fmt: skip
     assert waited.returncode == 0, waited.stderr
     assert [t["status"] for t in lines(waited)[0]["history"]] == ["accepted", "published"]
 
-    refused = pusher("send", "--device", "cli-dev", "--type", "t", "--protocol", "telnet", url=service.url)
+    refused = run_cli("send", "--device", "cli-dev", "--type", "t", "--protocol", "telnet", url=service.url)
     assert refused.returncode == 1 and "$.protocol" in refused.stderr and refused.stdout == ""
-    bad_json = pusher("send", "--device", "d", "--type", "t", "--protocol", "mqtt", "--payload", "{", url=service.url)
+    bad_json = run_cli("send", "--device", "d", "--type", "t", "--protocol", "mqtt", "--payload", "{", url=service.url)
     assert bad_json.returncode == 2 and "--payload is not JSON" in bad_json.stderr
 
-    status = pusher("status", result["request_id"], url=service.url)
+    status = run_cli("status", result["request_id"], url=service.url)
     assert status.returncode == 0 and lines(status)[0]["offset"] == result["offset"]
-    assert pusher("status", "no-such-id", url=service.url).returncode == 4
-    listed = pusher("list", "--device", "cli-dev", "--limit", "1", "--all", url=service.url)
+    assert run_cli("status", "no-such-id", url=service.url).returncode == 4
+    listed = run_cli("list", "--device", "cli-dev", "--limit", "1", "--all", url=service.url)
     assert listed.returncode == 0 and [c["command_type"] for c in lines(listed)] == ["reboot", "set_led"]
 
-    nobody = pusher("status", "x", "--retry-for", "0.5", url=f"http://127.0.0.1:{free_port()}")
+    nobody = run_cli("status", "x", "--retry-for", "0.5", url=f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == 5 and "No answer" in nobody.stderr
     values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
     assert sorted(v["command_type"] for v in values) == ["reboot", "set_led"]
@@ -65,7 +53,7 @@ def test_send_status_list_and_their_exit_codes(kafka_bootstrap, topic, service):
 def test_a_rerun_with_the_same_idempotency_key_sends_once(kafka_bootstrap, topic, service):
     """A script that reruns `pusher send --idempotency-key K` after a failure cannot publish twice."""
     args = ("send", "--device", "rerun-dev", "--type", "reboot", "--protocol", "mqtt", "--idempotency-key", "job-42")
-    first, second = pusher(*args, url=service.url), pusher(*args, url=service.url)
+    first, second = run_cli(*args, url=service.url), run_cli(*args, url=service.url)
     assert first.returncode == second.returncode == 0
     assert lines(first)[0]["request_id"] == lines(second)[0]["request_id"] and lines(second)[0]["replayed"]
     assert len(read_topic(kafka_bootstrap, topic, 2, timeout=5)) == 1
@@ -89,14 +77,14 @@ def test_batch_reports_every_line_and_streams_stdin(kafka_bootstrap, topic, serv
         )
         + "\n"
     )
-    result = pusher("batch", str(path), "--chunk-size", "2", url=service.url)
+    result = run_cli("batch", str(path), "--chunk-size", "2", url=service.url)
     assert result.returncode == 1
     reported = lines(result)
     assert [(r["line"], r["success"]) for r in reported] == [(1, True), (2, False), (3, False), (5, True), (6, True)]
     assert "not a JSON command" in reported[1]["error"] and "protocol" in reported[2]["error"]
     assert "3 sent, 2 failed" in result.stderr
 
-    piped = pusher("batch", "-", url=service.url, stdin=json.dumps({**good, "command_type": "piped"}) + "\n")
+    piped = run_cli("batch", "-", url=service.url, stdin=json.dumps({**good, "command_type": "piped"}) + "\n")
     assert piped.returncode == 0 and lines(piped)[0]["status"] == "published"
     values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 4)]
     assert sorted(v["command_type"] for v in values) == ["piped", "reboot", "second", "third"]
@@ -105,9 +93,9 @@ def test_batch_reports_every_line_and_streams_stdin(kafka_bootstrap, topic, serv
 def test_api_key_from_the_environment_and_exit_code_3(keyed_service):
     """PUSHER_API_KEY is used; a missing or read-only key exits 3."""
     args = ("send", "--device", "d", "--type", "t", "--protocol", "mqtt")
-    assert pusher(*args, url=keyed_service.url).returncode == 3
-    assert pusher(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["reader"][0]).returncode == 3
-    assert pusher(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["writer"][0]).returncode == 0
+    assert run_cli(*args, url=keyed_service.url).returncode == 3
+    assert run_cli(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["reader"][0]).returncode == 3
+    assert run_cli(*args, url=keyed_service.url, PUSHER_API_KEY=KEYS["writer"][0]).returncode == 0
 
 
 def test_wait_that_runs_out_exits_6_and_the_command_still_arrives(own_broker, tmp_path):
@@ -116,7 +104,7 @@ def test_wait_that_runs_out_exits_6_and_the_command_still_arrives(own_broker, tm
     topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="0.5")
     try:
         own_broker.stop()
-        waited = pusher("send", "--device", "d", "--type", "late", "--protocol", "mqtt", "--wait", "--timeout", "1",
+        waited = run_cli("send", "--device", "d", "--type", "late", "--protocol", "mqtt", "--wait", "--timeout", "1",
                         url=service.url)  # fmt: skip
         assert waited.returncode == 6 and lines(waited)[0]["status"] == "accepted"
         own_broker.start()

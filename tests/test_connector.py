@@ -7,7 +7,6 @@ import getpass
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import jsonschema_rs
 import pytest
-from helpers import ROOT, ServiceProcess, command, new_topic, read_topic
-from kafka_local import free_port, stop_process
+from helpers import ROOT, STATUS_EVENT_VALIDATOR, ServiceProcess, command, new_status_topic, new_topic, read_topic
+from kafka_local import free_port, port_open, stop_process
 
 EXAMPLES = ROOT / "examples"
-EVENT_SCHEMA = jsonschema_rs.validator_for(
-    json.loads((ROOT / "contract" / "status-event.schema.json").read_text()), validate_formats=True
-)
 
 
 class Mosquitto:
@@ -50,7 +45,7 @@ class Mosquitto:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        while not _listening(self.port):
+        while not port_open(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"mosquitto did not start:\n{self.log_path.read_text(errors='replace')}", pytrace=False)
@@ -62,11 +57,6 @@ class Mosquitto:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +98,16 @@ class Example:
 class Setup:
     """The service publishing to a fresh command topic, a fresh status topic, and the examples around them."""
 
-    def __init__(self, bootstrap: str, mqtt_port: int, folder: Path, **service_env: str) -> None:
+    def __init__(self, bootstrap: str, mqtt_port: int, folder: Path, status_feed: bool = False) -> None:
         self.bootstrap = bootstrap
         self.mqtt_port = mqtt_port
         self.folder = folder
         self.command_topic = new_topic(bootstrap)
-        self.status_topic = new_topic(bootstrap, configs={"cleanup.policy": "compact"})
+        self.status_topic = new_status_topic(bootstrap)
         self.received_path = folder / "received.jsonl"
+        feed = {"KAFKA_STATUS_TOPIC": self.status_topic} if status_feed else {}
         self.service = ServiceProcess(
-            folder, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=self.command_topic, **service_env
+            folder, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=self.command_topic, **feed
         )
         self.examples: list[Example] = []
 
@@ -155,7 +146,7 @@ class Setup:
         by_request: dict[str, list[dict]] = {}
         for record in read_topic(self.bootstrap, self.status_topic, count, timeout=30):
             event = json.loads(record.value)
-            EVENT_SCHEMA.validate(event)
+            STATUS_EVENT_VALIDATOR.validate(event)
             assert record.key == event["request_id"].encode()
             assert event["source"] == "mqtt-connector"
             assert datetime.fromisoformat(event["at"]).tzinfo is not None
@@ -287,8 +278,7 @@ def test_end_to_end_the_service_follows_the_command_to_the_device(kafka_bootstra
     `succeeded` answers with accepted → published → delivered → succeeded and the device's result, the event
     stream replays the same, and the device got exactly the posted payload once. An expired command ends
     `expired` at the service too, and never reaches the device."""
-    built = Setup(kafka_bootstrap, mqtt_port, tmp_path)
-    built.service.env["KAFKA_STATUS_TOPIC"] = built.status_topic
+    built = Setup(kafka_bootstrap, mqtt_port, tmp_path, status_feed=True)
     built.service.start()
     url = built.service.url + "/api/v1/commands"
     try:

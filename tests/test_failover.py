@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from helpers import ServiceProcess, command, read_topic, record_figure, wait_for
+from helpers import ServiceProcess, command, new_topic, read_topic, record_figures, wait_for
 from kafka import KafkaAdminClient
 from kafka_local import KafkaCluster, KafkaUnavailable
 
@@ -86,13 +86,7 @@ class Partitions:
 def create_replicated_topic(bootstrap: str) -> str:
     """The command topic as production would have it: replication factor 3, min.insync.replicas=2."""
     name = f"failover-{uuid.uuid4().hex[:12]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    try:
-        spec = {"num_partitions": PARTITIONS, "replication_factor": 3, "configs": {"min.insync.replicas": "2"}}
-        admin.create_topics({name: spec}, wait_for_metadata=True)
-    finally:
-        admin.close()
-    return name
+    return new_topic(bootstrap, PARTITIONS, name=name, configs={"min.insync.replicas": "2"}, replication=3)
 
 
 @dataclass
@@ -200,18 +194,22 @@ def test_partition_leader_killed_five_times_under_load_loses_nothing_doubles_not
     lost = [rid for rid in tally.answered if rid not in counts]
     duplicates = sum(c - 1 for c in counts.values())
     rate = len(tally.answered) / load_seconds
-    record_figure("failover_commands_per_s", round(rate))
-    record_figure("failover_commands", len(tally.answered))
-    record_figure("failover_answered_published", tally.statuses["published"])
-    record_figure("failover_answered_accepted", tally.statuses["accepted"])
-    record_figure("failover_leader_kills", len(failovers))
-    record_figure("failover_leader_election_seconds_max", round(max(failovers), 2))
-    record_figure("failover_producer_replacements", replacements)
-    record_figure("failover_reconciled", reconciled)
-    record_figure("failover_lost", len(lost))
-    record_figure("failover_duplicates", duplicates)
-    record_figure("failover_http_retries", tally.retries)
-    record_figure("failover_drain_seconds", round(drain, 2))
+    record_figures(
+        {
+            "failover_commands_per_s": round(rate),
+            "failover_commands": len(tally.answered),
+            "failover_answered_published": tally.statuses["published"],
+            "failover_answered_accepted": tally.statuses["accepted"],
+            "failover_leader_kills": len(failovers),
+            "failover_leader_election_seconds_max": round(max(failovers), 2),
+            "failover_producer_replacements": replacements,
+            "failover_reconciled": reconciled,
+            "failover_lost": len(lost),
+            "failover_duplicates": duplicates,
+            "failover_http_retries": tally.retries,
+            "failover_drain_seconds": round(drain, 2),
+        }
+    )
 
     assert len(failovers) == KILLS
     assert rate >= MIN_RATE, f"the load reached only {rate:.0f} commands/s"

@@ -379,63 +379,48 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
         j.close()
 
 
-def test_a_retry_at_another_instance_finds_the_command_by_its_idempotency_key(tmp_path):
+def test_a_retry_at_another_instance_finds_the_command_by_its_idempotency_key(journal):
     """The accepted event carries the (key-scoped) Idempotency-Key and body hash: the same request at this
     instance is a replay of the other's command, a different body a conflict."""
-    j = Journal(tmp_path / "j.db")
-    j.open()
-    try:
-        event = _event(
-            "elsewhere-1",
-            "accepted",
-            time.time(),
-            source="pusher@other",
-            idempotency_key="k1\x1fabc",
-            body_hash=b"h".hex(),
-        )
-        assert j.apply_events([event], {0: 1}) == 0
-        [replayed] = accept(j, new("fresh-id", idem_key="k1\x1fabc"))
-        [conflict] = accept(j, new("fresh-id-2", idem_key="k1\x1fabc", body=b"other"))
-        assert replayed.outcome == "replayed" and replayed.row.request_id == "elsewhere-1"
-        assert conflict.outcome == "conflict"
-        assert j.pending_count == 0
-    finally:
-        j.close()
+    event = _event(
+        "elsewhere-1",
+        "accepted",
+        time.time(),
+        source="pusher@other",
+        idempotency_key="k1\x1fabc",
+        body_hash=b"h".hex(),
+    )
+    assert journal.apply_events([event], {0: 1}) == 0
+    [replayed] = accept(journal, new("fresh-id", idem_key="k1\x1fabc"))
+    [conflict] = accept(journal, new("fresh-id-2", idem_key="k1\x1fabc", body=b"other"))
+    assert replayed.outcome == "replayed" and replayed.row.request_id == "elsewhere-1"
+    assert conflict.outcome == "conflict"
+    assert journal.pending_count == 0
 
 
-def test_an_event_that_cannot_be_stored_is_skipped_and_the_writer_lives_on(tmp_path):
+def test_an_event_that_cannot_be_stored_is_skipped_and_the_writer_lives_on(journal):
     """Absurd values (an offset past SQLite's integers, a result nested too deep to serialise) skip that event
     only; the others in the batch are applied, positions stored, and the writer keeps working."""
-    j = Journal(tmp_path / "j.db")
-    j.open()
-    try:
-        deep: dict = {}
-        for _ in range(5000):
-            deep = {"a": deep}
-        now = time.time()
-        batch = [
-            _event("bad-1", "published", now, offset=2**63, partition=0, topic="t"),
-            _event("bad-2", "succeeded", now, result=deep),
-            _event("good-1", "delivered", now),
-        ]
-        assert j.apply_events(batch, {0: 3}) == 2
-        assert j.get("bad-1") is None and j.get("bad-2") is None and j.get("good-1").stage == "delivered"
-        assert j.status_positions() == {0: 3}
-        [accepted] = accept(j, new("after-1"))
-        assert accepted.outcome == "inserted"
-    finally:
-        j.close()
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    now = time.time()
+    batch = [
+        _event("bad-1", "published", now, offset=2**63, partition=0, topic="t"),
+        _event("bad-2", "succeeded", now, result=deep),
+        _event("good-1", "delivered", now),
+    ]
+    assert journal.apply_events(batch, {0: 3}) == 2
+    assert journal.get("bad-1") is None and journal.get("bad-2") is None and journal.get("good-1").stage == "delivered"
+    assert journal.status_positions() == {0: 3}
+    [accepted] = accept(journal, new("after-1"))
+    assert accepted.outcome == "inserted"
 
 
-def test_only_an_instance_may_claim_an_idempotency_key(tmp_path):
+def test_only_an_instance_may_claim_an_idempotency_key(journal):
     """A connector's event (or anyone else who can write the topic) cannot plant an Idempotency-Key: a later
     POST with that key is a new command, not a replay of one that will never be sent."""
-    j = Journal(tmp_path / "j.db")
-    j.open()
-    try:
-        forged = _event("forged-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
-        assert j.apply_events([forged], {0: 1}) == 0
-        [fresh] = accept(j, new("real-1", idem_key="k1\x1fabc"))
-        assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"
-    finally:
-        j.close()
+    forged = _event("forged-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
+    assert journal.apply_events([forged], {0: 1}) == 0
+    [fresh] = accept(journal, new("real-1", idem_key="k1\x1fabc"))
+    assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -14,29 +11,28 @@ from datetime import UTC, datetime
 import httpx
 import jsonschema_rs
 import pytest
-from helpers import ROOT, ServiceProcess, command, new_topic, read_topic, wait_for
+from helpers import (
+    STATUS_CONTRACT,
+    STATUS_EVENT_VALIDATOR,
+    ServiceProcess,
+    command,
+    new_status_topic,
+    new_topic,
+    read_topic,
+    run_cli,
+    wait_for,
+)
 from kafka import KafkaProducer
 
 from pusher_client import CommandFailed, PusherClient, WaitTimeout
 from schemas import status_event_schema
 
-CONTRACT = json.loads((ROOT / "contract" / "status-event.schema.json").read_text())
 
-
-def _status_topic(bootstrap: str) -> str:
-    return new_topic(bootstrap, name=f"status-{time.monotonic_ns()}", configs={"cleanup.policy": "compact"})
-
-
-def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str, **env: str) -> ServiceProcess:
-    (tmp_path / name).mkdir(exist_ok=True)
+def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str) -> ServiceProcess:
     return ServiceProcess(
-        tmp_path / name,
-        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        KAFKA_COMMAND_TOPIC=topic,
-        KAFKA_STATUS_TOPIC=status_topic,
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=topic, KAFKA_STATUS_TOPIC=status_topic,
         INSTANCE_ID=name,
-        **env,
-    ).start()
+    ).start()  # fmt: skip
 
 
 class Connector:
@@ -55,7 +51,7 @@ class Connector:
             "device_id": device_id,
             **extra,
         }
-        jsonschema_rs.validate(CONTRACT, event)
+        STATUS_EVENT_VALIDATOR.validate(event)
         self.producer.send(self.topic, key=request_id.encode(), value=json.dumps(event).encode()).get(10)
         return event
 
@@ -66,7 +62,7 @@ class Connector:
 @pytest.fixture
 def status_topic(kafka_bootstrap: str) -> str:
     """A fresh compacted status topic."""
-    return _status_topic(kafka_bootstrap)
+    return new_status_topic(kafka_bootstrap)
 
 
 @pytest.fixture
@@ -83,8 +79,8 @@ def _statuses(body: dict) -> list[str]:
 
 def test_the_contract_file_is_the_schema_the_service_builds():
     """contract/status-event.schema.json is written from schemas.StatusEvent: they cannot drift apart."""
-    assert status_event_schema() == CONTRACT
-    jsonschema_rs.meta.validate(CONTRACT)
+    assert status_event_schema() == STATUS_CONTRACT
+    jsonschema_rs.meta.validate(STATUS_CONTRACT)
 
 
 def test_own_transitions_go_out_and_connector_stages_come_back(
@@ -98,7 +94,7 @@ def test_own_transitions_go_out_and_connector_stages_come_back(
         rid = posted["request_id"]
         events = [json.loads(r.value) for r in read_topic(kafka_bootstrap, status_topic, 2)]
         for event in events:
-            jsonschema_rs.validate(CONTRACT, event)
+            STATUS_EVENT_VALIDATOR.validate(event)
         assert [(e["status"], e["request_id"], e["source"]) for e in events] == [
             ("accepted", rid, "pusher@solo"),
             ("published", rid, "pusher@solo"),
@@ -285,13 +281,6 @@ def test_bad_waits_are_clear_422s(service):
     assert time.monotonic() - started < 5
 
 
-def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PUSHER_URL": url}
-    return subprocess.run(
-        [sys.executable, "-m", "pusher_cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-
-
 def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, status_topic, connector, tmp_path):
     """PusherClient.wait_for and `pusher status --wait --until` follow a command to delivered and succeeded;
     a rejected one raises CommandFailed (exit 1); a stage not reached in time is WaitTimeout (exit 6)."""
@@ -304,7 +293,9 @@ def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, statu
         threading.Timer(0.5, connector.report, (result.request_id, "fb-6", "delivered")).start()
         assert client.wait_for(result.request_id, until="delivered", timeout=20).status == "delivered"
         connector.report(result.request_id, "fb-6", "succeeded", result={"rebooted": True})
-        waited = _cli(service.url, "status", result.request_id, "--wait", "--until", "succeeded", "--timeout", "20")
+        waited = run_cli(
+            "status", result.request_id, "--wait", "--until", "succeeded", "--timeout", "20", url=service.url
+        )
         assert waited.returncode == 0, waited.stderr
         assert json.loads(waited.stdout)["result"] == {"rebooted": True}
 
@@ -313,11 +304,11 @@ def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, statu
         with pytest.raises(CommandFailed) as failed:
             client.wait_for(doomed.request_id, until="succeeded", timeout=20)
         assert failed.value.command.status == "rejected"
-        refused = _cli(service.url, "status", doomed.request_id, "--wait", "--until", "succeeded")
+        refused = run_cli("status", doomed.request_id, "--wait", "--until", "succeeded", url=service.url)
         assert refused.returncode == 1
         pending = client.push_command("fb-6", "reboot", {}, "mqtt")
-        timed_out = _cli(
-            service.url, "status", pending.request_id, "--wait", "--until", "delivered", "--timeout", "0.5"
+        timed_out = run_cli(
+            "status", pending.request_id, "--wait", "--until", "delivered", "--timeout", "0.5", url=service.url
         )
         assert timed_out.returncode == 6
     finally:
@@ -330,7 +321,7 @@ def test_transitions_survive_a_crash_before_they_reach_the_status_topic(own_brok
     journal's outbox), nor does a SIGKILL lose them; after the restart the status topic gets every transition
     of every command."""
     own_broker.start()
-    status_topic = _status_topic(own_broker.bootstrap)
+    status_topic = new_status_topic(own_broker.bootstrap)
     service = _service(tmp_path, own_broker.bootstrap, new_topic(own_broker.bootstrap), status_topic, "crashy")
     own_broker.stop()
     url = f"{service.url}/api/v1/commands"

@@ -22,6 +22,7 @@ from helpers import (
     read_topic,
     ready,
     record_figure,
+    record_figures,
     service_on,
     status_of,
     wait_for,
@@ -132,10 +133,14 @@ def test_sigkill_ten_times_under_load_loses_nothing_and_doubles_nothing(kafka_bo
     counts = _by_request_id(records)
     missing = [key for key, rid in answered.items() if rid not in counts]
     duplicates = sum(c - 1 for c in counts.values())
-    record_figure("kill_test_commands", len(answered))
-    record_figure("kill_test_kills", kills)
-    record_figure("kill_test_duplicates", duplicates)
-    record_figure("kill_test_missing", len(missing))
+    record_figures(
+        {
+            "kill_test_commands": len(answered),
+            "kill_test_kills": kills,
+            "kill_test_duplicates": duplicates,
+            "kill_test_missing": len(missing),
+        }
+    )
     assert len(answered) == per_client * clients
     assert not missing, f"{len(missing)} commands answered 2xx are not in Kafka"
     assert set(counts) == set(answered.values()), "Kafka holds commands nobody was answered for"
