@@ -43,8 +43,9 @@ lint: install  ## ruff check + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-keygen: install  ## print a new API key and its API_KEYS_FILE entry (ID=… SCOPES=…)
-	@$(PY) -m pusher keygen $${ID:-key-$$(date +%s)} $${SCOPES:-commands:write,commands:read}
+keygen: install  ## print a new API key; its entry goes into KEYS_FILE=… when given, else is printed (ID=… SCOPES=…)
+	@$(PY) -m pusher keygen $${ID:-key-$$(date +%s)} $${SCOPES:-commands:write,commands:read} \
+	  $${KEYS_FILE:+--keys-file "$$KEYS_FILE"}
 
 kafka-up:  ## start the local Kafka broker (127.0.0.1:9092, or KAFKA_LOCAL_PORT)
 	@$(SYSTEM_PYTHON) scripts/kafka_local.py up

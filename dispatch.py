@@ -416,10 +416,14 @@ class Watchers:
 
 
 def reached(row: JournalRow, stage: str, feedback: bool) -> bool:
-    """Whether a wait for `stage` is over: the command got there, further, or to an end. Without `feedback`
-    (a status topic), `published` is an end too: nobody would report anything after it."""
-    current = row.stage
-    return STAGE_RANK[current] >= STAGE_RANK[stage] or current in TERMINAL or (current == "published" and not feedback)
+    """Whether a wait for `stage` is over: the command got there, further, or to an end."""
+    return STAGE_RANK[row.stage] >= STAGE_RANK[stage] or finished(row, feedback)
+
+
+def finished(row: JournalRow, feedback: bool) -> bool:
+    """Whether nothing more will happen to the command. Without `feedback` (a status topic), `published` is an
+    end too: nobody would report anything after it."""
+    return row.stage in TERMINAL or (row.stage == "published" and not feedback)
 
 
 def command_status(row: JournalRow) -> CommandStatus:

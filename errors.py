@@ -13,7 +13,9 @@
     │   ├── IdempotencyConflict      409: the key was used before with another body
     │   ├── Unauthorized             401: no valid API key (with WWW-Authenticate)
     │   ├── Forbidden                403: the key lacks the scope, or the device is not its own
-    │   └── RateLimited              429: over RATE_LIMIT (with Retry-After and RateLimit-*)
+    │   ├── RateLimited              429: over RATE_LIMIT (with Retry-After and RateLimit-*)
+    │   └── TooManyWaiters           429: the key holds MAX_WAITERS_PER_KEY long polls and streams already
+    ├── Overloaded                   503: LIMIT_CONCURRENCY requests or MAX_WAITERS waiters in flight
     └── SinkError                    Kafka could not take the command
         ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
         ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
@@ -199,6 +201,24 @@ class RateLimited(RequestError):
     status = 429
     slug = "rate-limited"
     title = "Too many requests"
+
+
+class TooManyWaiters(RequestError):
+    """The key (or client address) already holds MAX_WAITERS_PER_KEY long polls and event streams."""
+
+    status = 429
+    slug = "too-many-waiters"
+    title = "Too many open long polls and event streams"
+    retry_after = 5
+
+
+class Overloaded(PusherError):
+    """LIMIT_CONCURRENCY requests, or MAX_WAITERS waiters, are in flight; only what is over the limit is refused."""
+
+    status = 503
+    slug = "overloaded"
+    title = "Overloaded"
+    retry_after = 1
 
 
 class RequestTimeout(RequestError):

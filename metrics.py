@@ -65,6 +65,12 @@ class Metrics:
             "(not valid per the contract)", ["direction"], registry=r,
         )  # fmt: skip
         self.status_events = {d: status_events.labels(d) for d in ("out", "in", "ignored")}
+        self.http_in_flight = Gauge(
+            "pusher_http_in_flight",
+            "Requests being served, of LIMIT_CONCURRENCY (probes and waiters not counted)",
+            registry=r,
+        )
+        self.waiters = Gauge("pusher_waiters", "Open long polls and event streams, of MAX_WAITERS", registry=r)
         self.status_outbox = Gauge(
             "pusher_status_outbox", "Status events written by this instance, not yet on the status topic", registry=r
         )
@@ -105,6 +111,11 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         if status_outbox is not None:
             self.status_outbox.set_function(status_outbox)
+
+    def watch_admission(self, in_flight: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Gauges of the request and waiter budgets, read at scrape time."""
+        self.http_in_flight.set_function(in_flight)
+        self.waiters.set_function(waiting)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import os
 import random
 import re
 import signal
@@ -15,7 +16,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Annotated, Any
 
 import msgspec
@@ -32,7 +33,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-from dispatch import Dispatcher, Watchers, command_status, reached
+from admission import Admission, Waiter
+from dispatch import Dispatcher, Watchers, command_status, finished, reached
 from errors import (
     BodyTooLarge,
     FieldProblem,
@@ -45,6 +47,7 @@ from errors import (
     RequestError,
     RequestTimeout,
     ShuttingDown,
+    Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -114,18 +117,20 @@ def problem_response(error: BaseException, request_id: str | None, instance: str
 
 
 class RequestContextMiddleware:
-    """Request id, body size and time limits, the one summary log line per request, and the fixed 500."""
+    """Request id, admission, body size and time limits, the one summary log line per request, the fixed 500."""
 
     def __init__(
         self,
         app: ASGIApp,
         metrics: Metrics,
+        admission: Admission,
         max_body_bytes: int,
         body_timeout: float = 10.0,
         max_header_bytes: int = 16384,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.max_header_bytes = max_header_bytes
@@ -138,7 +143,8 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         # It labels one request's log line and answer: unique, not secret, so the fast generator.
         request_id = given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
@@ -160,6 +166,7 @@ class RequestContextMiddleware:
             # httptools has no header-size limit of its own: refuse oversized headers before any work.
             if sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_header_bytes:
                 raise HeadersTooLarge(f"Request headers exceed MAX_HEADER_BYTES ({self.max_header_bytes} bytes)")
+            self.admission.admit(state, scope["path"])
             length = headers.get(b"content-length")
             app_state = getattr(scope.get("app"), "state", None)
             if not getattr(app_state, "accepting", True) and scope["path"] not in ("/health", "/ready"):
@@ -180,6 +187,7 @@ class RequestContextMiddleware:
             if not response_started:
                 await problem_response(RuntimeError(), request_id, scope["path"])(scope, receive, send_with_id)
         finally:
+            self.admission.done(state)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started
             self.metrics.observe_request(route, scope["method"], status, duration)
@@ -189,8 +197,8 @@ class RequestContextMiddleware:
                 route=route,
                 status=status,
                 duration_ms=round(duration * 1000, 3),
-                key_id=getattr(scope["state"].get("principal"), "id", None),
-                **scope["state"].get("log", {}),
+                key_id=getattr(state.get("principal"), "id", None),
+                **state.get("log", {}),
             )
             structlog.contextvars.unbind_contextvars("request_id", "key_id")
 
@@ -405,12 +413,14 @@ async def get_command_status(request: Request) -> Response:
     feedback = bool(settings.kafka_status_topic)
     if query.wait_for is msgspec.UNSET or reached(row, query.wait_for, feedback) or query.timeout == 0:
         return JSONResponse(command_status(row))
+    waiter = _wait(request)
     journal: Journal = request.app.state.journal
     watchers: Watchers = request.app.state.watchers
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
-    with watchers.watching(row.request_id) as changed:
+    with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
+        waiter.wake = changed
         row = journal.get(row.request_id) or row  # read again once watched: no change slips in between
-        while not reached(row, query.wait_for, feedback) and not watchers.closed:
+        while not reached(row, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -418,7 +428,33 @@ async def get_command_status(request: Request) -> Response:
                 await asyncio.wait_for(changed.wait(), remaining)
             changed.clear()
             row = journal.get(row.request_id) or row
+    if waiter.ended == "revoked":
+        raise Unauthorized("This API key was revoked while the request waited")
     return JSONResponse(command_status(row))
+
+
+@contextlib.contextmanager
+def _ends_on_disconnect(request: Request, waiter: Waiter) -> Iterator[None]:
+    """While inside, a client that goes away ends `waiter` at once, giving its slot back (a waiter would
+    otherwise notice only when it next writes)."""
+
+    async def listen() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        waiter.end("disconnected")
+
+    listening = asyncio.ensure_future(listen())
+    try:
+        yield
+    finally:
+        listening.cancel()
+
+
+def _wait(request: Request) -> Waiter:
+    """Make this request a waiter of its key (or, without keys, of its client address)."""
+    key: ApiKey | None = request.scope["state"].get("principal")
+    who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
+    return request.app.state.admission.wait(request.scope["state"], who)
 
 
 def _unsent(row: JournalRow, sent: set[str]) -> list[StatusChange]:
@@ -436,30 +472,37 @@ def _unsent(row: JournalRow, sent: set[str]) -> list[StatusChange]:
 
 
 async def command_events(request: Request) -> Response:
-    """GET /api/v1/commands/{request_id}/events: Server-Sent Events, one per transition, until the last."""
+    """GET /api/v1/commands/{request_id}/events: Server-Sent Events, one per transition, until the last (at
+    most EVENT_STREAM_MAX seconds; a reconnect with Last-Event-ID goes on where it stopped)."""
     row = await _readable_row(request)
     journal: Journal = request.app.state.journal
     watchers: Watchers = request.app.state.watchers
+    settings: Settings = request.app.state.settings
+    feedback = bool(settings.kafka_status_topic)
     # A reconnecting EventSource sends the id of the last event it got: the status; go on after it.
     last = request.headers.get("last-event-id", "")
     sent = {s for s in STAGE_RANK if STAGE_RANK[s] <= STAGE_RANK[last]} if last in STAGE_RANK else set()
-    if row.stage in TERMINAL and not _unsent(row, sent):
+    if finished(row, feedback) and not _unsent(row, sent):
         # Finished, and the client has it all. A stream that just closed would make EventSource reconnect
         # every few seconds for ever; 204 tells it to stop.
         return Response(status_code=204)
+    waiter = _wait(request)
+    deadline = time.monotonic() + settings.event_stream_max
 
     async def stream() -> AsyncIterator[bytes]:
-        with watchers.watching(row.request_id) as changed:
+        with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
+            waiter.wake = changed
             current = journal.get(row.request_id) or row  # read again once watched: no change slips in between
             while True:
                 for change in _unsent(current, sent):
                     sent.add(change.status)
                     encoded = change.status.encode()
                     yield b"id: %s\nevent: %s\ndata: %s\n\n" % (encoded, encoded, JSON_ENCODER.encode(change))
-                if current.stage in TERMINAL or watchers.closed:
+                remaining = deadline - time.monotonic()
+                if finished(current, feedback) or watchers.closed or waiter.ended or remaining <= 0:
                     return
                 try:
-                    await asyncio.wait_for(changed.wait(), _SSE_KEEPALIVE)
+                    await asyncio.wait_for(changed.wait(), min(_SSE_KEEPALIVE, remaining))
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                 changed.clear()
@@ -543,8 +586,11 @@ async def ready(request: Request) -> Response:
 
 
 async def service_status(request: Request) -> Response:
-    """GET /api/v1/status: version, uptime, Kafka and journal state, counters, backlog."""
+    """GET /api/v1/status: version, uptime, Kafka and journal state, counters, backlog; the configuration too
+    for an admin key (or without keys): anonymous readers (METRICS_PUBLIC) see no settings or file paths."""
     _require_metrics(request)
+    key: ApiKey | None = request.scope["state"].get("principal")
+    operator = key.allows("admin") if key else not request.app.state.settings.auth
     dispatcher = _dispatcher(request)
     sink: KafkaSink = request.app.state.sink
     counters = dispatcher.snapshot()
@@ -565,7 +611,7 @@ async def service_status(request: Request) -> Response:
             partitions=sink.health.partitions,
             brokers=sink.health.brokers,
             status_feed=_feed_state(request.app.state.status_feed),
-            configuration=dispatcher.settings.masked(),
+            configuration=dispatcher.settings.masked() if operator else None,
         )
     )
 
@@ -686,12 +732,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.dispatcher = Dispatcher(settings, journal, forwarder, metrics)
         app.state.started = time.monotonic()
         app.state.accepting = True
-        _reload_keys_on_sighup(keyring)
-        if not settings.auth and settings.api_host not in _LOOPBACK:
+        _reload_keys_on_sighup(keyring, admission)
+        if not settings.auth and settings.auth_enabled is False:
             log.warning(
-                "AUTHENTICATION IS OFF ON A NETWORK ADDRESS: anyone who reaches this port can command devices; "
-                "set API_KEYS_FILE",
-                api_host=settings.api_host,
+                "AUTH_ENABLED=false: anyone who reaches this port can command every device", api_host=settings.api_host
             )
         log.info(
             "started",
@@ -747,6 +791,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.max_batch,
         )
     )
+    app.state.admission = admission = Admission(
+        settings.limit_concurrency, settings.max_waiters, settings.max_waiters_per_key
+    )
+    app_metrics.watch_admission(lambda: admission.in_flight, lambda: admission.waiting)
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
     keyring = Keyring(settings.api_keys_file) if settings.auth else None
     if keyring is not None:
@@ -767,6 +815,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.add_middleware(
         RequestContextMiddleware,
         metrics=app_metrics,
+        admission=admission,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         max_header_bytes=settings.max_header_bytes,
@@ -774,19 +823,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def _reload_keys_on_sighup(keyring: Keyring | None) -> None:
-    """SIGHUP re-reads API_KEYS_FILE, so keys rotate without a restart (a bad file keeps the old keys)."""
+def _reload_keys_on_sighup(keyring: Keyring | None, admission: Admission) -> None:
+    """SIGHUP re-reads API_KEYS_FILE, so keys rotate without a restart (a bad file keeps the old keys); a key
+    that is gone or changed ends its open long polls and event streams."""
     if keyring is None:
         return
 
     def reload() -> None:
+        before = keyring.keys
         try:
             keyring.reload()
         except ValueError as exc:
             log.error("api keys not reloaded; the previous keys stay", error=str(exc))
+            return
+        revoked = {key.id for key in before if key not in keyring.keys}
+        if revoked:
+            log.info("api keys revoked", keys=sorted(revoked), waiters_ended=admission.revoke(revoked))
 
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals off the main thread
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
@@ -803,11 +855,25 @@ def _settings_or_exit() -> Settings:
 
 
 def keygen(argv: list[str]) -> None:
-    """`python -m pusher keygen [ID] [SCOPE,…]`: print a new key once, and its line for API_KEYS_FILE."""
+    """`python -m pusher keygen [ID] [SCOPE,…] [--keys-file PATH]`: print a new key once, and add its entry to
+    PATH (it holds only hashes, so it may be readable by the service's user) or print the entry for API_KEYS_FILE."""
+    keys_file = None
+    if "--keys-file" in argv:
+        at = argv.index("--keys-file")
+        keys_file, argv = (argv[at + 1 : at + 2] or [""])[0], argv[:at] + argv[at + 2 :]
+        if not keys_file:
+            raise SystemExit("pusher keygen: --keys-file needs a path")
     key_id = argv[0] if argv else f"key-{uuid.uuid4().hex[:8]}"
     scopes = argv[1].split(",") if len(argv) > 1 else ["commands:write", "commands:read"]
     secret, entry = new_key(key_id, scopes)
-    print(f"API key (shown once; store it now):\n\n  {secret}\n\nAdd to API_KEYS_FILE:\n\n{entry}")
+    print(f"API key (shown once; store it now):\n\n  {secret}\n")
+    if keys_file is None:
+        print(f"Add to API_KEYS_FILE:\n\n{entry}")
+        return
+    fd = os.open(keys_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "a") as file:
+        file.write(("\n" if file.tell() else "") + entry)
+    print(f"Added key {key_id!r} to {keys_file}; a running service reads it on SIGHUP (kill -HUP PID).")
 
 
 def main() -> None:
@@ -833,7 +899,7 @@ def main() -> None:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
-        limit_concurrency=settings.limit_concurrency,
+        limit_concurrency=None,  # the app's Admission counts requests and waiters apart (uvicorn counts both)
         h11_max_incomplete_event_size=16 * 1024,
     )
     DrainingServer(config, app, settings.shutdown_drain).run()

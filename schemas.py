@@ -291,7 +291,7 @@ class ServiceStatus(Struct, kw_only=True):
     partitions: int | None
     brokers: int = 0
     status_feed: StatusFeedState | None = None
-    configuration: dict[str, Any] = {}
+    configuration: dict[str, Any] | None = None  # for an admin key, or when keys are off
 
 
 class CommandMessage(Struct, kw_only=True):

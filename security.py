@@ -94,6 +94,11 @@ class Keyring:
         log.info("api keys loaded", path=str(self.path), keys=len(self._keys))
         return len(self._keys)
 
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        """The keys in force now."""
+        return self._keys
+
     def find(self, secret: str) -> ApiKey | None:
         """The key matching `secret`, comparing every stored hash in constant time."""
         digest = hash_key(secret)
@@ -119,9 +124,6 @@ class ApiKeyMiddleware:
             return
         scope.setdefault("state", {})["auth_required"] = True
         path = scope["path"]
-        if path in self.open_paths or path.startswith("/docs/"):  # exact paths, and the docs' static assets
-            await self.app(scope, receive, send)
-            return
         secret = None
         for name, value in scope["headers"]:
             if name == self.header:
@@ -129,6 +131,11 @@ class ApiKeyMiddleware:
             elif name == b"authorization" and value[:7].lower() == b"bearer ":
                 secret = value[7:].decode("latin-1").strip()
         key = self.keyring.find(secret) if secret else None
+        if path in self.open_paths or path.startswith("/docs/"):  # exact paths, and the docs' static assets
+            if key is not None:  # open to anyone, but a key still says who asks (an admin sees more)
+                scope["state"]["principal"] = key
+            await self.app(scope, receive, send)
+            return
         if key is None:
             raise Unauthorized("A valid API key is required (X-API-Key header or Authorization: Bearer)")
         scope.setdefault("state", {})["principal"] = key

@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_status_topic: Annotated[str, Meta(pattern=r"^([A-Za-z0-9._-]{1,249})?$")] = ""
     instance_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] = _DEFAULT_INSTANCE
     long_poll_max: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    event_stream_max: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     publish_timeout: Positive = 5.0
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
@@ -93,6 +94,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     body_timeout: Positive = 10.0
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16384
     limit_concurrency: Annotated[int, Meta(ge=1)] = 1000
+    max_waiters: Annotated[int, Meta(ge=1)] = 1000
+    max_waiters_per_key: Annotated[int, Meta(ge=1)] = 100
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
@@ -108,8 +111,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.auth_enabled if self.auth_enabled is not None else self.api_keys_file is not None
 
     def masked(self) -> dict[str, object]:
-        """The effective configuration with every secret masked (for logs and /api/v1/status)."""
-        return {k: ("***" if isinstance(v, Secret) else v) for k, v in msgspec.structs.asdict(self).items()}
+        """The effective configuration with every credential masked: Secrets, and the userinfo of URLs."""
+        return {k: _mask(v) for k, v in msgspec.structs.asdict(self).items()}
 
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
@@ -120,6 +123,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     shutdown_drain: Annotated[float, Meta(ge=0, le=300)] = 0.0
 
 
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")  # scheme://user:password@host: all up to the last @
+
+
+def _mask(value: object) -> object:
+    """A setting's value as it may be shown: credentials become ***."""
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, str):
+        return _USERINFO.sub("***@", value)
+    return value
+
+
+_LOOPBACK = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|::1|\[::1\]|localhost)$")
 _LIST_FIELDS = {"allowed_protocols", "cors_origins"}
 
 
@@ -155,6 +171,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         raise SettingsError(_name_the_variable(str(exc), raw)) from None
     if settings.auth and not settings.api_keys_file:
         raise SettingsError("AUTH_ENABLED=true needs API_KEYS_FILE (the TOML file of key hashes)")
+    if not settings.auth and settings.auth_enabled is None and not _LOOPBACK.match(settings.api_host):
+        raise SettingsError(
+            f"API_HOST={settings.api_host} serves the network without API keys: set API_KEYS_FILE "
+            "(`make keygen` writes one), or AUTH_ENABLED=false to run it open on purpose"
+        )
     if "*" in settings.cors_origins:
         raise SettingsError("CORS_ORIGINS='*' is refused: list the origins that may call the API")
     if settings.kafka_security_protocol.startswith("SASL") and not (

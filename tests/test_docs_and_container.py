@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import ROOT, ServiceProcess, wait_for
+from helpers import KEYS, ROOT, ServiceProcess, keys_file, wait_for
 from kafka_local import free_port
 
 from settings import Settings
@@ -70,6 +70,38 @@ def _containerfile() -> tuple[list[str], list[str], list[str]]:
     return cmd, health, copied
 
 
+def _container_env() -> dict[str, str]:
+    """The settings the image's ENV line sets (PATH and Python's own left out)."""
+    text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
+    pairs = re.findall(r"([A-Z_]+)=(\S+)", re.search(r"^ENV (.+)$", text, re.M)[1])
+    return {name: value for name, value in pairs if name.lower() in Settings.__struct_fields__}
+
+
+def test_container_serves_the_network_only_with_keys(tmp_path):
+    """The image binds every address and names a keys file; without that file mounted it refuses to start,
+    with one line saying which setting is missing, instead of opening the port to anyone."""
+    env = _container_env()
+    assert env["API_HOST"] == "0.0.0.0" and env["API_KEYS_FILE"].startswith("/run/secrets/")
+    common = {"PATH": os.environ["PATH"], "ENV_FILE": "/nonexistent", "JOURNAL_PATH": str(tmp_path / "j.db")}
+    run = lambda **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pusher"], cwd=ROOT, env={**env, **common, **extra}, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    missing = run(API_KEYS_FILE=str(tmp_path / "absent.toml"))
+    assert missing.returncode == 2 and "API_KEYS_FILE" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    open_env = {k: v for k, v in env.items() if k != "API_KEYS_FILE"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "pusher"], cwd=ROOT, env={**open_env, **common}, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "pusher: API_HOST=0.0.0.0 serves the network without API keys: set API_KEYS_FILE (`make keygen` writes "
+        "one), or AUTH_ENABLED=false to run it open on purpose"
+    ]
+
+
 def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_bootstrap, topic):
     """The tree the Containerfile copies is complete: its CMD serves, and its HEALTHCHECK passes (no curl)."""
     cmd, health, copied = _containerfile()
@@ -80,8 +112,12 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
     assert cmd == ["python", "-m", "pusher"] and health[0] == "python"
     port = free_port()
     cmd = [sys.executable, *cmd[1:]]
+    keys = keys_file(tmp_path / "keys.toml")
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        **_container_env(),
+        "API_HOST": "127.0.0.1",  # the image's 0.0.0.0 would open this test's port to the network
+        "API_KEYS_FILE": keys,  # mounted at /run/secrets/pusher_keys in a container
         "API_PORT": str(port),
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "KAFKA_COMMAND_TOPIC": topic,
@@ -107,6 +143,7 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
         response = httpx.post(
             f"http://127.0.0.1:{port}/api/v1/commands",
             json={"device_id": "c1", "command_type": "reboot", "payload": {}, "protocol": "mqtt"},
+            headers={"X-API-Key": KEYS["writer"][0]},
         )
         assert response.status_code == 200, response.text
         assert "server" not in response.headers
@@ -136,3 +173,6 @@ def test_compose_file_wires_kafka_and_the_service():
     assert set(pusher["environment"]) <= known
     assert any(volume.endswith(":/data") for volume in pusher["volumes"])
     assert os.path.basename(pusher["healthcheck"]["test"][1]) == "python"
+    # the keys file is mounted where the image's API_KEYS_FILE looks, from the file `make keygen` writes
+    assert pusher["secrets"] == ["pusher_keys"] and compose["secrets"]["pusher_keys"]["file"] == "./keys.toml"
+    assert _container_env()["API_KEYS_FILE"] == "/run/secrets/pusher_keys"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -123,3 +124,38 @@ def test_sasl_without_credentials_stops_the_start():
         load_settings({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, env_file="/nonexistent")
     with pytest.raises(SettingsError, match="API_KEYS_FILE"):
         load_settings({"AUTH_ENABLED": "true"}, env_file="/nonexistent")
+
+
+def test_settings_mask_credentials_wherever_they_are_shown():
+    """Every Secret and every URL's userinfo is masked in the configuration the service shows and logs."""
+    settings = load_settings(
+        {
+            "RATE_LIMIT_STORAGE": "redis+sentinel://user:p@ss@h1:26379,h2:26379/mymaster",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "PLAIN",
+            "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "kafka-pw",
+            "KAFKA_SSL_PASSWORD": "ssl-pw",
+        },
+        env_file="/nonexistent",
+    )
+    masked = settings.masked()
+    assert masked["rate_limit_storage"] == "redis+sentinel://***@h1:26379,h2:26379/mymaster"
+    assert masked["kafka_sasl_password"] == masked["kafka_ssl_password"] == "***"
+    assert not any(word in json.dumps(masked) for word in ("p@ss", "kafka-pw", "ssl-pw"))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "gateway.lan"])
+def test_a_network_address_without_keys_is_refused(host, tmp_path):
+    """Serving beyond loopback without API keys fails closed, unless AUTH_ENABLED=false says it on purpose."""
+    with pytest.raises(SettingsError, match=rf"API_HOST={host} serves the network without API keys"):
+        load_settings({"API_HOST": host}, env_file="/nonexistent")
+    assert load_settings({"API_HOST": host, "AUTH_ENABLED": "false"}, env_file="/nonexistent").auth is False
+    keys = tmp_path / "keys.toml"
+    assert load_settings({"API_HOST": host, "API_KEYS_FILE": str(keys)}, env_file="/nonexistent").auth is True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])
+def test_loopback_without_keys_starts(host):
+    """Loopback is the sidecar's and the developer's address: no keys needed there."""
+    assert load_settings({"API_HOST": host}, env_file="/nonexistent").api_host == host
