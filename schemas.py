@@ -577,7 +577,10 @@ def openapi_document(
     components["CommandRequest"]["properties"]["protocol"] = {"enum": list(allowed_protocols)}
     components["BatchCommandRequest"]["properties"]["commands"] |= {"minItems": 1, "maxItems": max_batch}
     unavailable = {
-        **_problem("Not stored: the journal is full or cannot be written; retrying with the same key is safe"),
+        **_problem(
+            "Not stored: the journal is full or cannot be written, or LIMIT_CONCURRENCY requests are in flight; "
+            "retrying with the same key is safe"
+        ),
         "headers": _RETRY_AFTER,
     }
     replayed = {
@@ -695,6 +698,14 @@ def openapi_document(
                     "200": _json("CommandStatus", "Known command"),
                     "404": _problem("Unknown request id"),
                     "422": _problem("Bad wait_for or timeout"),
+                    "429": {
+                        **_problem("MAX_WAITERS_PER_KEY waits are open for this key (or over RATE_LIMIT)"),
+                        "headers": _RETRY_AFTER,
+                    },
+                    "503": {
+                        **_problem("LIMIT_CONCURRENCY requests in flight, or MAX_WAITERS waits open"),
+                        "headers": _RETRY_AFTER,
+                    },
                 },
             }
         },
@@ -704,7 +715,8 @@ def openapi_document(
                 "summary": "Server-Sent Events: one per transition as it happens; the stream ends after the last",
                 "description": "Each event has `id` and `event` set to the status and `data` a StatusChange. "
                 "A reconnect with `Last-Event-ID` resumes after that stage. A comment line every 15 s keeps "
-                "proxies from closing an idle stream.",
+                "proxies from closing an idle stream. Without a status topic `published` is the last stage; a "
+                "stream lasts EVENT_STREAM_MAX seconds at most.",
                 "tags": ["commands"],
                 "parameters": [
                     {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -733,6 +745,14 @@ def openapi_document(
                         },
                     },
                     "404": _problem("Unknown request id"),
+                    "429": {
+                        **_problem("MAX_WAITERS_PER_KEY waits are open for this key (or over RATE_LIMIT)"),
+                        "headers": _RETRY_AFTER,
+                    },
+                    "503": {
+                        **_problem("LIMIT_CONCURRENCY requests in flight, or MAX_WAITERS waits open"),
+                        "headers": _RETRY_AFTER,
+                    },
                 },
             }
         },
@@ -777,6 +797,10 @@ def openapi_document(
             responses = operation["responses"]
             responses.setdefault("500", _problem("Unexpected error; fixed body, details in the log"))
             responses.setdefault("431", _problem("Request headers over MAX_HEADER_BYTES"))
+            if path not in ("/health", "/ready"):  # the probes are never refused for load
+                responses.setdefault(
+                    "503", {**_problem("LIMIT_CONCURRENCY requests are in flight"), "headers": _RETRY_AFTER}
+                )
             if operation.get("requestBody"):
                 responses.setdefault("408", _problem("The body did not arrive within BODY_TIMEOUT"))
             if path in ("/health", "/ready") or not api_key_header:
