@@ -37,9 +37,10 @@ def _long_poll(service: ServiceProcess, request_id: str, secret: str | None = No
     return sock
 
 
-def _gauge(service: ServiceProcess, name: str) -> float:
-    """One unlabelled sample of /metrics."""
-    for line in httpx.get(service.url + "/metrics").text.splitlines():
+def _gauge(service: ServiceProcess, name: str, secret: str | None = None) -> float:
+    """One unlabelled sample of /metrics (read with `secret` when metrics need a key)."""
+    headers = {"X-API-Key": secret} if secret else {}
+    for line in httpx.get(service.url + "/metrics", headers=headers).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
@@ -117,7 +118,7 @@ def test_waiters_per_key_are_capped_with_429(tmp_path):
     try:
         request_id = _pending(service, {"X-API-Key": writer})
         polls += [_long_poll(service, request_id, writer) for _ in range(2)]
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 2, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 2, timeout=30)
         url = service.url + f"/api/v1/commands/{request_id}/status?wait_for=published&timeout=600"
         _is_problem(httpx.get(url, headers={"X-API-Key": writer}), 429, "too-many-waiters")
         with httpx.stream("GET", service.url + f"/api/v1/commands/{request_id}/events",
@@ -125,11 +126,11 @@ def test_waiters_per_key_are_capped_with_429(tmp_path):
             stream.read()
             _is_problem(stream, 429, "too-many-waiters")
         polls.append(_long_poll(service, request_id, admin))
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 3, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 3, timeout=30)
         polls.pop(0).close()  # one of the writer's waits ends: the writer may wait again
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 2, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 2, timeout=30)
         polls.append(_long_poll(service, request_id, writer))
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 3, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 3, timeout=30)
     finally:
         for sock in polls:
             sock.close()
@@ -144,13 +145,6 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
         assert chunk, f"closed before {marker!r}: {received!r}"
         received += chunk
     return received
-
-
-def _gauge_with_key(service: ServiceProcess, secret: str, name: str) -> float:
-    for line in httpx.get(service.url + "/metrics", headers={"X-API-Key": secret}).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_revoking_a_key_ends_its_streams_and_long_polls(tmp_path):
@@ -169,13 +163,13 @@ def test_revoking_a_key_ends_its_streams_and_long_polls(tmp_path):
         stream.sendall(f"GET /api/v1/commands/{request_id}/events HTTP/1.1\r\nHost: x\r\n"
                        f"X-API-Key: {writer}\r\n\r\n".encode())  # fmt: skip
         _read_until(stream, b"event: accepted")
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 3, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 3, timeout=30)
         keys_file(path, {k: v for k, v in KEYS.items() if k != "writer"})
         os.kill(service.process.pid, signal.SIGHUP)
         answer = _read_until(poll, b"revoked")
         assert answer.startswith(b"HTTP/1.1 401"), answer
         _read_until(stream, b"0\r\n\r\n")  # the chunked stream's end
-        wait_for(lambda: _gauge_with_key(service, admin, "pusher_waiters") == 1, timeout=30)
+        wait_for(lambda: _gauge(service, "pusher_waiters", admin) == 1, timeout=30)
         other.settimeout(0.5)
         with pytest.raises(TimeoutError):  # the admin's long poll is still waiting
             other.recv(1)
