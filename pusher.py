@@ -368,7 +368,9 @@ async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[s
 
 
 def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
-    problems = check_command(cmd, settings.allowed_protocols, settings.max_payload_depth, prefix)
+    problems = check_command(
+        cmd, settings.allowed_protocols, settings.max_payload_depth, prefix, settings.mqtt_topic_template
+    )
     if problems:
         raise ValidationFailed(problems)
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+import mqtt_topics
 from errors import FieldProblem, MalformedBody, PusherError, ValidationFailed
 
 VERSION = "1.0.0"
@@ -71,7 +72,17 @@ class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     payload: dict[str, Any]
     protocol: Protocol
     parser_script_ref: ScriptRef | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: (
+        Annotated[
+            dict[str, Any],
+            Meta(
+                description="Free keys for the connectors. `topic` (MQTT) must be the device's topic "
+                "(MQTT_TOPIC_TEMPLATE) or below it; `qos` (0-2), `retain` and `confirmable` are typed as the "
+                "fields of the same name."
+            ),
+        ]
+        | None
+    ) = None
     qos: Qos | None = None
     retain: bool | None = None
     confirmable: Annotated[bool, Meta(description="CoAP confirmable; only with protocol coap.")] | None = None
@@ -86,6 +97,15 @@ class BatchCommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     """Several commands, validated and published one by one, in order."""
 
     commands: list[CommandRequest]
+
+
+class _MetadataOptions(Struct):
+    """The keys of `metadata` that connectors act on, typed; every other key passes as it is."""
+
+    topic: str | msgspec.UnsetType = msgspec.UNSET
+    qos: Qos | msgspec.UnsetType = msgspec.UNSET
+    retain: bool | msgspec.UnsetType = msgspec.UNSET
+    confirmable: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class _BatchEnvelope(Struct, forbid_unknown_fields=True):
@@ -401,9 +421,13 @@ def decode_batch_item(raw: msgspec.Raw, fmt: str, index: int) -> CommandRequest:
 
 
 def check_command(
-    cmd: CommandRequest, allowed_protocols: tuple[str, ...], max_depth: int, prefix: str = "$"
+    cmd: CommandRequest,
+    allowed_protocols: tuple[str, ...],
+    max_depth: int,
+    prefix: str = "$",
+    topic_template: str = mqtt_topics.DEFAULT_TEMPLATE,
 ) -> list[FieldProblem]:
-    """The rules a Struct cannot express: allowed protocol, per-protocol options, metadata conflicts, depth."""
+    """The rules a Struct cannot express: protocol, per-protocol options, metadata, MQTT topic, depth."""
     problems: list[FieldProblem] = []
     for field in ("device_id", "command_type"):
         value = getattr(cmd, field)
@@ -423,6 +447,7 @@ def check_command(
             problems.append(
                 FieldProblem(f"{prefix}.{option}", f"Conflicts with metadata.{option}={metadata[option]!r}")
             )
+    problems.extend(_metadata_problems(cmd, topic_template, prefix))
     for field in ("payload", "metadata"):
         value = getattr(cmd, field)
         if value is not None:
@@ -433,6 +458,23 @@ def check_command(
     if expiry:
         problems.append(expiry)
     return problems
+
+
+def _metadata_problems(cmd: CommandRequest, topic_template: str, prefix: str) -> list[FieldProblem]:
+    """metadata's typed keys, and the MQTT topic: the device's own topic or one below it."""
+    topic: Any = msgspec.UNSET
+    if cmd.metadata and all(isinstance(key, str) for key in cmd.metadata):  # other keys: _find_unsafe_value
+        try:
+            topic = msgspec.convert(cmd.metadata, _MetadataOptions).topic
+        except msgspec.ValidationError as exc:
+            return [field_problem(str(exc), f"{prefix}.metadata")]
+    if cmd.protocol != "mqtt" and topic is msgspec.UNSET:
+        return []
+    problem = mqtt_topics.device_id_problem(topic_template, cmd.device_id)
+    if problem:
+        return [FieldProblem(f"{prefix}.device_id", problem)]
+    problem = None if topic is msgspec.UNSET else mqtt_topics.topic_problem(topic_template, cmd.device_id, topic)
+    return [FieldProblem(f"{prefix}.metadata.topic", problem)] if problem else []
 
 
 def _find_unsafe_value(value: Any, max_depth: int, loc: str, depth: int = 1) -> FieldProblem | None:

@@ -13,6 +13,8 @@ import msgspec
 from dotenv import dotenv_values
 from msgspec import Meta
 
+import mqtt_topics
+
 Positive = Annotated[float, Meta(gt=0)]
 _HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}"
 _HOST_PORTS = rf"^{_HOST_PORT}(,{_HOST_PORT})*$"
@@ -74,6 +76,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     max_payload_depth: Annotated[int, Meta(ge=1, le=256)] = 32
+    mqtt_topic_template: str = mqtt_topics.DEFAULT_TEMPLATE  # checked in load_settings (mqtt_topics)
     allowed_protocols: Annotated[
         tuple[Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")], ...], Meta(min_length=1)
     ] = ("mqtt", "coap")
@@ -176,6 +179,9 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             f"API_HOST={settings.api_host} serves the network without API keys: set API_KEYS_FILE "
             "(`make keygen` writes one), or AUTH_ENABLED=false to run it open on purpose"
         )
+    problem = mqtt_topics.template_problem(settings.mqtt_topic_template)
+    if problem:
+        raise SettingsError(f"MQTT_TOPIC_TEMPLATE={settings.mqtt_topic_template!r} is invalid: {problem}")
     if "*" in settings.cors_origins:
         raise SettingsError("CORS_ORIGINS='*' is refused: list the origins that may call the API")
     if settings.kafka_security_protocol.startswith("SASL") and not (

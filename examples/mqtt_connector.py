@@ -6,13 +6,16 @@ them back to the Kafka status topic.
 For each command record with protocol "mqtt" it reports, on the status topic:
 
 - `expired`   its `expires_at` has passed: it is not published;
-- `rejected`  it cannot be published as given (e.g. a wildcard in `metadata["topic"]`);
+- `rejected`  it cannot be published as given: not JSON, a field of the wrong type, a topic that is not the
+              device's own (mqtt_topics.py), an impossible QoS, or a message the MQTT client refuses;
 - `delivered` the MQTT broker acknowledged the publish;
 - `succeeded` / `failed`  the device answered on `devices/{device_id}/responses`.
 
 A command's offset is committed only once its event is on the status topic, and a device's answer is
 acknowledged to the MQTT broker only once its event is, so a crash or restart repeats work rather than losing it.
 Delivery to devices is therefore at least once: the MQTT body carries the request_id for a device to spot a repeat.
+No record stops a partition: one that can never be delivered is reported `rejected` (or, without a request_id to
+report it under, logged) and committed; a device result over MAX_RESULT_BYTES is reported as OMITTED.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -31,12 +35,18 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from paho.mqtt.enums import CallbackAPIVersion
 
-COMMAND_TOPIC_TEMPLATE = "devices/{device_id}/commands"
+import mqtt_topics  # a link to the repository's module: the service checks topics with the same rule
+
 ANSWER_TOPIC_FILTER = "devices/+/responses"
 MAX_ERROR_LENGTH = 2000  # the event contract's limit
+MAX_RESULT_BYTES = 256 * 1024  # a larger device result would sit at the head of the answers if Kafka refused it
+OMITTED = {"omitted": "too large"}
+# The event contract's request_id, and its text fields (device_id ≤ 255, command_type ≤ 128, no control characters).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 log = logging.getLogger("mqtt_connector")
 
@@ -50,33 +60,91 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def is_text(value: object, limit: int) -> bool:
+    """True for a string of 1 to `limit` characters without control characters (the event contract's text)."""
+    return isinstance(value, str) and 0 < len(value) <= limit and not CONTROL.search(value)
+
+
+def read_command(value: bytes | None) -> dict[str, Any]:
+    """The JSON object in a record's value; PublishRefused when there is none."""
+    try:
+        command = json.loads(value)  # type: ignore[arg-type]  # None (a tombstone) is refused below
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PublishRefused(f"the record is not JSON: {exc}") from None
+    if not isinstance(command, dict):
+        raise PublishRefused("the record is not a JSON object")
+    return command
+
+
+def identity(
+    command: dict[str, Any], key: bytes | None, headers: list[tuple[str, bytes]]
+) -> tuple[str | None, str | None]:
+    """The command's request_id and device_id as the contract allows them in an event (None where it does not),
+    taken from the record's header and key when the value has no usable ones."""
+    request_id = command.get("request_id")
+    if not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
+        found = (dict(headers or ()).get("request_id") or b"").decode(errors="replace")
+        request_id = found if REQUEST_ID.fullmatch(found) else None
+    device_id = command.get("device_id")
+    if not is_text(device_id, 255):
+        device_id = (key or b"").decode(errors="replace")
+    return request_id, device_id if is_text(device_id, 255) else None
+
+
 def is_expired(command: dict[str, Any]) -> bool:
-    """True when the command's `expires_at` has passed (null: it never expires)."""
+    """True when the command's `expires_at` has passed (null: it never expires); PublishRefused when unreadable."""
     expires_at = command.get("expires_at")
-    return expires_at is not None and datetime.fromisoformat(expires_at) <= datetime.now(UTC)
+    if expires_at is None:
+        return False
+    try:
+        when = datetime.fromisoformat(expires_at)
+    except (TypeError, ValueError):
+        when = None
+    if when is None or when.tzinfo is None:
+        raise PublishRefused(f"expires_at must be an ISO 8601 time with an offset, or null, not {expires_at!r}")
+    return when <= datetime.now(UTC)
 
 
-def mqtt_message(command: dict[str, Any]) -> tuple[str, bytes, int, bool]:
-    """Where and how to publish a command: MQTT topic, body, QoS and retain flag, read from its metadata."""
-    metadata = command.get("metadata") or {}
-    topic = metadata.get("topic") or COMMAND_TOPIC_TEMPLATE.format(device_id=command["device_id"])
+def mqtt_message(command: dict[str, Any], template: str) -> tuple[str, bytes, int, bool]:
+    """Where and how to publish a command: MQTT topic, body, QoS and retain flag; PublishRefused when it cannot be."""
+    if not (isinstance(command.get("request_id"), str) and REQUEST_ID.fullmatch(command["request_id"])):
+        raise PublishRefused("request_id must be 1 to 128 of A-Z a-z 0-9 . _ ~ : -")
+    for field, limit in (("device_id", 255), ("command_type", 128)):
+        if not is_text(command.get(field), limit):
+            raise PublishRefused(f"{field} must be a string of 1 to {limit} characters without control characters")
+    if not isinstance(command.get("payload"), dict):
+        raise PublishRefused("payload must be a JSON object")
+    metadata = command.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise PublishRefused("metadata must be a JSON object or null")
+    problem = mqtt_topics.device_id_problem(template, command["device_id"])
+    if problem:
+        raise PublishRefused(f"device_id: {problem}")
+    topic = metadata.get("topic", mqtt_topics.device_topic(template, command["device_id"]))
+    problem = mqtt_topics.topic_problem(template, command["device_id"], topic)
+    if problem:
+        raise PublishRefused(f"metadata.topic {topic!r}: {problem}")
     qos = metadata.get("qos", 1)
     retain = metadata.get("retain", False)
-    if not isinstance(topic, str) or "+" in topic or "#" in topic:
-        raise PublishRefused(f"metadata.topic must be an MQTT topic name without wildcards, not {topic!r}")
-    if isinstance(qos, bool) or qos not in (0, 1, 2):
-        raise PublishRefused(f"metadata.qos must be 0, 1 or 2, not {qos!r}")
+    if type(qos) is not int or qos not in (0, 1, 2):  # not a bool, not 1.0: paho would fail on either
+        raise PublishRefused(f"metadata.qos must be the integer 0, 1 or 2, not {qos!r}")
     if not isinstance(retain, bool):
         raise PublishRefused(f"metadata.retain must be true or false, not {retain!r}")
     body = {"request_id": command["request_id"], "command_type": command["command_type"], "payload": command["payload"]}
-    return topic, json.dumps(body, separators=(",", ":")).encode(), qos, retain
+    try:
+        encoded = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:  # NaN or Infinity, which Python's JSON reader lets in
+        raise PublishRefused(f"payload is not plain JSON: {exc}") from None
+    return topic, encoded, qos, retain
 
 
 def status_event(
     source: str,
     status: str,
     request_id: str,
-    device_id: str,
+    device_id: str | None,
     *,
     command_type: str | None = None,
     error: str | None = None,
@@ -88,8 +156,9 @@ def status_event(
         "status": status,
         "at": utc_now(),
         "source": source,
-        "device_id": device_id,
     }
+    if device_id is not None:
+        event["device_id"] = device_id
     if command_type is not None:
         event["command_type"] = command_type
     if error is not None:
@@ -104,14 +173,17 @@ def answer_event(source: str, topic: str, body: bytes) -> dict[str, Any] | None:
     device_id = topic.removeprefix("devices/").removesuffix("/responses")
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(answer, dict) or not isinstance(answer.get("request_id"), str):
         return None
-    if not isinstance(answer.get("ok"), bool):
+    if not REQUEST_ID.fullmatch(answer["request_id"]) or not isinstance(answer.get("ok"), bool):
         return None
+    device_id = device_id if is_text(device_id, 255) else None
     result = answer.get("result")
     result = result if isinstance(result, dict) else None
+    if result is not None and len(json.dumps(result, separators=(",", ":"))) > MAX_RESULT_BYTES:
+        result = OMITTED
     if answer["ok"]:
         return status_event(source, "succeeded", answer["request_id"], device_id, result=result)
     error = str(answer.get("error") or "the device reported a failure")
@@ -129,19 +201,22 @@ class Connector:
         # `delivered` always reaches the status topic before its answer does.
         self.answers: collections.deque[mqtt.MQTTMessage] = collections.deque()
         self.mqtt = self._mqtt_client()
-        self.producer = KafkaProducer(
-            bootstrap_servers=options.bootstrap.split(","),
-            client_id=self.source,
-            acks="all",
-            enable_idempotence=True,
-            allow_auto_create_topics=False,
-        )
+        self.producer = self._producer()
         self.consumer = KafkaConsumer(
             bootstrap_servers=options.bootstrap.split(","),
             client_id=self.source,
             group_id=options.group,
             enable_auto_commit=False,
             auto_offset_reset=options.offset_reset,
+        )
+
+    def _producer(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self.options.bootstrap.split(","),
+            client_id=self.source,
+            acks="all",
+            enable_idempotence=True,
+            allow_auto_create_topics=False,
         )
 
     def _mqtt_client(self) -> mqtt.Client:
@@ -188,7 +263,7 @@ class Connector:
             for record in records:
                 if not self.running:
                     return  # the rest stays uncommitted: the next start reads it again
-                if not self.handle(record.value):
+                if not self.handle(record):
                     # Not handled (MQTT or Kafka unreachable): read it again after a pause, in order.
                     self.consumer.seek(partition, record.offset)
                     time.sleep(1)
@@ -201,38 +276,47 @@ class Connector:
                     break
                 self.report_answers()
 
-    def handle(self, value: bytes) -> bool:
-        """Handle one command record; True once its outcome is on the status topic (or it is not ours)."""
+    def handle(self, record: Any) -> bool:
+        """Handle one command record; True once its outcome is on the status topic, or it can never have one
+        (not ours, or nothing to report it under); False to read it again later."""
+        refused = None
         try:
-            command = json.loads(value)
-            request_id, device_id = command["request_id"], command["device_id"]
-        except (ValueError, TypeError, KeyError):
-            log.warning("skipping a record that is not a command")
-            return True
-        if command.get("protocol") != "mqtt":
+            command = read_command(record.value)
+        except PublishRefused as exc:
+            command, refused = {}, exc
+        if refused is None and command.get("protocol") != "mqtt":
+            return True  # another connector's
+        request_id, device_id = identity(command, record.key, record.headers)
+        if request_id is None:
+            log.warning("skipping offset %s of %s: no request_id to report it under", record.offset, record.topic)
             return True
         try:
-            event = self.deliver(command)
+            event = self.deliver(command, request_id, device_id, refused)
             self.report(event)
         except (KafkaError, ConnectionError, TimeoutError) as exc:
             log.warning("command %s not handled yet: %s", request_id, exc)
             return False
-        log.info("command %s for %s %s", request_id, device_id, event["status"])
+        log.info("command %s for %s %s %s", request_id, device_id, event["status"], event.get("error", ""))
         return True
 
-    def deliver(self, command: dict[str, Any]) -> dict[str, Any]:
+    def deliver(
+        self, command: dict[str, Any], request_id: str, device_id: str | None, refused: PublishRefused | None = None
+    ) -> dict[str, Any]:
         """Publish a command unless it expired or cannot be published; return the event that says which."""
+        command_type = command.get("command_type")
         event = functools.partial(
             status_event,
             self.source,
-            request_id=command["request_id"],
-            device_id=command["device_id"],
-            command_type=command["command_type"],
+            request_id=request_id,
+            device_id=device_id,
+            command_type=command_type if is_text(command_type, 128) else None,
         )
-        if is_expired(command):
-            return event("expired", error="expired before delivery")
+        if refused is not None:
+            return event("rejected", error=str(refused))
         try:
-            self.publish(*mqtt_message(command))
+            if is_expired(command):
+                return event("expired", error="expired before delivery")
+            self.publish(*mqtt_message(command, self.options.topic_template))
         except PublishRefused as exc:
             return event("rejected", error=str(exc))
         return event("delivered")
@@ -244,10 +328,10 @@ class Connector:
         try:
             info = self.mqtt.publish(topic, body, qos=qos, retain=retain)
             info.wait_for_publish(timeout=self.options.publish_timeout)
-        except ValueError as exc:  # paho's verdict on the topic or the size
-            raise PublishRefused(str(exc)) from exc
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:  # the connection, not the message
             raise ConnectionError(str(exc)) from exc
+        except Exception as exc:  # paho's verdict on the message (topic, size, …): it will never take it
+            raise PublishRefused(f"the MQTT client refused it: {exc!r}") from exc
         if not info.is_published():
             raise TimeoutError(f"the MQTT broker did not acknowledge within {self.options.publish_timeout:g} s")
 
@@ -269,9 +353,33 @@ class Connector:
             self.mqtt.ack(message.mid, message.qos)
 
     def report(self, event: dict[str, Any]) -> None:
-        """Put an event on the status topic (key: its request_id) and wait until Kafka has it."""
+        """Put an event on the status topic (key: its request_id) and wait until Kafka has it.
+
+        A result the topic refuses as too large is reported as OMITTED instead. After an error that the same
+        producer would only repeat (kafka-python also treats a refused record so), a new producer takes its place;
+        the caller tries again later."""
+        try:
+            self._send(event)
+        except KafkaError as exc:
+            if not exc.retriable:
+                self._replace_producer(exc)
+            if not isinstance(exc, MessageSizeTooLargeError) or event.get("result") in (None, OMITTED):
+                raise
+            log.warning("result of %s too large for %s: omitted", event["request_id"], self.options.status_topic)
+            self.report({**event, "result": OMITTED})
+
+    def _send(self, event: dict[str, Any]) -> None:
         value = json.dumps(event, separators=(",", ":")).encode()
         self.producer.send(self.options.status_topic, key=event["request_id"].encode(), value=value).get(timeout=30)
+
+    def _replace_producer(self, error: KafkaError) -> None:
+        log.warning("replacing the Kafka producer after %r", error)
+        old = self.producer
+        try:
+            old.close(timeout=0)
+        except Exception as exc:  # it is being dropped anyway
+            log.warning("closing the old producer: %r", exc)
+        self.producer = self._producer()
 
     def close(self) -> None:
         """Leave the consumer group, report the answers at hand, and disconnect."""
@@ -313,7 +421,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="one per running instance: the broker keeps its session (device answers) under this id",
     )
     parser.add_argument("--publish-timeout", type=float, default=float(env("MQTT_PUBLISH_TIMEOUT", "10")))
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--topic-template",
+        default=env("MQTT_TOPIC_TEMPLATE", mqtt_topics.DEFAULT_TEMPLATE),
+        help="a device's command topic; the same as the service's MQTT_TOPIC_TEMPLATE",
+    )
+    options = parser.parse_args(argv)
+    problem = mqtt_topics.template_problem(options.topic_template)
+    if problem:
+        parser.error(f"--topic-template {options.topic_template!r}: {problem}")
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ a real mosquitto broker, and every status event read back from the status topic 
 from __future__ import annotations
 
 import getpass
+import importlib
 import json
 import shutil
 import signal
@@ -15,9 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
-from helpers import ROOT, STATUS_EVENT_VALIDATOR, ServiceProcess, command, new_status_topic, new_topic, read_topic
+from helpers import ROOT, STATUS_EVENT_VALIDATOR, ServiceProcess, command, new_topic, read_topic
+from kafka import KafkaProducer
+from kafka.partitioner.default import murmur2
 from kafka_local import free_port, port_open, stop_process
+from paho.mqtt.enums import CallbackAPIVersion
 
 EXAMPLES = ROOT / "examples"
 
@@ -98,12 +103,20 @@ class Example:
 class Setup:
     """The service publishing to a fresh command topic, a fresh status topic, and the examples around them."""
 
-    def __init__(self, bootstrap: str, mqtt_port: int, folder: Path, status_feed: bool = False) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        mqtt_port: int,
+        folder: Path,
+        status_feed: bool = False,
+        status_configs: dict | None = None,
+    ) -> None:
         self.bootstrap = bootstrap
         self.mqtt_port = mqtt_port
         self.folder = folder
         self.command_topic = new_topic(bootstrap)
-        self.status_topic = new_status_topic(bootstrap)
+        # Compacted, as new_status_topic makes it; a test may add limits.
+        self.status_topic = new_topic(bootstrap, configs={"cleanup.policy": "compact", **(status_configs or {})})
         self.received_path = folder / "received.jsonl"
         feed = {"KAFKA_STATUS_TOPIC": self.status_topic} if status_feed else {}
         self.service = ServiceProcess(
@@ -116,6 +129,28 @@ class Setup:
         response = httpx.post(self.service.url + "/api/v1/commands", json=body, timeout=10)
         assert response.status_code == 200, response.text
         return response.json()
+
+    def inject(self, records: list[tuple[bytes | None, bytes | None, str | None]], partition: int) -> None:
+        """Write (key, value, request_id header) records straight to the command topic, past the service, as
+        anyone who can write the topic could."""
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap)
+        try:
+            for key, value, request_id in records:
+                headers = [("request_id", request_id.encode())] if request_id else []
+                producer.send(self.command_topic, key=key, value=value, headers=headers, partition=partition).get(10)
+        finally:
+            producer.close()
+
+    def answer(self, device_id: str, answer: dict) -> None:
+        """Publish an answer on the device's response topic, as a device would, and wait for the broker's ack."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"answer-{device_id}")
+        client.connect("127.0.0.1", self.mqtt_port)
+        client.loop_start()
+        try:
+            client.publish(f"devices/{device_id}/responses", json.dumps(answer), qos=1).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     def start_device(self, *device_ids: str, mqtt_port: int | None = None) -> Example:
         """The simulated device(s), subscribed."""
@@ -216,21 +251,159 @@ def test_command_is_delivered_once_and_succeeds(setup: Setup) -> None:
     assert [line["command"]["request_id"] for line in setup.received()] == [sent["request_id"], again["request_id"]]
 
 
+def partition_of(device_id: str, partitions: int = 3) -> int:
+    """The partition Kafka's default partitioner (the service's) gives a device's commands."""
+    return (murmur2(device_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def record(device_id: str, request_id: str, **changes) -> bytes:
+    """A command record's value as the service writes it, with some fields changed (None: left out)."""
+    value = {
+        "request_id": request_id,
+        "device_id": device_id,
+        "command_type": "set",
+        "payload": {},
+        "protocol": "mqtt",
+        "parser_script_ref": None,
+        "metadata": {},
+        "timestamp": datetime.now(UTC).isoformat(),
+        "expires_at": None,
+    }
+    value.update(changes)
+    return json.dumps({k: v for k, v in value.items() if v is not None or k not in changes}).encode()
+
+
 def test_failures_are_reported_with_their_reason(setup: Setup) -> None:
-    """A command the device fails is reported delivered, then failed with the device's error and result; one
-    that cannot be published as given (a wildcard topic) is reported rejected and never sent."""
-    setup.start_device("valve-7")
+    """A command the device fails is reported delivered, then failed with the device's error and result. The
+    service refuses a topic that is not the device's own; a record naming one anyway, written straight to Kafka,
+    is reported rejected by the connector and never sent."""
+    setup.start_device("valve-7", "valve-8")
     setup.start_connector()
     failing = setup.post(command("valve-7", command_type="fail", payload={"position": 40}))
-    unroutable = setup.post(command("valve-7", metadata={"topic": "devices/+/commands"}))
+    refused = httpx.post(
+        setup.service.url + "/api/v1/commands", json=command("valve-8", metadata={"topic": "devices/valve-7/commands"})
+    )
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == "$.metadata.topic"
+    metadata = {"topic": "devices/valve-7/commands", "retain": True}
+    setup.inject([(b"valve-8", record("valve-8", "foreign-topic", metadata=metadata), None)], 0)
 
     events = setup.events(3)
     assert statuses(events[failing["request_id"]]) == ["delivered", "failed"]
     assert events[failing["request_id"]][1]["error"] == "simulated failure"
     assert events[failing["request_id"]][1]["result"] == {"refused": {"position": 40}}
-    assert statuses(events[unroutable["request_id"]]) == ["rejected"]
-    assert "without wildcards" in events[unroutable["request_id"]][0]["error"]
+    assert statuses(events["foreign-topic"]) == ["rejected"]
+    assert "Must be the device's topic 'devices/valve-8/commands'" in events["foreign-topic"][0]["error"]
     assert [line["command"]["request_id"] for line in setup.received()] == [failing["request_id"]]
+
+
+def test_poison_records_are_rejected_and_the_partition_moves_on(setup: Setup) -> None:
+    """Records the connector can never deliver, written straight to a partition, are each reported rejected with
+    the reason (or skipped when they carry no request id) and committed; the next command on that partition, for
+    another device, is delivered. A float QoS used to crash the MQTT client and stop the partition for good."""
+    setup.start_device("lamp-2", "dev-x")
+    partition = partition_of("lamp-2")
+    poison = {
+        "not-json": (b"dev-x", b"{not json", "not-json"),
+        "tombstone": (b"dev-x", None, "tombstone"),
+        "float-qos": (b"dev-x", record("dev-x", "float-qos", metadata={"qos": 1.0}), None),
+        "bool-qos": (b"dev-x", record("dev-x", "bool-qos", metadata={"qos": True}), None),
+        "wildcard": (b"dev-x", record("dev-x", "wildcard", metadata={"topic": "devices/+/commands"}), None),
+        "sys-topic": (b"dev-x", record("dev-x", "sys-topic", metadata={"topic": "$SYS/x"}), None),
+        "other-device": (
+            b"dev-x",
+            record("dev-x", "other-device", metadata={"topic": "devices/lamp-2/commands"}),
+            None,
+        ),
+        "nested-id": (b"a/commands/x", record("a/commands/x", "nested-id"), None),
+        "no-type": (b"dev-x", record("dev-x", "no-type", command_type=None), None),
+        "list-payload": (b"dev-x", record("dev-x", "list-payload", payload=[1]), None),
+        "naive-expiry": (b"dev-x", record("dev-x", "naive-expiry", expires_at="2030-01-01T00:00:00"), None),
+        "nan-payload": (
+            b"dev-x",
+            record("dev-x", "nan-payload").replace(b'"payload": {}', b'"payload": {"x": NaN}'),
+            None,
+        ),
+    }
+    reasons = {
+        "not-json": "not JSON",
+        "tombstone": "not JSON",
+        "float-qos": "metadata.qos must be the integer 0, 1 or 2, not 1.0",
+        "bool-qos": "metadata.qos must be the integer 0, 1 or 2, not True",
+        "wildcard": "wildcards",
+        "sys-topic": "Must not start with $",
+        "other-device": "Must be the device's topic 'devices/dev-x/commands'",
+        "nested-id": "below the topic of device 'a'",
+        "no-type": "command_type must be a string",
+        "list-payload": "payload must be a JSON object",
+        "naive-expiry": "expires_at must be an ISO 8601 time with an offset",
+        "nan-payload": "payload is not plain JSON",
+    }
+    unreportable = (b"dev-x", json.dumps({"request_id": 7, "protocol": "mqtt"}).encode(), None)
+    setup.inject([*poison.values(), unreportable], partition)
+    setup.start_connector()
+    good = setup.post(command("lamp-2", command_type="set_led", payload={"state": "on"}, qos=1))
+    assert good["partition"] == partition
+
+    events = setup.events(len(poison) + 2)
+    for request_id, reason in reasons.items():
+        assert statuses(events[request_id]) == ["rejected"], request_id
+        assert reason in events[request_id][0]["error"], (request_id, events[request_id][0]["error"])
+    assert events["nested-id"][0]["device_id"] == "a/commands/x"
+    assert statuses(events[good["request_id"]]) == ["delivered", "succeeded"]
+    assert [(line["device_id"], line["command"]["request_id"]) for line in setup.received()] == [
+        ("lamp-2", good["request_id"])
+    ]
+    assert "no request_id to report it under" in setup.logs()
+
+
+def test_an_oversize_device_result_does_not_block_later_answers(kafka_bootstrap, mqtt_port, tmp_path) -> None:
+    """A device result over MAX_RESULT_BYTES, or one the status topic refuses as too large, is reported as
+    {"omitted": "too large"}; the answers behind it are reported as usual."""
+    built = Setup(kafka_bootstrap, mqtt_port, tmp_path, status_configs={"max.message.bytes": "100000"})
+    built.service.start()
+    try:
+        built.start_device("lamp-5")
+        built.start_connector()
+        huge = built.post(command("quiet-1", command_type="dump"))
+        large = built.post(command("quiet-2", command_type="dump"))
+        assert statuses(built.events(2)[huge["request_id"]]) == ["delivered"]  # nobody listens on quiet-*
+        # Over the connector's bound (and over Kafka's default 1 MB), then under it but over the topic's limit.
+        built.answer("quiet-1", {"request_id": huge["request_id"], "ok": True, "result": {"blob": "x" * 1_500_000}})
+        built.answer("quiet-2", {"request_id": large["request_id"], "ok": True, "result": {"blob": "y" * 150_000}})
+        after = built.post(command("lamp-5", command_type="set_led", payload={"state": "off"}))
+
+        events = built.events(6)
+        for sent in (huge, large):
+            assert statuses(events[sent["request_id"]]) == ["delivered", "succeeded"]
+            assert events[sent["request_id"]][1]["result"] == {"omitted": "too large"}
+        assert statuses(events[after["request_id"]]) == ["delivered", "succeeded"]
+        assert events[after["request_id"]][1]["result"] == {"applied": {"state": "off"}}
+    finally:
+        built.close()
+
+
+def test_a_producer_that_fails_for_good_is_replaced(setup: Setup) -> None:
+    """When the status producer fails with an error it would only repeat (here: it was closed), the record is
+    read again later and a new producer reports it; the connector keeps running."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        connector_module = importlib.import_module("mqtt_connector")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    setup.inject([(b"dev-x", record("dev-x", "after-failure", metadata={"qos": 1.5}), None)], 0)
+    [consumed] = read_topic(setup.bootstrap, setup.command_topic, 1)
+    options = connector_module.parse_args(
+        ["--bootstrap", setup.bootstrap, "--status-topic", setup.status_topic, "--mqtt-port", str(setup.mqtt_port)]
+    )
+    connector = connector_module.Connector(options)
+    try:
+        connector.producer.close()
+        assert connector.handle(consumed) is False
+        assert connector.handle(consumed) is True
+    finally:
+        connector.close()
+    events = setup.events(1)
+    assert statuses(events["after-failure"]) == ["rejected"]
 
 
 def test_expired_command_never_reaches_the_device(setup: Setup) -> None:

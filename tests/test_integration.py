@@ -75,12 +75,12 @@ def test_plan_batch_example_publishes_both_in_order(service, kafka_bootstrap, to
 
 def test_protocol_options_are_merged_into_metadata(service, kafka_bootstrap, topic):
     """qos/retain (mqtt) and confirmable (coap) travel inside metadata, next to the caller's keys."""
-    mqtt = command("m1", qos=1, retain=True, metadata={"topic": "t/m1", "qos": 1})
+    mqtt = command("m1", qos=1, retain=True, metadata={"topic": "devices/m1/commands", "qos": 1})
     coap = command("c1", protocol="coap", confirmable=False, request_id="client-chosen-1")
     for body in (mqtt, coap):
         assert httpx.post(service.url + "/api/v1/commands", json=body).status_code == 200
     records = {r.key: _value(r) for r in read_topic(kafka_bootstrap, topic, 2)}
-    assert records[b"m1"]["metadata"] == {"topic": "t/m1", "qos": 1, "retain": True}
+    assert records[b"m1"]["metadata"] == {"topic": "devices/m1/commands", "qos": 1, "retain": True}
     assert records[b"c1"]["metadata"] == {"confirmable": False}
     assert records[b"c1"]["request_id"] == "client-chosen-1"
 

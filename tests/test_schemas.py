@@ -74,6 +74,7 @@ def test_required_fields(field):
         ({"qos": -1}, "$.qos"),
         ({"qos": "1"}, "$.qos"),
         ({"qos": True}, "$.qos"),
+        ({"qos": 1.0}, "$.qos"),
         ({"retain": "yes"}, "$.retain"),
         ({"payload": []}, "$.payload"),
         ({"payload": "text"}, "$.payload"),
@@ -130,9 +131,10 @@ def test_protocol_options(changes, loc, msg):
 
 def test_protocol_options_merge_into_metadata():
     """Options fold into metadata; the same value in both places is fine."""
-    cmd = decode_command(json.dumps(valid(qos=1, retain=True, metadata={"qos": 1, "topic": "t"})).encode(), "json")
+    metadata = {"qos": 1, "topic": "devices/d1/commands"}
+    cmd = decode_command(json.dumps(valid(qos=1, retain=True, metadata=metadata)).encode(), "json")
     assert check_command(cmd, PROTOCOLS, 32) == []
-    assert merged_metadata(cmd) == {"qos": 1, "topic": "t", "retain": True}
+    assert merged_metadata(cmd) == {"qos": 1, "topic": "devices/d1/commands", "retain": True}
     assert merged_metadata(decode_command(json.dumps(valid()).encode(), "json")) == {}
 
 
@@ -284,3 +286,86 @@ def test_msgpack_values_that_json_cannot_hold_are_refused():
     for extra, loc, msg in cases:
         cmd = decode_command(msgspec.msgpack.encode({**base, **extra}), "msgpack")
         assert [(p.loc, p.msg) for p in check_command(cmd, PROTOCOLS, 32)] == [(loc, msg)]
+
+
+# ---------------------------------------------------------------- MQTT topics and typed metadata
+
+
+@pytest.mark.parametrize(
+    ("topic", "says"),
+    [
+        ("devices/dev-b/commands", "Must be the device's topic 'devices/dev-a/commands' or a topic below it"),
+        ("devices/+/commands", "Must not contain the wildcards + or #"),
+        ("devices/dev-a/commands/#", "Must not contain the wildcards + or #"),
+        ("$SYS/broker/load", "Must not start with $"),
+        ("devices/dev-a/commands//x", "Must not have an empty level"),
+        ("devices/dev-a/commands/a\x00b", "Must not contain NUL or other control characters"),
+        (5, "Expected `str`, got `int`"),
+    ],
+)
+def test_metadata_topic_must_be_the_device_own(topic, says):
+    """metadata.topic names the device's topic or one below it; another device's topic, a wildcard, a broker
+    topic, an empty level or a NUL is a 422 naming $.metadata.topic."""
+    [(loc, msg)] = problems(valid(device_id="dev-a", metadata={"topic": topic}, retain=True))
+    assert loc == "$.metadata.topic" and msg.startswith(says), msg
+
+
+def test_metadata_topic_below_the_device_topic_passes():
+    """The device's own topic and a sub-topic of it are accepted, with any protocol."""
+    assert problems(valid(device_id="dev-a", metadata={"topic": "devices/dev-a/commands"})) == []
+    assert problems(valid(device_id="dev-a", metadata={"topic": "devices/dev-a/commands/led/2"})) == []
+    assert problems(valid(device_id="dev-a", protocol="coap", metadata={"topic": "devices/dev-b/commands"})) == [
+        ("$.metadata.topic", "Must be the device's topic 'devices/dev-a/commands' or a topic below it")
+    ]
+
+
+def test_topic_template_decides_the_device_topic():
+    """With another template, the device's topic moves with it."""
+    body = valid(device_id="dev-a", metadata={"topic": "plant/dev-a/in"})
+    cmd = decode_command(json.dumps(body).encode(), "json")
+    assert check_command(cmd, PROTOCOLS, 32, topic_template="plant/{device_id}/in") == []
+    [problem] = check_command(cmd, PROTOCOLS, 32)
+    assert problem.loc == "$.metadata.topic"
+
+
+@pytest.mark.parametrize("device_id", ["a+b", "a#", "a/commands/x", "a/"])
+def test_mqtt_device_ids_must_make_a_topic_of_their_own(device_id):
+    """An mqtt device id that would make a wildcard or empty-level topic, or one below another device's topic,
+    is a 422 on $.device_id; the same id is fine for a protocol without topics."""
+    [(loc, _)] = problems(valid(device_id=device_id))
+    assert loc == "$.device_id"
+    assert problems(valid(device_id=device_id, protocol="coap")) == []
+
+
+def test_device_ids_with_a_slash_that_nest_nowhere_pass():
+    """Site-style ids (`site-a/pump-1`) keep working: their topic lies below no other device's."""
+    assert problems(valid(device_id="site-a/pump-1")) == []
+
+
+@pytest.mark.parametrize(
+    ("metadata", "loc", "msg"),
+    [
+        ({"qos": 1.0}, "$.metadata.qos", "Expected `int`, got `float`"),
+        ({"qos": True}, "$.metadata.qos", "Expected `int`, got `bool`"),
+        ({"qos": 3}, "$.metadata.qos", "Expected `int` <= 2"),
+        ({"qos": "1"}, "$.metadata.qos", "Expected `int`, got `str`"),
+        ({"qos": None}, "$.metadata.qos", "Expected `int`, got `null`"),
+        ({"retain": 1}, "$.metadata.retain", "Expected `bool`, got `int`"),
+        ({"retain": "true"}, "$.metadata.retain", "Expected `bool`, got `str`"),
+        ({"confirmable": 0}, "$.metadata.confirmable", "Expected `bool`, got `int`"),
+    ],
+)
+def test_metadata_protocol_options_are_strictly_typed(metadata, loc, msg):
+    """metadata.qos is an integer 0-2 (not 1.0, not true) and retain/confirmable are booleans: a 422 naming
+    the key, as the fields of the same name."""
+    assert problems(valid(metadata=metadata)) == [(loc, msg)]
+
+
+def test_metadata_qos_float_is_refused_in_msgpack_and_in_a_batch():
+    """The same rule for MessagePack bodies, and in a batch the path carries the item's index."""
+    cmd = decode_command(msgspec.msgpack.encode(valid(metadata={"qos": 1.0})), "msgpack")
+    assert [p.loc for p in check_command(cmd, PROTOCOLS, 32)] == ["$.metadata.qos"]
+    raw = json.dumps({"commands": [valid(), valid(device_id="dev-a", metadata={"topic": "$SYS/x"})]}).encode()
+    item = decode_batch_item(decode_batch(raw, "json")[1], "json", 1)
+    [problem] = check_command(item, PROTOCOLS, 32, "$.commands[1]")
+    assert problem.loc == "$.commands[1].metadata.topic"

@@ -364,3 +364,42 @@ def test_open_paths_are_exact(client):
     """Only the probe and docs paths are open: near misses need a key like everything else."""
     for path in ("/healthz", "/ready/", "/openapi.jsonx", "/docsx"):
         assert client.get(path).status_code in (401, 307), path
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "devices/site-b/pump-1/commands",
+        "devices/+/commands",
+        "devices/site-a/pump-1/commands/#",
+        "$SYS/broker/clients",
+        "devices/site-a/pump-1/commands//x",
+        "devices/site-a/pump-1/commands/a\x00b",
+    ],
+)
+def test_a_key_reaches_only_its_devices_topics(client, topic):
+    """A key limited to site-a/* cannot reach another device through metadata.topic, retained or not: another
+    device's topic, a wildcard, a broker topic, an empty level or a NUL is a 422 naming $.metadata.topic."""
+    body = command("site-a/pump-1", retain=True, metadata={"topic": topic})
+    problem = _problem(client.post("/api/v1/commands", json=body, headers=auth("site-a")), 422)
+    assert [error["loc"] for error in problem["errors"]] == ["$.metadata.topic"]
+
+
+def test_topic_rule_applies_per_batch_item_and_follows_the_template(client, tmp_path):
+    """In a batch the bad item alone fails, its path carrying its index; MQTT_TOPIC_TEMPLATE moves the device's
+    topic, and a topic below it is accepted."""
+    batch = {
+        "commands": [
+            command("site-a/x", metadata={"topic": "devices/site-a/x/commands/led"}),
+            command("site-a/y", metadata={"topic": "devices/site-a/x/commands"}),
+        ]
+    }
+    response = client.post("/api/v1/commands/batch", json=batch, headers=auth("site-a"))
+    assert response.status_code == 207
+    first, second = response.json()["results"]
+    assert first["success"] and second["error"]["errors"][0]["loc"] == "$.commands[1].metadata.topic"
+    with make_client(tmp_path, MQTT_TOPIC_TEMPLATE="plant/{device_id}/in") as custom:
+        good = command("site-a/x", metadata={"topic": "plant/site-a/x/in/led"})
+        assert custom.post("/api/v1/commands", json=good, headers=auth("site-a")).status_code == 202
+        old = command("site-a/x", metadata={"topic": "devices/site-a/x/commands"})
+        _problem(custom.post("/api/v1/commands", json=old, headers=auth("site-a")), 422)

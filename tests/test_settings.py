@@ -19,6 +19,7 @@ def test_defaults():
     assert settings.kafka_command_topic == "device_commands"
     assert settings.publish_timeout == 5.0 and settings.max_batch == 500 and settings.max_body_bytes == 1_048_576
     assert settings.allowed_protocols == ("mqtt", "coap")
+    assert settings.mqtt_topic_template == "devices/{device_id}/commands"
 
 
 def test_environment_values_are_converted():
@@ -66,6 +67,10 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
         ("JOURNAL_SYNC", "sometimes"),
         ("JOURNAL_MAX_PENDING", "0"),
         ("DEFAULT_TTL", "-1"),
+        ("MQTT_TOPIC_TEMPLATE", "devices/commands"),
+        ("MQTT_TOPIC_TEMPLATE", "devices/+/{device_id}"),
+        ("MQTT_TOPIC_TEMPLATE", "$SYS/{device_id}"),
+        ("MQTT_TOPIC_TEMPLATE", "devices//{device_id}"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -159,3 +164,10 @@ def test_a_network_address_without_keys_is_refused(host, tmp_path):
 def test_loopback_without_keys_starts(host):
     """Loopback is the sidecar's and the developer's address: no keys needed there."""
     assert load_settings({"API_HOST": host}, env_file="/nonexistent").api_host == host
+
+
+def test_topic_template_is_checked_and_its_reason_given():
+    """MQTT_TOPIC_TEMPLATE takes any topic name holding {device_id} once; a bad one says why."""
+    assert load_settings({"MQTT_TOPIC_TEMPLATE": "plant/{device_id}/in"}, env_file="/nonexistent").mqtt_topic_template
+    with pytest.raises(SettingsError, match=r"^MQTT_TOPIC_TEMPLATE='\$SYS/\{device_id\}' is invalid: .*Must not start"):
+        load_settings({"MQTT_TOPIC_TEMPLATE": "$SYS/{device_id}"}, env_file="/nonexistent")
