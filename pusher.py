@@ -52,6 +52,7 @@ from errors import (
     ValidationFailed,
 )
 from forwarder import Forwarder
+from http_protocol import http_protocol
 from journal import SERVICE_SOURCE, Journal, JournalRow
 from kafka_sink import KafkaSink
 from logs import configure_logging
@@ -879,7 +880,7 @@ def keygen(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Run the service with uvicorn (uvloop, httptools) on API_HOST:API_PORT."""
+    """Run the service with uvicorn (uvloop, httptools with head limits) on API_HOST:API_PORT."""
     if sys.argv[1:2] == ["keygen"]:
         keygen(sys.argv[2:])
         return
@@ -896,7 +897,8 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings.header_timeout, settings.max_header_bytes),
+        timeout_keep_alive=settings.keepalive_timeout,  # typed int; a float works (call_later)
         server_header=False,
         access_log=False,
         log_config=None,

@@ -95,6 +95,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_storage: str = "memory://"
     cors_origins: tuple[str, ...] = ()
     body_timeout: Positive = 10.0
+    # From accept (and from a kept-alive request's first byte) to the end of the request head.
+    header_timeout: Positive = 10.0
+    keepalive_timeout: Positive = 5.0
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16384
     limit_concurrency: Annotated[int, Meta(ge=1)] = 1000
     max_waiters: Annotated[int, Meta(ge=1)] = 1000

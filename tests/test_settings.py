@@ -28,6 +28,8 @@ def test_environment_values_are_converted():
         {
             "API_PORT": "9000",
             "PUBLISH_TIMEOUT": "2.5",
+            "HEADER_TIMEOUT": "1.5",
+            "KEEPALIVE_TIMEOUT": "30",
             "KAFKA_CREATE_TOPIC": "true",
             "ALLOWED_PROTOCOLS": "mqtt, coap ,lwm2m",
             "LOG_LEVEL": "debug",
@@ -40,6 +42,7 @@ def test_environment_values_are_converted():
     assert settings.api_port == 9000 and settings.publish_timeout == 2.5 and settings.kafka_create_topic is True
     assert settings.allowed_protocols == ("mqtt", "coap", "lwm2m") and settings.log_level == "DEBUG"
     assert settings.journal_sync == "normal" and settings.kafka_bootstrap_servers == "[::1]:9092,kafka-2:9093"
+    assert settings.header_timeout == 1.5 and settings.keepalive_timeout == 30.0
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -71,6 +74,9 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
         ("MQTT_TOPIC_TEMPLATE", "devices/+/{device_id}"),
         ("MQTT_TOPIC_TEMPLATE", "$SYS/{device_id}"),
         ("MQTT_TOPIC_TEMPLATE", "devices//{device_id}"),
+        ("HEADER_TIMEOUT", "0"),
+        ("HEADER_TIMEOUT", "soon"),
+        ("KEEPALIVE_TIMEOUT", "-1"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
