@@ -261,6 +261,7 @@ class Journal:
         self.housekeeping_interval = housekeeping_interval
         self.pending_count = 0
         self.commits = 0
+        self.journal_id: str | None = None  # made when the file is created: tells this journal's records apart
         self.writable = True
         self.last_error: str | None = None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -311,6 +312,8 @@ class Journal:
         for column in _ADDED_COLUMNS:
             if column not in columns:
                 self._writer.execute(f"ALTER TABLE commands ADD COLUMN {column} TEXT")
+        self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
+        self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
         self._reader = self._connect()
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "

@@ -424,3 +424,14 @@ def test_only_an_instance_may_claim_an_idempotency_key(journal):
     assert journal.apply_events([forged], {0: 1}) == 0
     [fresh] = accept(journal, new("real-1", idem_key="k1\x1fabc"))
     assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"
+
+
+def test_each_journal_has_an_id_of_its_own_kept_across_restarts(tmp_path):
+    """The id that tells this journal's Kafka records apart is made once, with the file, and read back after."""
+    ids = []
+    for path in ("a.db", "b.db", "a.db"):
+        j = Journal(tmp_path / path)
+        j.open()
+        ids.append(j.journal_id)
+        j.close()
+    assert ids[0] == ids[2] != ids[1] and len(ids[0]) == 16
