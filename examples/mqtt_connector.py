@@ -13,6 +13,9 @@ For each command record with protocol "mqtt" it reports, on the status topic:
 A command's offset is committed only once its event is on the status topic, and a device's answer is
 acknowledged to the MQTT broker only once its event is, so a crash or restart repeats work rather than losing it.
 Delivery to devices is therefore at least once: the MQTT body carries the request_id for a device to spot a repeat.
+
+Its events are unsigned, as every connector's: the service applies one only to a command it knows of the same
+device_id, so each names the command's device (an answer: the device whose MQTT topic it came on).
 """
 
 from __future__ import annotations

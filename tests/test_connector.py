@@ -16,7 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, STATUS_EVENT_VALIDATOR, ServiceProcess, command, new_status_topic, new_topic, read_topic
+from helpers import (
+    ROOT,
+    STATUS_EVENT_VALIDATOR,
+    STATUS_SECRET,
+    ServiceProcess,
+    command,
+    new_status_topic,
+    new_topic,
+    read_topic,
+)
 from kafka_local import free_port, port_open, stop_process
 
 EXAMPLES = ROOT / "examples"
@@ -105,7 +114,7 @@ class Setup:
         self.command_topic = new_topic(bootstrap)
         self.status_topic = new_status_topic(bootstrap)
         self.received_path = folder / "received.jsonl"
-        feed = {"KAFKA_STATUS_TOPIC": self.status_topic} if status_feed else {}
+        feed = {"KAFKA_STATUS_TOPIC": self.status_topic, "STATUS_TOPIC_SECRET": STATUS_SECRET} if status_feed else {}
         self.service = ServiceProcess(
             folder, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=self.command_topic, **feed
         )

@@ -123,3 +123,21 @@ def test_sasl_without_credentials_stops_the_start():
         load_settings({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, env_file="/nonexistent")
     with pytest.raises(SettingsError, match="API_KEYS_FILE"):
         load_settings({"AUTH_ENABLED": "true"}, env_file="/nonexistent")
+
+
+def test_a_status_topic_needs_a_long_secret_that_never_shows():
+    """KAFKA_STATUS_TOPIC without STATUS_TOPIC_SECRET, or a secret (current or previous) under 32 characters, stops
+    the start naming the variable and never the value; a good one keeps its spaces and is masked everywhere."""
+    topic = {"KAFKA_STATUS_TOPIC": "device_commands.status"}
+    with pytest.raises(SettingsError, match="STATUS_TOPIC_SECRET") as missing:
+        load_settings(topic, env_file="/nonexistent")
+    assert "KAFKA_STATUS_TOPIC" in str(missing.value)
+    for name in ("STATUS_TOPIC_SECRET", "STATUS_TOPIC_SECRET_PREVIOUS"):
+        short = {"STATUS_TOPIC_SECRET": "s" * 40, name: "too-short-secret"}
+        with pytest.raises(SettingsError, match=f"^{name}=") as refused:
+            load_settings(topic | short, env_file="/nonexistent")
+        assert "too-short-secret" not in str(refused.value)
+    good = " " + "k" * 31
+    settings = load_settings(topic | {"STATUS_TOPIC_SECRET": good}, env_file="/nonexistent")
+    assert settings.status_topic_secret.value == good and settings.status_topic_secret_previous is None
+    assert good not in repr(settings) and settings.masked()["status_topic_secret"] == "***"
