@@ -115,6 +115,9 @@ class Dispatcher:
         self.metrics = metrics
         self.last_error: str | None = None
         self.last_error_at: datetime | None = None
+        # Names this journal's records in the command topic, for reconciliation: request ids are unique per
+        # journal only, so another instance's record with the same request_id is not ours.
+        self.instance = f"{settings.instance_id}/{journal.journal_id}".encode()
 
     # ------------------------------------------------------------------ building records
 
@@ -137,7 +140,13 @@ class Dispatcher:
             timestamp=now,
             expires_at=expires_at,
         )
-        headers = [("request_id", request_id.encode()), ("content-type", b"application/json")]
+        value = JSON_ENCODER.encode(message)
+        headers = [
+            ("request_id", request_id.encode()),
+            ("content-type", b"application/json"),
+            ("pusher-instance", self.instance),
+            ("body-sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
         if traceparent:
             headers.append(("traceparent", traceparent.encode()))
         if expires_at is not None:
@@ -154,7 +163,7 @@ class Dispatcher:
             created_at=now.timestamp(),
             expires_at=expires_at.timestamp() if expires_at else None,
             key=cmd.device_id.encode(),
-            value=JSON_ENCODER.encode(message),
+            value=value,
             headers=headers,
         )
 

@@ -7,8 +7,9 @@ failed goes back to the head of the queue in seq order, the sink refuses further
 until the forwarder has taken stock (`sink.resume()`), and only then does sending go on.
 
 A record whose fate is unknown (the process died with it in the producer, or the producer
-reported an error after sending) is looked up in Kafka by its `request_id` header before it
-is sent again, so a crash does not publish it twice.
+reported an error after sending) is looked up in Kafka before it is sent again, so a crash does
+not publish it twice. Only the same record counts (key, value bytes and every header of ours, the
+`pusher-instance` of this journal among them): request ids are unique per journal, not per topic.
 
 Expiry: a command still in the queue when its `expires_at` passes is marked expired and never
 sent. A command already inside the producer when Kafka goes away cannot be called back; it
@@ -295,15 +296,14 @@ class Forwarder:
         """Look the uncertain records up in Kafka; mark the ones found, keep the rest for sending."""
         uncertain = dict(self._uncertain)
         since = min(p.handed_at or p.created_at for p in uncertain.values()) - RECONCILE_MARGIN
-        by_id = {p.request_id: p for p in uncertain.values()}
         try:
-            found = await asyncio.to_thread(self.sink.find_published, set(by_id), since)
+            found = await asyncio.to_thread(self.sink.find_published, list(uncertain.values()), since)
         except Exception as exc:
             self._retry_at = time.monotonic() + self.backoff.next()
             log.warning("reconcile failed; will retry", error=type(exc).__name__)
             return
-        for request_id, delivery in found.items():
-            pending = by_id[request_id]
+        for seq, delivery in found.items():
+            pending = uncertain[seq]
             self._ready.remove(pending)
             self._published(pending, delivery)
         for seq in uncertain:

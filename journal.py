@@ -30,7 +30,7 @@ import msgspec
 import structlog
 
 from errors import JournalError, JournalFull, JournalUnavailable
-from schemas import STAGE_RANK, Status, StatusEvent, from_epoch
+from schemas import CONNECTOR_STAGES, STAGE_RANK, Status, StatusEvent, from_epoch
 from threadbridge import Outbox, outbox_for
 
 log = structlog.get_logger("journal")
@@ -79,7 +79,7 @@ _ROW = (
 _HEADERS = msgspec.msgpack.Encoder()
 _HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 _EVENT_ENCODER = msgspec.json.Encoder()
-SERVICE_SOURCE = "pusher@"  # how this service's instances sign their status events
+SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
 _ADDED_COLUMNS = ("key_id", "origin", "result")  # journals written by earlier versions lack them
 
 
@@ -182,13 +182,17 @@ class _Mark:
     error: str | None = None
 
 
+# A status-topic event and whether its signature was verified (an instance's) or it had none (a connector's).
+Received = tuple[StatusEvent, bool]
+
+
 @dataclass(slots=True)
 class _Events:
-    events: list[StatusEvent]
+    events: list[Received]
     positions: dict[int, int]  # status topic partition -> next offset to read
     done: threading.Event = field(default_factory=threading.Event)
     committed: bool = False
-    skipped: int = 0  # events that could not be applied (logged; the feed goes on)
+    skipped: int = 0  # events not applied, as untrusted or unstorable (logged; the feed goes on)
 
 
 @dataclass(slots=True)
@@ -261,6 +265,7 @@ class Journal:
         self.housekeeping_interval = housekeeping_interval
         self.pending_count = 0
         self.commits = 0
+        self.journal_id: str | None = None  # made when the file is created: tells this journal's records apart
         self.writable = True
         self.last_error: str | None = None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -311,6 +316,8 @@ class Journal:
         for column in _ADDED_COLUMNS:
             if column not in columns:
                 self._writer.execute(f"ALTER TABLE commands ADD COLUMN {column} TEXT")
+        self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
+        self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
         self._reader = self._connect()
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
@@ -376,10 +383,10 @@ class Journal:
         self._ops.put(_Flush(outbox=self._outbox, future=future))
         return future
 
-    def apply_events(self, events: list[StatusEvent], positions: dict[int, int], timeout: float = 30.0) -> int | None:
+    def apply_events(self, events: list[Received], positions: dict[int, int], timeout: float = 30.0) -> int | None:
         """Apply status-topic events and store the read positions in one transaction; blocks until committed.
 
-        Returns how many events could not be applied (skipped), or None when nothing was committed."""
+        Returns how many events were not applied (untrusted or unstorable), or None when nothing was committed."""
         op = _Events(events, positions)
         self._ops.put(op)
         if not op.done.wait(timeout) or not op.committed:
@@ -634,38 +641,55 @@ class Journal:
         if isinstance(op, _OutboxSent):
             conn.execute("DELETE FROM status_outbox WHERE id <= ?", (op.up_to,))
             return
-        for event in op.events:
+        for event, signed in op.events:
             # One event that cannot be applied (absurd values) is skipped, not the whole batch, and never
             # the writer thread: a savepoint undoes what it half did.
             conn.execute("SAVEPOINT event")
             try:
-                self._apply_event(conn, event)
+                refused = self._apply_event(conn, event, signed)
             except (sqlite3.Error, ValueError, OverflowError, RecursionError, TypeError) as exc:
                 conn.execute("ROLLBACK TO event")
                 op.skipped += 1
                 log.warning("status event skipped", request_id=event.request_id, error=f"{type(exc).__name__}: {exc}")
+            else:
+                if refused is not None:
+                    op.skipped += 1
+                    log.debug("status event ignored", request_id=event.request_id, status=event.status, reason=refused)
             conn.execute("RELEASE event")
         conn.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"status_pos:{p}", o) for p, o in op.positions.items()]
         )
 
-    def _apply_event(self, conn: sqlite3.Connection, event: StatusEvent) -> None:
+    def _apply_event(self, conn: sqlite3.Connection, event: StatusEvent, signed: bool) -> str | None:
         """One status-topic event: a new row for a command accepted elsewhere, or a step on a known one.
+        Returns why it was ignored, or None.
+
+        Only a signed event (an instance's) may make a row or carry a key id, an Idempotency-Key or a body
+        hash: anyone who can write the topic could otherwise plant a row that turns a victim's request into a
+        replay of a command never sent. An unsigned one (a connector's) may only take a known command of the
+        same device to a stage after `published`, with its error and result.
 
         Repeats change nothing and a status never moves to a lower stage, so events may come late, twice
         or out of order. A row accepted here keeps status 'accepted' until the forwarder marks it (that
         is what the forwarder and the backlog count go by); its API status comes from its history."""
+        if not signed:
+            if event.status not in CONNECTOR_STAGES:
+                return "unsigned, and not a connector's stage"
+            event = msgspec.structs.replace(
+                event, owner=None, idempotency_key=None, body_hash=None, command_type=None, created_at=None,
+                expires_at=None, topic=None, partition=None, offset=None,
+            )  # fmt: skip
         at = event.at.timestamp()
         detail = event.error
         if event.status == "published" and event.offset is not None:
             detail = f"{event.topic}/{event.partition}@{event.offset}"
         result = json.dumps(event.result) if event.result is not None else None
-        if not event.source.startswith(SERVICE_SOURCE):  # only an instance may speak for keys and bodies
-            event = msgspec.structs.replace(event, owner=None, idempotency_key=None, body_hash=None)
         found = conn.execute(
-            "SELECT seq, status, history, origin FROM commands WHERE request_id = ?", (event.request_id,)
+            "SELECT seq, status, history, origin, device_id FROM commands WHERE request_id = ?", (event.request_id,)
         ).fetchone()
         if found is None:
+            if not signed:
+                return "unsigned, for a command not known here"
             idem = event.idempotency_key
             if idem is not None and conn.execute("SELECT 1 FROM commands WHERE idem_key = ?", (idem,)).fetchone():
                 idem = None
@@ -677,7 +701,7 @@ class Journal:
                     event.request_id,
                     idem,
                     _unhex(event.body_hash),
-                    event.device_id or "",
+                    event.device_id,
                     event.command_type or "",
                     event.status,
                     event.created_at.timestamp() if event.created_at else at,
@@ -694,10 +718,12 @@ class Journal:
                 ),
             )
         else:
-            seq, status, history, origin = found
+            seq, status, history, origin, device_id = found
+            if not signed and event.device_id != device_id:
+                return "unsigned, naming another device"
             steps = json.loads(history)
             if any(step[0] == event.status for step in steps):
-                return  # a repeat (our own events come back this way too)
+                return None  # a repeat (our own events come back this way too)
             advance = STAGE_RANK[event.status] > STAGE_RANK.get(furthest(status, steps), 0)
             steps.append([event.status, at, detail])
             steps.sort(key=lambda step: STAGE_RANK.get(step[0], 0))  # stable: within a rank, as received
@@ -729,6 +755,7 @@ class Journal:
                 ),
             )
         self._changed.append(event.request_id)
+        return None
 
     def _report_changes(self) -> None:
         if self._emitted:

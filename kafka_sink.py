@@ -31,6 +31,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
+from journal import Pending
 from settings import Settings
 from threadbridge import Outbox, outbox_for
 
@@ -355,11 +356,17 @@ class KafkaSink:
 
     # ------------------------------------------------------------------ reconciliation
 
-    def find_published(self, request_ids: set[str], since: float, idle_timeout: float = 30.0) -> dict[str, Delivery]:
-        """Read the command topic from `since` (epoch seconds) to its end; return which request ids are in it.
+    def find_published(self, pending: list[Pending], since: float, idle_timeout: float = 30.0) -> dict[int, Delivery]:
+        """Read the command topic from `since` (epoch seconds) to its end; return where each of `pending` (by seq)
+        already is.
 
-        Blocking (run it in a thread). Records are matched by their `request_id` header.
+        Blocking (run it in a thread). Only the same record counts: key, value bytes and every one of our headers
+        (`pusher-instance`, `body-sha256`, `request_id`…). A request id alone proves nothing: another instance,
+        or anyone who can write the topic, may have put a record with that header there.
         """
+        by_value: dict[bytes, list[Pending]] = {}
+        for item in pending:
+            by_value.setdefault(item.value, []).append(item)
         consumer = KafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
             client_id=f"{self.settings.kafka_client_id}-reconcile",
@@ -382,7 +389,7 @@ class KafkaSink:
                 if start is not None and start.offset < ends[tp]:
                     consumer.seek(tp, start.offset)
                     remaining[tp] = ends[tp]
-            found: dict[str, Delivery] = {}
+            found: dict[int, Delivery] = {}
             last_progress = time.monotonic()
             while remaining:
                 # However much there is to read, give up only when reading stops making progress.
@@ -393,9 +400,9 @@ class KafkaSink:
                     last_progress = time.monotonic()
                 for tp, records in polled.items():
                     for record in records:
-                        request_id = dict(record.headers).get("request_id", b"").decode(errors="replace")
-                        if request_id in request_ids:
-                            found[request_id] = Delivery(tp.topic, tp.partition, record.offset)
+                        for item in by_value.get(record.value, ()):
+                            if item.seq not in found and _same_record(record, item):
+                                found[item.seq] = Delivery(tp.topic, tp.partition, record.offset)
                 for tp in list(remaining):
                     if consumer.position(tp) >= remaining[tp]:
                         del remaining[tp]
@@ -552,6 +559,11 @@ def _quiet_close(admin: KafkaAdminClient) -> None:
         admin.close()
     except Exception:
         logging.getLogger(__name__).debug("admin close failed", exc_info=True)
+
+
+def _same_record(record, item: Pending) -> bool:
+    """Whether a consumed record is `item` as we sent it (its value already compared)."""
+    return record.key == item.key and set(item.headers) <= set(record.headers or ())
 
 
 def _record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:

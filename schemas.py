@@ -54,6 +54,8 @@ STAGE_RANK: dict[str, int] = {
     "expired": 3,
 }
 TERMINAL = frozenset(s for s, rank in STAGE_RANK.items() if rank == 3)
+# What a connector may report on the status topic (unsigned): the stages after Kafka.
+CONNECTOR_STAGES = frozenset(s for s, rank in STAGE_RANK.items() if rank >= 2)
 MAX_TTL = 30 * 86400
 PROTOCOL_OPTIONS = {"qos": "mqtt", "retain": "mqtt", "confirmable": "coap"}
 _INT64 = 2**63
@@ -194,6 +196,8 @@ class StatusChange(Struct, kw_only=True, omit_defaults=True):
     result: dict[str, Any] | None = None
 
 
+# The service signs its own events (record header `pusher-signature`, see status_feed.py); an unsigned event, a
+# connector's, may only move a known command of the same device_id on to one of CONNECTOR_STAGES.
 class StatusEvent(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
     """One lifecycle transition of a command on the status topic (record key: its request_id, UTF-8)."""
 
@@ -203,7 +207,7 @@ class StatusEvent(Struct, kw_only=True, omit_defaults=True, forbid_unknown_field
     source: Annotated[
         str, Meta(min_length=1, max_length=255, description="Who reports it: `pusher@<instance>` or a connector name.")
     ]
-    device_id: DeviceId | None = None
+    device_id: Annotated[DeviceId, Meta(description="The command's device; an event naming another device is ignored.")]
     command_type: CommandType | None = None
     created_at: Annotated[datetime, Meta(tz=True, description="When the command was accepted.")] | None = None
     expires_at: (

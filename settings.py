@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The shared status topic (compacted, key = request_id); empty: statuses stay local to this instance.
     kafka_status_topic: Annotated[str, Meta(pattern=r"^([A-Za-z0-9._-]{1,249})?$")] = ""
     instance_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] = _DEFAULT_INSTANCE
+    # Instances sign their status events with it (HMAC-SHA256); _PREVIOUS only verifies, during a rotation.
+    status_topic_secret: Secret | None = None
+    status_topic_secret_previous: Secret | None = None
     long_poll_max: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     event_stream_max: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     publish_timeout: Positive = 5.0
@@ -143,6 +146,8 @@ def _mask(value: object) -> object:
 
 _LOOPBACK = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|::1|\[::1\]|localhost)$")
 _LIST_FIELDS = {"allowed_protocols", "cors_origins"}
+_SECRETS = {"kafka_sasl_password", "kafka_ssl_password", "status_topic_secret", "status_topic_secret_previous"}
+_MIN_SECRET = 32  # characters of STATUS_TOPIC_SECRET: `openssl rand -hex 32` gives 64
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> Settings:
@@ -167,7 +172,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             raw[name] = value.strip().lower()
         elif name in ("kafka_security_protocol", "kafka_sasl_mechanism"):
             raw[name] = value.strip().upper()
-        elif name in ("kafka_sasl_password", "kafka_ssl_password"):
+        elif name in _SECRETS:
             raw[name] = value  # secrets keep their spaces
         else:
             raw[name] = value.strip()
@@ -194,6 +199,12 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             f"KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs KAFKA_SASL_MECHANISM, "
             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
         )
+    if settings.kafka_status_topic and settings.status_topic_secret is None:
+        raise SettingsError("KAFKA_STATUS_TOPIC needs STATUS_TOPIC_SECRET, shared by every instance")
+    for name in ("status_topic_secret", "status_topic_secret_previous"):
+        secret = getattr(settings, name)
+        if secret is not None and len(secret.value) < _MIN_SECRET:
+            raise SettingsError(f"{name.upper()}=*** is invalid: at least {_MIN_SECRET} characters")
     return settings
 
 

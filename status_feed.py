@@ -6,27 +6,54 @@ acknowledged, so a crash can repeat an event but never lose one. In: a consumer 
 partition of the topic (no consumer group: every instance reads everything) applies the events to
 the journal and stores its read position in the same transaction, so any instance answers for any
 command. Both directions tolerate repeats, since a status never moves back to a lower stage.
+
+Trust: anyone who can write the topic could write an event. Instances sign theirs (HMAC-SHA256 of the
+record's value under STATUS_TOPIC_SECRET, hex, in the header `pusher-signature`); an event whose signature
+does not verify is ignored, and an unsigned one (a connector's) is applied only as far as the journal
+lets a connector speak (journal.Journal._apply_event).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import sqlite3
 import threading
 import time
+from typing import Literal
 
 import kafka.errors as kerr
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from journal import Journal
+from journal import Journal, Received
 from kafka_sink import Backoff, security_options
 from metrics import Metrics
 from schemas import STATUS_EVENT_DECODER, StatusEvent
-from settings import Settings
+from settings import Secret, Settings
 
 log = structlog.get_logger("status_feed")
 _TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the status topic
+SIGNATURE_HEADER = "pusher-signature"
+Signature = Literal["valid", "none", "bad"]
+
+
+def sign(secret: Secret, value: bytes) -> bytes:
+    """The signature of a status record: hex HMAC-SHA256 of its value bytes under `secret`."""
+    return hmac.new(secret.value.encode(), value, hashlib.sha256).hexdigest().encode()
+
+
+def signature(headers: list[tuple[str, bytes]], value: bytes | None, secrets: list[Secret]) -> Signature:
+    """`valid`: the record carries one signature, made with one of `secrets`; `none`: no signature (a
+    connector's event); `bad`: anything else (a forgery, or an instance with another secret)."""
+    signatures = [data for name, data in headers or () if name == SIGNATURE_HEADER]
+    if not signatures:
+        return "none"
+    if len(signatures) > 1 or not isinstance(signatures[0], bytes) or not isinstance(value, bytes):
+        return "bad"
+    valid = any(hmac.compare_digest(sign(secret, value), signatures[0]) for secret in secrets)
+    return "valid" if valid else "bad"
 
 
 def _checked(event: StatusEvent) -> StatusEvent:
@@ -51,6 +78,9 @@ class StatusFeed:
         self.journal = journal
         self.metrics = metrics
         self.topic = settings.kafka_status_topic
+        self._secrets = [s for s in (settings.status_topic_secret, settings.status_topic_secret_previous) if s]
+        if settings.status_topic_secret is None:  # load_settings refuses this; a Settings built by hand might not
+            raise ValueError("KAFKA_STATUS_TOPIC needs STATUS_TOPIC_SECRET")
         self.published = 0
         self.applied = 0
         self.ignored = 0
@@ -104,7 +134,13 @@ class StatusFeed:
             try:
                 if producer is None:
                     producer = KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **self._options())
-                futures = [producer.send(self.topic, key=rid.encode(), value=event) for _, rid, event in batch]
+                secret = self._secrets[0]  # the current one; a previous one only verifies
+                futures = [
+                    producer.send(
+                        self.topic, key=rid.encode(), value=event, headers=[(SIGNATURE_HEADER, sign(secret, event))]
+                    )
+                    for _, rid, event in batch
+                ]
                 producer.flush(timeout=self.settings.kafka_producer_timeout)
                 for future in futures:
                     if future.failed():
@@ -186,13 +222,20 @@ class StatusFeed:
 
     def _apply(self, polled: dict) -> bool:
         """Decode and apply one poll's events; False when the journal did not store them."""
-        events: list[StatusEvent] = []
+        events: list[Received] = []
         positions: dict[int, int] = {}
         for tp, records in polled.items():
             for record in records:
                 positions[tp.partition] = record.offset + 1
+                signed = signature(record.headers, record.value, self._secrets)
+                if signed == "bad":
+                    self._ignore(1)
+                    log.warning(
+                        "status event with a bad signature ignored", partition=tp.partition, offset=record.offset
+                    )
+                    continue
                 try:
-                    events.append(_checked(STATUS_EVENT_DECODER.decode(record.value)))
+                    events.append((_checked(STATUS_EVENT_DECODER.decode(record.value)), signed == "valid"))
                 except Exception as exc:  # whatever is in there (tombstones, absurd nesting), the feed goes on
                     self._ignore(1)
                     log.warning(

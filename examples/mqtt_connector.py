@@ -16,6 +16,9 @@ acknowledged to the MQTT broker only once its event is, so a crash or restart re
 Delivery to devices is therefore at least once: the MQTT body carries the request_id for a device to spot a repeat.
 No record stops a partition: one that can never be delivered is reported `rejected` (or, without a request_id to
 report it under, logged) and committed; a device result over MAX_RESULT_BYTES is reported as OMITTED.
+
+Its events are unsigned, as every connector's: the service applies one only to a command it knows of the same
+device_id, so each names the command's device (an answer: the device whose MQTT topic it came on).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STATUS_CONTRACT = json.loads((ROOT / "contract" / "status-event.schema.json").read_text())
 # The status topic's contract, compiled once; formats (date-time) checked too.
 STATUS_EVENT_VALIDATOR = jsonschema_rs.validator_for(STATUS_CONTRACT, validate_formats=True)
+# STATUS_TOPIC_SECRET of every test instance that shares a status topic (they must agree to trust each other).
+STATUS_SECRET = "status-topic-secret-for-the-tests-0123456789"
 # API keys for tests that turn authentication on: id → (secret, scopes, device patterns)
 KEYS = {
     "writer": ("ppk_writer-secret", ["commands:write", "commands:read"], None),

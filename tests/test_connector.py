@@ -18,7 +18,15 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import ROOT, STATUS_EVENT_VALIDATOR, ServiceProcess, command, new_topic, read_topic
+from helpers import (
+    ROOT,
+    STATUS_EVENT_VALIDATOR,
+    STATUS_SECRET,
+    ServiceProcess,
+    command,
+    new_topic,
+    read_topic,
+)
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 from kafka_local import free_port, port_open, stop_process
@@ -118,7 +126,7 @@ class Setup:
         # Compacted, as new_status_topic makes it; a test may add limits.
         self.status_topic = new_topic(bootstrap, configs={"cleanup.policy": "compact", **(status_configs or {})})
         self.received_path = folder / "received.jsonl"
-        feed = {"KAFKA_STATUS_TOPIC": self.status_topic} if status_feed else {}
+        feed = {"KAFKA_STATUS_TOPIC": self.status_topic, "STATUS_TOPIC_SECRET": STATUS_SECRET} if status_feed else {}
         self.service = ServiceProcess(
             folder, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=self.command_topic, **feed
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import msgspec
@@ -89,7 +91,7 @@ _candidate = st.fixed_dictionaries(
     },
 )
 _settings = load_settings({}, env_file="/nonexistent")
-_dispatcher = Dispatcher(_settings, None, None, None)
+_dispatcher = Dispatcher(_settings, SimpleNamespace(journal_id="fuzz"), None, None)  # only builds records
 _message = msgspec.json.Decoder(CommandMessage)
 
 
@@ -109,7 +111,10 @@ def test_anything_accepted_round_trips_into_a_valid_kafka_message(body, as_msgpa
     message = _message.decode(new.value)
     assert message.device_id == cmd.device_id == new.key.decode()
     assert message.payload == cmd.payload and message.protocol == cmd.protocol
-    assert message.request_id == dict(new.headers)["request_id"].decode()
+    headers = dict(new.headers)
+    assert message.request_id == headers["request_id"].decode()
+    assert headers["body-sha256"] == hashlib.sha256(new.value).hexdigest().encode()
+    assert headers["pusher-instance"] == f"{_settings.instance_id}/fuzz".encode()
     for option in ("qos", "retain", "confirmable"):
         if getattr(cmd, option) is not None:
             assert message.metadata[option] == getattr(cmd, option)

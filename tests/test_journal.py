@@ -18,7 +18,7 @@ from helpers import ROOT
 from kafka_local import free_port
 
 from errors import JournalError
-from journal import Journal, NewCommand
+from journal import Journal, NewCommand, Received
 from kafka_sink import Backoff
 from schemas import StatusEvent
 
@@ -324,6 +324,16 @@ def _event(request_id: str, status: str, at: float, **extra) -> StatusEvent:
     )
 
 
+def instance(request_id: str, status: str, at: float, **extra) -> Received:
+    """An event of another instance, its signature verified by the status feed."""
+    return _event(request_id, status, at, source="pusher@other", **extra), True
+
+
+def connector(request_id: str, status: str, at: float, **extra) -> Received:
+    """A connector's event: unsigned, whatever `source` it names."""
+    return _event(request_id, status, at, **extra), False
+
+
 def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_path):
     """Events for a command accepted elsewhere make a row of its own; a lower stage arriving late joins the
     history without moving the status; a repeat is dropped; the read position is stored with them."""
@@ -331,15 +341,22 @@ def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_
     j.open()
     try:
         now = time.time()
-        assert j.apply_events([_event("r1", "delivered", now + 2, command_type="reboot")], {0: 5}) == 0
-        assert j.apply_events([_event("r1", "accepted", now, created_at=datetime.fromtimestamp(now, UTC))], {0: 6}) == 0
-        assert j.apply_events([_event("r1", "delivered", now + 3), _event("r1", "published", now + 1)], {0: 8}) == 0
+        created = datetime.fromtimestamp(now, UTC)
+        assert (
+            j.apply_events([instance("r1", "published", now + 1, command_type="reboot", created_at=created)], {0: 5})
+            == 0
+        )
+        assert j.apply_events([connector("r1", "delivered", now + 2)], {0: 6}) == 0
+        assert j.apply_events([instance("r1", "accepted", now, created_at=created)], {0: 7}) == 0
+        assert (
+            j.apply_events([connector("r1", "delivered", now + 3), instance("r1", "published", now + 1)], {0: 8}) == 0
+        )
         row = j.get("r1")
-        assert row.status == row.stage == "delivered" and row.origin == "connector"
+        assert row.status == row.stage == "delivered" and row.origin == "pusher@other"
         assert [step[0] for step in row.history] == ["accepted", "published", "delivered"]
-        assert row.created_at == pytest.approx(now) and row.command_type == "reboot"
-        assert j.apply_events([_event("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2}) == 0
-        assert j.apply_events([_event("r1", "failed", now + 5, error="late")], {1: 3}) == 0  # a second end: late
+        assert row.created_at == pytest.approx(now, abs=1e-3) and row.command_type == "reboot"
+        assert j.apply_events([connector("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2}) == 0
+        assert j.apply_events([connector("r1", "failed", now + 5, error="late")], {1: 3}) == 0  # a second end: late
         row = j.get("r1")
         assert row.stage == "succeeded" and row.result == {"ok": 1} and row.error is None
         assert j.status_positions() == {0: 8, 1: 3}
@@ -359,7 +376,7 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
     try:
         [accepted] = accept(j, new("own-1"))
         seq = accepted.row.seq
-        assert j.apply_events([_event("own-1", "delivered", time.time())], {0: 1}) == 0
+        assert j.apply_events([connector("own-1", "delivered", time.time())], {0: 1}) == 0
         row = j.get("own-1")
         assert row.status == "accepted" and row.stage == "delivered" and j.pending_count == 1
         j.mark(seq, "published", topic="t", partition=0, offset=7)
@@ -382,14 +399,7 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
 def test_a_retry_at_another_instance_finds_the_command_by_its_idempotency_key(journal):
     """The accepted event carries the (key-scoped) Idempotency-Key and body hash: the same request at this
     instance is a replay of the other's command, a different body a conflict."""
-    event = _event(
-        "elsewhere-1",
-        "accepted",
-        time.time(),
-        source="pusher@other",
-        idempotency_key="k1\x1fabc",
-        body_hash=b"h".hex(),
-    )
+    event = instance("elsewhere-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
     assert journal.apply_events([event], {0: 1}) == 0
     [replayed] = accept(journal, new("fresh-id", idem_key="k1\x1fabc"))
     [conflict] = accept(journal, new("fresh-id-2", idem_key="k1\x1fabc", body=b"other"))
@@ -406,21 +416,65 @@ def test_an_event_that_cannot_be_stored_is_skipped_and_the_writer_lives_on(journ
         deep = {"a": deep}
     now = time.time()
     batch = [
-        _event("bad-1", "published", now, offset=2**63, partition=0, topic="t"),
-        _event("bad-2", "succeeded", now, result=deep),
-        _event("good-1", "delivered", now),
+        instance("bad-1", "published", now, offset=2**63, partition=0, topic="t"),
+        instance("bad-2", "failed", now, result=deep),
+        instance("good-1", "published", now),
     ]
     assert journal.apply_events(batch, {0: 3}) == 2
-    assert journal.get("bad-1") is None and journal.get("bad-2") is None and journal.get("good-1").stage == "delivered"
+    assert journal.get("bad-1") is None and journal.get("bad-2") is None and journal.get("good-1").stage == "published"
     assert journal.status_positions() == {0: 3}
     [accepted] = accept(journal, new("after-1"))
     assert accepted.outcome == "inserted"
 
 
-def test_only_an_instance_may_claim_an_idempotency_key(journal):
-    """A connector's event (or anyone else who can write the topic) cannot plant an Idempotency-Key: a later
-    POST with that key is a new command, not a replay of one that will never be sent."""
-    forged = _event("forged-1", "accepted", time.time(), idempotency_key="k1\x1fabc", body_hash=b"h".hex())
-    assert journal.apply_events([forged], {0: 1}) == 0
+def test_an_unsigned_event_can_neither_make_a_row_nor_plant_an_idempotency_key(journal):
+    """Whoever can write the topic, naming itself `pusher@…` or not, cannot plant a row (nor a key id, an
+    Idempotency-Key or a body hash) without the signature: a later POST with that key is a new command, not a
+    replay of one that will never be sent. Each such event is counted as not applied."""
+    now = time.time()
+    forged = dict(owner="k1", idempotency_key="k1\x1fabc", body_hash=b"h".hex(), source="pusher@other")
+    batch = [
+        connector("forged-1", "accepted", now, **forged),
+        connector("forged-2", "published", now, partition=0, offset=1, topic="t", **forged),
+        connector("forged-3", "delivered", now, **forged),
+    ]
+    assert journal.apply_events(batch, {0: 3}) == 3
+    assert [journal.get(f"forged-{i}") for i in (1, 2, 3)] == [None, None, None]
     [fresh] = accept(journal, new("real-1", idem_key="k1\x1fabc"))
     assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"
+
+
+def test_a_connector_event_only_moves_a_known_command_of_its_own_device_forward(journal):
+    """An unsigned event naming another device changes nothing (a device cannot settle another's command); one
+    for the right device takes it to a connector's stage, with its error and result, but never sets where it is
+    in Kafka, its owner, or the stages only the service reports."""
+    [accepted] = accept(journal, new("c1", device="device-a", key_id="k1"))
+    journal.mark(accepted.row.seq, "published", topic="t", partition=0, offset=7)
+    assert journal.flush()
+    now = time.time()
+    assert journal.apply_events([instance("r2", "accepted", now, device_id="device-b")], {0: 1}) == 0
+    refused = [
+        connector("c1", "succeeded", now, device_id="device-zzz", result={"ok": True}),
+        connector("r2", "failed", now, device_id="device-a", error="not yours"),
+        connector("c1", "accepted", now, device_id="device-a"),
+        connector("r2", "published", now, device_id="device-b", partition=1, offset=9, topic="t"),
+    ]
+    assert journal.apply_events(refused, {0: 5}) == len(refused)
+    c1, r2 = journal.get("c1"), journal.get("r2")
+    assert (c1.stage, c1.result, len(c1.history)) == ("published", None, 2)
+    assert (r2.stage, r2.error, r2.partition, len(r2.history)) == ("accepted", None, None, 1)
+    moved = connector("c1", "succeeded", now, device_id="device-a", result={"ok": True}, offset=99, owner="k2")
+    assert journal.apply_events([moved], {0: 6}) == 0
+    c1 = journal.get("c1")
+    assert (c1.stage, c1.result, c1.offset, c1.key_id) == ("succeeded", {"ok": True}, 7, "k1")
+
+
+def test_each_journal_has_an_id_of_its_own_kept_across_restarts(tmp_path):
+    """The id that tells this journal's Kafka records apart is made once, with the file, and read back after."""
+    ids = []
+    for path in ("a.db", "b.db", "a.db"):
+        j = Journal(tmp_path / path)
+        j.open()
+        ids.append(j.journal_id)
+        j.close()
+    assert ids[0] == ids[2] != ids[1] and len(ids[0]) == 16

@@ -177,3 +177,21 @@ def test_topic_template_is_checked_and_its_reason_given():
     assert load_settings({"MQTT_TOPIC_TEMPLATE": "plant/{device_id}/in"}, env_file="/nonexistent").mqtt_topic_template
     with pytest.raises(SettingsError, match=r"^MQTT_TOPIC_TEMPLATE='\$SYS/\{device_id\}' is invalid: .*Must not start"):
         load_settings({"MQTT_TOPIC_TEMPLATE": "$SYS/{device_id}"}, env_file="/nonexistent")
+
+
+def test_a_status_topic_needs_a_long_secret_that_never_shows():
+    """KAFKA_STATUS_TOPIC without STATUS_TOPIC_SECRET, or a secret (current or previous) under 32 characters, stops
+    the start naming the variable and never the value; a good one keeps its spaces and is masked everywhere."""
+    topic = {"KAFKA_STATUS_TOPIC": "device_commands.status"}
+    with pytest.raises(SettingsError, match="STATUS_TOPIC_SECRET") as missing:
+        load_settings(topic, env_file="/nonexistent")
+    assert "KAFKA_STATUS_TOPIC" in str(missing.value)
+    for name in ("STATUS_TOPIC_SECRET", "STATUS_TOPIC_SECRET_PREVIOUS"):
+        short = {"STATUS_TOPIC_SECRET": "s" * 40, name: "too-short-secret"}
+        with pytest.raises(SettingsError, match=f"^{name}=") as refused:
+            load_settings(topic | short, env_file="/nonexistent")
+        assert "too-short-secret" not in str(refused.value)
+    good = " " + "k" * 31
+    settings = load_settings(topic | {"STATUS_TOPIC_SECRET": good}, env_file="/nonexistent")
+    assert settings.status_topic_secret.value == good and settings.status_topic_secret_previous is None
+    assert good not in repr(settings) and settings.masked()["status_topic_secret"] == "***"

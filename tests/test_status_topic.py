@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -10,12 +11,15 @@ from datetime import UTC, datetime
 
 import httpx
 import jsonschema_rs
+import msgspec
 import pytest
 from helpers import (
     STATUS_CONTRACT,
     STATUS_EVENT_VALIDATOR,
+    STATUS_SECRET,
     ServiceProcess,
     command,
+    keys_file,
     new_status_topic,
     new_topic,
     read_topic,
@@ -25,13 +29,15 @@ from helpers import (
 from kafka import KafkaProducer
 
 from pusher_client import CommandFailed, PusherClient, WaitTimeout
-from schemas import status_event_schema
+from schemas import decode_command, status_event_schema
+from settings import Secret
+from status_feed import sign
 
 
-def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str) -> ServiceProcess:
+def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str, **env: str) -> ServiceProcess:
     return ServiceProcess(
         tmp_path, KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_COMMAND_TOPIC=topic, KAFKA_STATUS_TOPIC=status_topic,
-        INSTANCE_ID=name,
+        INSTANCE_ID=name, **{"STATUS_TOPIC_SECRET": STATUS_SECRET, **env},
     ).start()  # fmt: skip
 
 
@@ -92,9 +98,13 @@ def test_own_transitions_go_out_and_connector_stages_come_back(
     try:
         posted = httpx.post(f"{service.url}/api/v1/commands", json=command("fb-1", payload={"v": 1})).json()
         rid = posted["request_id"]
-        events = [json.loads(r.value) for r in read_topic(kafka_bootstrap, status_topic, 2)]
+        records = read_topic(kafka_bootstrap, status_topic, 2)
+        events = [json.loads(r.value) for r in records]
         for event in events:
             STATUS_EVENT_VALIDATOR.validate(event)
+        assert [dict(r.headers)["pusher-signature"] for r in records] == [
+            sign(Secret(STATUS_SECRET), r.value) for r in records
+        ]
         assert [(e["status"], e["request_id"], e["source"]) for e in events] == [
             ("accepted", rid, "pusher@solo"),
             ("published", rid, "pusher@solo"),
@@ -341,3 +351,135 @@ def test_transitions_survive_a_crash_before_they_reach_the_status_topic(own_brok
         service.stop()
     by_status = {(e["request_id"], e["status"]) for e in events}
     assert by_status == {(c["request_id"], s) for c in sent for s in ("accepted", "published")}
+
+
+# ---------------------------------------------------------------- what the status topic may be trusted with
+
+_HASH_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def _body_hash(body: dict) -> str:
+    """The hash the service journals for a request body (what a retry is compared by)."""
+    return hashlib.sha256(_HASH_ENCODER.encode(decode_command(json.dumps(body).encode(), "json"))).hexdigest()
+
+
+def _write(producer: KafkaProducer, topic: str, event: dict, secret: str | None = None) -> None:
+    """Put `event` on the status topic, signed with `secret` when given, as an instance holding it would."""
+    value = json.dumps(event).encode()
+    headers = [("pusher-signature", sign(Secret(secret), value))] if secret else []
+    producer.send(topic, key=event["request_id"].encode(), value=value, headers=headers).get(10)
+
+
+def _event(request_id: str, status: str, device_id: str, **extra) -> dict:
+    at = datetime.now(UTC).isoformat()
+    return {"request_id": request_id, "status": status, "at": at, "device_id": device_id, **extra}
+
+
+def _feed(url: str, **headers: str) -> dict:
+    return httpx.get(f"{url}/api/v1/status", headers=headers, timeout=5).json()["status_feed"]
+
+
+def _settled(url: str, events: int, **headers: str) -> dict:
+    """Wait until the feed has applied or ignored `events` events; its counters."""
+    return wait_for(lambda: (f := _feed(url, **headers))["events_applied"] + f["events_ignored"] >= events and f)
+
+
+def test_a_forged_event_never_turns_a_real_request_into_a_replay(kafka_bootstrap, topic, status_topic, tmp_path):
+    """Events planting another key's future Idempotency-Key or request_id with its body hash, unsigned (however
+    they name their source) or with a signature made without the secret, are ignored and counted: the victim's
+    requests are new commands, answered 200 and really in Kafka, and the planted ids do not exist."""
+    service = _service(
+        tmp_path, kafka_bootstrap, topic, status_topic, "victim", API_KEYS_FILE=keys_file(tmp_path / "keys.toml")
+    )
+    writer, admin = {"X-API-Key": "ppk_writer-secret"}, {"X-API-Key": "ppk_admin-secret"}
+    bodies = [command("victim-dev", payload={"n": i}) for i in range(3)]
+    bodies[2]["request_id"] = "victim-order-2"
+    owned = {"source": "pusher@victim", "owner": "writer", "topic": topic, "partition": 0, "offset": 0}
+    forged = [
+        (_event("planted-0", "published", "victim-dev", idempotency_key="writer\x1fkey-0", **owned), None),
+        (_event("planted-1", "published", "victim-dev", idempotency_key="writer\x1fkey-1", **owned), "x" * 40),
+        (_event("victim-order-2", "published", "victim-dev", **owned), None),
+    ]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        for (event, secret), body in zip(forged, bodies, strict=True):
+            _write(producer, status_topic, {**event, "body_hash": _body_hash(body)}, secret)
+        _settled(service.url, len(forged), **admin)
+        answers = [
+            httpx.post(f"{service.url}/api/v1/commands", json=body, headers={**writer, "Idempotency-Key": f"key-{i}"})
+            for i, body in enumerate(bodies)
+        ]
+        assert [(a.status_code, a.json().get("replayed", False)) for a in answers] == [(200, False)] * 3
+        assert not any("idempotent-replayed" in a.headers for a in answers)
+        for planted in ("planted-0", "planted-1"):
+            assert httpx.get(f"{service.url}/api/v1/commands/{planted}/status", headers=admin).status_code == 404
+        sent = {a.json()["request_id"] for a in answers}
+        assert "victim-order-2" in sent and not sent & {"planted-0", "planted-1"}
+        assert _feed(service.url, **admin)["events_ignored"] == len(forged)
+        metrics = httpx.get(f"{service.url}/metrics", headers=admin).text
+        assert f'pusher_status_events_total{{direction="ignored"}} {len(forged)}.0' in metrics
+    finally:
+        producer.close()
+        service.stop()
+    in_kafka = [dict(r.headers)["request_id"].decode() for r in read_topic(kafka_bootstrap, topic, 3)]
+    assert sorted(in_kafka) == sorted(sent)
+
+
+def test_a_connector_event_naming_another_device_does_not_move_the_command(
+    kafka_bootstrap, topic, status_topic, connector, tmp_path
+):
+    """A device (or its connector) cannot settle another device's command: an unsigned event whose device_id is
+    not the command's is ignored and counted; the same event for the right device is applied."""
+    service = _service(tmp_path, kafka_bootstrap, topic, status_topic, "devices")
+    try:
+        rid = httpx.post(f"{service.url}/api/v1/commands", json=command("device-a")).json()["request_id"]
+        before = _settled(service.url, 2)  # our own accepted and published, back from the topic
+        connector.report(rid, "device-zzz", "succeeded", result={"forged": True})
+        after = _settled(service.url, before["events_applied"] + before["events_ignored"] + 1)
+        assert after["events_ignored"] == before["events_ignored"] + 1
+        body = httpx.get(f"{service.url}/api/v1/commands/{rid}/status").json()
+        assert body["status"] == "published" and body["result"] is None
+        connector.report(rid, "device-a", "delivered")
+        body = httpx.get(
+            f"{service.url}/api/v1/commands/{rid}/status", params={"wait_for": "delivered", "timeout": 20}, timeout=30
+        ).json()
+        assert _statuses(body) == ["accepted", "published", "delivered"]
+    finally:
+        service.stop()
+
+
+def test_events_signed_by_another_instance_are_applied_and_the_previous_secret_verifies(
+    kafka_bootstrap, topic, status_topic, tmp_path
+):
+    """With STATUS_TOPIC_SECRET rotated (the old one in STATUS_TOPIC_SECRET_PREVIOUS): events signed with either
+    are another instance's and make rows, keys included (a retry of theirs here is a replay); one signed with any
+    other secret is ignored; this instance signs its own with the new secret only."""
+    new_secret = "the-rotated-status-topic-secret-0123456789"
+    service = _service(
+        tmp_path, kafka_bootstrap, topic, status_topic, "rotated",
+        STATUS_TOPIC_SECRET=new_secret, STATUS_TOPIC_SECRET_PREVIOUS=STATUS_SECRET,
+    )  # fmt: skip
+    body = command("remote-dev", payload={"remote": True})
+    remote = {"source": "pusher@elsewhere", "command_type": "reboot"}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        accepted = _event("remote-0", "accepted", "remote-dev", idempotency_key="k-remote", body_hash=_body_hash(body))
+        _write(producer, status_topic, {**accepted, **remote}, STATUS_SECRET)
+        _write(producer, status_topic, {**_event("remote-1", "published", "remote-dev"), **remote}, new_secret)
+        _write(producer, status_topic, {**_event("remote-2", "published", "remote-dev"), **remote}, "y" * 40)
+        assert _settled(service.url, 3)["events_ignored"] == 1
+        assert _get(service.url, "remote-0")["status"] == "accepted"
+        assert _get(service.url, "remote-1")["status"] == "published"
+        assert _get(service.url, "remote-2") is None
+        retry = httpx.post(f"{service.url}/api/v1/commands", json=body, headers={"Idempotency-Key": "k-remote"})
+        assert retry.headers["Idempotent-Replayed"] == "true" and retry.json()["request_id"] == "remote-0"
+        own = httpx.post(f"{service.url}/api/v1/commands", json=command("own-dev")).json()["request_id"]
+        records = [r for r in read_topic(kafka_bootstrap, status_topic, 5) if r.key == own.encode()]
+        assert len(records) == 2
+        for record in records:
+            signature = dict(record.headers)["pusher-signature"]
+            assert signature == sign(Secret(new_secret), record.value) != sign(Secret(STATUS_SECRET), record.value)
+    finally:
+        producer.close()
+        service.stop()
+    assert [r.key for r in read_topic(kafka_bootstrap, topic, 1, timeout=3)] == [b"own-dev"]  # the replay sent nothing

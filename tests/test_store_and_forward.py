@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import random
 import signal
@@ -329,12 +330,14 @@ def test_status_and_device_list_survive_a_restart(kafka_bootstrap, topic, tmp_pa
 
 
 def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp_path):
-    """A journaled command that reached Kafka before a crash is found there and not sent again; the other is sent."""
+    """A journaled command that reached Kafka before a crash is found there and not sent again. The others are
+    sent, though records with their request_id header are in the topic: one with another body, one with the same
+    key and body but another instance's header. Only the same record, every header of ours included, counts."""
     journal_path = tmp_path / "journal.db"
     journal = Journal(journal_path)
     journal.open()
 
-    def record(request_id: str) -> NewCommand:
+    def record(request_id: str, instance: str = f"test/{journal.journal_id}") -> NewCommand:
         value = json.dumps({"request_id": request_id, "payload": {"seq": 0}}).encode()
         return NewCommand(
             request_id=request_id,
@@ -347,18 +350,26 @@ def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp
             expires_at=None,
             key=b"rec",
             value=value,
-            headers=[("request_id", request_id.encode())],
+            headers=[
+                ("request_id", request_id.encode()),
+                ("pusher-instance", instance.encode()),
+                ("body-sha256", hashlib.sha256(value).hexdigest().encode()),
+            ],
         )
 
-    landed, lost = str(uuid.uuid4()), str(uuid.uuid4())
+    landed, lost, forged, copied = (str(uuid.uuid4()) for _ in range(4))
+    ours = [record(landed), record(lost), record(forged), record(copied)]
 
-    async def accept_both() -> None:
-        await journal.accept([record(landed), record(lost)])
+    async def accept_all() -> None:
+        await journal.accept(ours)
 
-    asyncio.run(accept_both())
+    asyncio.run(accept_all())
     journal.close()
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    metadata = producer.send(topic, key=b"rec", value=b"{}", headers=[("request_id", landed.encode())]).get(10)
+    metadata = producer.send(topic, key=b"rec", value=ours[0].value, headers=ours[0].headers).get(10)
+    producer.send(topic, key=b"rec", value=b'{"payload": "other"}', headers=[("request_id", forged.encode())]).get(10)
+    theirs = record(copied, instance="elsewhere/0123456789abcdef")
+    producer.send(topic, key=b"rec", value=theirs.value, headers=theirs.headers).get(10)
     producer.close()
 
     service = ServiceProcess(
@@ -367,11 +378,44 @@ def test_restart_reconciles_records_already_in_kafka(kafka_bootstrap, topic, tmp
     try:
         service.wait_drained()
         assert status_of(service.url, landed)["offset"] == metadata.offset
-        assert status_of(service.url, lost)["status"] == "published"
+        for request_id in (lost, forged, copied):
+            assert status_of(service.url, request_id)["offset"] > metadata.offset + 2
     finally:
         service.stop()
-    counts = _by_request_id(read_topic(kafka_bootstrap, topic, 2))
-    assert counts == {landed: 1, lost: 1}
+    counts = _by_request_id(read_topic(kafka_bootstrap, topic, 7))
+    assert counts == {landed: 1, lost: 1, forged: 2, copied: 2}
+
+
+def test_two_instances_with_one_request_id_each_send_their_own_after_a_crash(kafka_bootstrap, tmp_path):
+    """Request ids are unique per journal, not per topic. Instance B journals order-42 and is killed (SIGKILL)
+    before sending it; instance A sends its own order-42. After B's restart its command, of unknown fate, is
+    looked up in Kafka: A's record is not B's. Each is in Kafka exactly once, with its instance and body hash."""
+    topic = f"cmd-{uuid.uuid4().hex[:12]}"  # not there yet: B can only journal
+    body = command("orders", request_id="order-42", payload={"qty": 1})
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA_COMMAND_TOPIC": topic}
+    b = ServiceProcess(tmp_path, INSTANCE_ID="b", **env).start(wait_ready=False)
+    assert httpx.post(b.url + "/api/v1/commands", json=body, timeout=30).status_code == 202
+    b.stop(signal.SIGKILL)
+    new_topic(kafka_bootstrap, name=topic)
+    a = ServiceProcess(tmp_path, INSTANCE_ID="a", **env).start()
+    try:
+        assert httpx.post(a.url + "/api/v1/commands", json=body, timeout=30).status_code == 200
+        b.start()
+        b.wait_drained()
+        at_b = status_of(b.url, "order-42")
+    finally:
+        a.stop()
+        b.stop()
+    records = read_topic(kafka_bootstrap, topic, 2)
+    assert _by_request_id(records) == {"order-42": 2}
+    by_instance = Counter(dict(r.headers)["pusher-instance"].decode().split("/")[0] for r in records)
+    assert by_instance == {"a": 1, "b": 1}
+    for record in records:
+        headers = dict(record.headers)
+        assert headers["request_id"] == b"order-42"
+        assert headers["body-sha256"] == hashlib.sha256(record.value).hexdigest().encode()
+    [b_record] = [r for r in records if dict(r.headers)["pusher-instance"].startswith(b"b/")]
+    assert at_b["status"] == "published" and at_b["offset"] == b_record.offset
 
 
 def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topic, tmp_path):
