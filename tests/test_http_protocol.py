@@ -103,10 +103,21 @@ def test_oversized_head_is_431_problem_json(guarded):
     assert problem["type"] == "/problems/headers-too-large" and "MAX_HEADER_BYTES (16384 bytes)" in problem["detail"]
 
 
-def test_heads_within_the_budget_and_large_bodies_are_served(guarded):
+def test_heads_within_the_budget_and_large_bodies_are_served(kafka_bootstrap, topic, tmp_path):
     """A head just under the budget is served; a body larger than the budget in the same packet is a body, not
-    a head; two pipelined requests each get their budget."""
-    with _connect(guarded) as sock:
+    a head; each later request on the connection gets a budget of its own. (The byte budget is what is tested here: the time
+    limits are roomy, so a busy machine that answers the batch slowly does not close the connection.)"""
+    roomy = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, KEEPALIVE_TIMEOUT="60"
+    ).start()
+    try:
+        _serve_heads_within_the_budget(roomy)
+    finally:
+        roomy.stop()
+
+
+def _serve_heads_within_the_budget(service: ServiceProcess) -> None:
+    with _connect(service) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 15_000 + b"\r\n\r\n")
         assert _read_answer(sock)[0] == 200
         batch = json.dumps({"commands": [command(f"dev-{i}") for i in range(300)]}).encode()
@@ -116,8 +127,9 @@ def test_heads_within_the_budget_and_large_bodies_are_served(guarded):
         status, _, body = _read_answer(sock)
         assert status in (200, 202, 207), body
         assert len(json.loads(body)["results"]) == 300
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
-        assert [_read_answer(sock)[0] for _ in range(2)] == [200, 200]
+        for _ in range(2):  # each later request on the connection gets a budget of its own
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 15_000 + b"\r\n\r\n")
+            assert _read_answer(sock)[0] == 200
 
 
 def test_endless_header_lines_get_431_and_memory_stays_flat(guarded):
