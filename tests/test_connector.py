@@ -187,7 +187,7 @@ class Setup:
         """Read `count` events from the status topic (and any surplus), each checked against the contract;
         their statuses and bodies, by request id, in the order reported."""
         by_request: dict[str, list[dict]] = {}
-        for record in read_topic(self.bootstrap, self.status_topic, count, timeout=30):
+        for record in read_topic(self.bootstrap, self.status_topic, count, timeout=90):
             event = json.loads(record.value)
             STATUS_EVENT_VALIDATOR.validate(event)
             assert record.key == event["request_id"].encode()

@@ -83,7 +83,7 @@ def test_wrong_password_keeps_the_service_up_not_ready_and_calm(secure_broker, t
     topic = new_topic(broker.bootstrap)
     service = ServiceProcess(tmp_path, **_secure_env(broker, certs, topic, "wrong-password")).start(wait_ready=False)
     try:
-        body = wait_for(lambda: (b := ready(service.url))["reason"] and "credentials" in b["reason"] and b, timeout=30)
+        body = wait_for(lambda: (b := ready(service.url))["reason"] and "credentials" in b["reason"] and b, timeout=90)
         assert body["ready"] is False and body["kafka_connected"] is False
         assert httpx.get(service.url + "/ready").status_code == 503
         assert httpx.post(service.url + "/api/v1/commands", json=command()).status_code == 202  # still stored
