@@ -71,18 +71,13 @@ from schemas import (
     Status,
     StatusChange,
     StatusFeedState,
-    check_command,
-    decode_batch,
-    decode_batch_item,
-    decode_command,
-    field_problem,
     from_epoch,
     openapi_document,
-    problem_for,
 )
 from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
 from settings import Settings, SettingsError, load_settings
 from status_feed import StatusFeed
+from validation import check_command, decode_batch, decode_batch_item, decode_command, field_problem, problem_for
 
 log = structlog.get_logger("pusher")
 

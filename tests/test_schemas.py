@@ -8,16 +8,8 @@ import msgspec
 import pytest
 
 from errors import MalformedBody, ValidationFailed
-from schemas import (
-    PLAN_BATCH_EXAMPLE,
-    PLAN_EXAMPLE,
-    check_command,
-    decode_batch,
-    decode_batch_item,
-    decode_command,
-    merged_metadata,
-    openapi_document,
-)
+from schemas import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE, openapi_document
+from validation import check_command, decode_batch, decode_batch_item, decode_command, merged_metadata
 
 PROTOCOLS = ("mqtt", "coap")
 
