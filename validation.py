@@ -66,14 +66,15 @@ def _decode(body: bytes, kind: type, fmt: str, prefix: str = "$") -> Any:
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), prefix)]) from None
     except msgspec.DecodeError as exc:
-        raise MalformedBody(_malformed_detail(str(exc), fmt)) from None
+        raise MalformedBody(_malformed_detail(str(exc))) from None
     except UnicodeDecodeError as exc:
         raise MalformedBody(f"Body is not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:
         raise MalformedBody("Body is nested too deeply") from None
 
 
-def _malformed_detail(message: str, fmt: str) -> str:
+def _malformed_detail(message: str) -> str:
+    """msgspec's decode error in the words of the API (the format is in its message already)."""
     if message == "Input data was truncated":
         return "Body is empty or truncated"
     return message.replace("JSON is malformed", "Body is not valid JSON").replace(
