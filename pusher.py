@@ -57,6 +57,7 @@ from journal import SERVICE_SOURCE, Journal, JournalRow
 from kafka_sink import KafkaSink
 from logs import configure_logging
 from metrics import Metrics
+from openapi import openapi_document
 from schemas import (
     JSON_ENCODER,
     STAGE_RANK,
@@ -72,7 +73,6 @@ from schemas import (
     StatusChange,
     StatusFeedState,
     from_epoch,
-    openapi_document,
 )
 from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
 from settings import Settings, SettingsError, load_settings

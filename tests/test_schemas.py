@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from errors import MalformedBody, ValidationFailed
-from schemas import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE, openapi_document
+from openapi import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE, openapi_document
 from validation import check_command, decode_batch, decode_batch_item, decode_command, merged_metadata
 
 PROTOCOLS = ("mqtt", "coap")
