@@ -325,5 +325,31 @@ class CommandMessage(Struct, kw_only=True):
     expires_at: datetime | None = None
 
 
+class StatusQuery(Struct, forbid_unknown_fields=True):
+    """The query of GET /api/v1/commands/{request_id}/status: without `wait_for` it answers at once."""
+
+    wait_for: (
+        Annotated[Status, Meta(description="Answer once the command reaches this stage, a later one or an end.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    timeout: Annotated[
+        float, Meta(ge=0, le=3600, description="Seconds a `wait_for` may hold the request (cut to LONG_POLL_MAX).")
+    ] = 30.0
+
+
+class ListQuery(Struct, forbid_unknown_fields=True):
+    """The query of GET /api/v1/commands: optional filters, and the page."""
+
+    # UNSET, not None: a lax conversion would read the text "null" as None, i.e. as "no filter".
+    device_id: DeviceId | msgspec.UnsetType = msgspec.UNSET
+    status: Status | msgspec.UnsetType = msgspec.UNSET
+    limit: Annotated[int, Meta(ge=1, le=500)] = 50
+    before: (
+        Annotated[int, Meta(ge=1, le=2**63 - 1, description="`next_before` of the previous page.")] | msgspec.UnsetType
+    ) = msgspec.UNSET
+
+
+# Seconds between the comment lines that keep an idle event stream open through proxies.
+SSE_KEEPALIVE = 15.0
 JSON_ENCODER = msgspec.json.Encoder()
 MSGPACK_ENCODER = msgspec.msgpack.Encoder()
