@@ -124,7 +124,7 @@ class Problem(Struct, kw_only=True, omit_defaults=True):
     status: int
     detail: str
     instance: str | None = None
-    request_id: str | None = None
+    http_request_id: str | None = None  # the HTTP request's X-Request-ID (a command's id is `request_id`)
     errors: list[FieldError] | None = None
 
 

@@ -31,7 +31,7 @@ from schemas import (
 _INT64 = 2**63
 
 
-def problem_for(error: BaseException, request_id: str | None = None, instance: str | None = None) -> Problem:
+def problem_for(error: BaseException, http_request_id: str | None = None, instance: str | None = None) -> Problem:
     """The problem+json body for an error; anything not ours gets the fixed 500 body."""
     if not isinstance(error, PusherError):
         error = PusherError("An unexpected error occurred; the log has the details under this request id")
@@ -42,7 +42,7 @@ def problem_for(error: BaseException, request_id: str | None = None, instance: s
         status=error.status,
         detail=error.detail,
         instance=instance,
-        request_id=request_id,
+        http_request_id=http_request_id,
         errors=[FieldError(loc=e.loc, msg=e.msg) for e in errors] if errors else None,
     )
 
