@@ -158,11 +158,13 @@ _WAITERS = {
 }
 
 
-_OBJECT = {"type": "object"}
-
-
 def _text(media_type: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _plain(operation_id: str, tag: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+    """An operation without parameters or body whose answer is `ok` (200)."""
+    return {"operationId": operation_id, "summary": summary, "tags": [tag], "responses": {"200": ok}}
 
 
 # Per handler (the route's name): what the route table cannot say. `query` names the Struct that validates the
@@ -258,54 +260,31 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             **_WAITERS,
         },
     },
-    "health": {
-        "operationId": "health",
-        "summary": "Liveness",
-        "tags": ["health"],
-        "responses": {"200": _json("Health", "The process answers")},
-    },
+    "health": _plain("health", "health", "Liveness", _json("Health", "The process answers")),
     "ready": {
         "operationId": "ready",
         "summary": "Readiness: the journal accepts commands (says whether Kafka is reachable)",
         "tags": ["health"],
         "responses": {"200": _json("Readiness", "Ready"), "503": _json("Readiness", "Not ready, with the reason")},
     },
-    "service_status": {
-        "operationId": "serviceStatus",
-        "summary": "Detailed service status",
-        "tags": ["health"],
-        "responses": {"200": _json("ServiceStatus", "Status")},
-    },
-    "metrics": {
-        "operationId": "metrics",
-        "summary": "Service counters and backlog as JSON",
-        "tags": ["health"],
-        "responses": {"200": _json("Counters", "Counters since start")},
-    },
-    "prometheus_metrics": {
-        "operationId": "prometheusMetrics",
-        "summary": "Every metric in the Prometheus text format, for a scraper",
-        "tags": ["health"],
-        "responses": {"200": _text("text/plain", "Prometheus exposition format")},
-    },
-    "openapi": {
-        "operationId": "openapi",
-        "summary": "This document",
-        "tags": ["docs"],
-        "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": _OBJECT}}}},
-    },
-    "docs": {
-        "operationId": "docs",
-        "summary": "Interactive API docs (Swagger UI)",
-        "tags": ["docs"],
-        "responses": {"200": _text("text/html", "The docs page")},
-    },
-    "docs_init": {
-        "operationId": "docsInit",
-        "summary": "The docs page's start-up script",
-        "tags": ["docs"],
-        "responses": {"200": _text("text/javascript", "JavaScript")},
-    },
+    "service_status": _plain("serviceStatus", "health", "Detailed service status", _json("ServiceStatus", "Status")),
+    "metrics": _plain(
+        "metrics", "health", "Service counters and backlog as JSON", _json("Counters", "Counters since start")
+    ),
+    "prometheus_metrics": _plain(
+        "prometheusMetrics",
+        "health",
+        "Every metric in the Prometheus text format, for a scraper",
+        _text("text/plain", "Prometheus exposition format"),
+    ),
+    "openapi": _plain(
+        "openapi",
+        "docs",
+        "This document",
+        {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}},
+    ),
+    "docs": _plain("docs", "docs", "Interactive API docs (Swagger UI)", _text("text/html", "The docs page")),
+    "docs_init": _plain("docsInit", "docs", "The docs page's start-up script", _text("text/javascript", "JavaScript")),
 }
 
 
