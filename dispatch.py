@@ -38,10 +38,9 @@ from schemas import (
     Counters,
     Transition,
     from_epoch,
-    merged_metadata,
-    problem_for,
 )
 from settings import Settings
+from validation import merged_metadata, problem_for
 
 log = structlog.get_logger("dispatch")
 _HASH_ENCODER = msgspec.json.Encoder(order="sorted")

@@ -30,7 +30,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from errors import HeadersTooLarge, RequestError, RequestTimeout
-from schemas import JSON_ENCODER, problem_for
+from schemas import JSON_ENCODER
+from validation import problem_for
 
 LINGER = 2.0  # seconds a refused connection is drained, so that the client reads its answer
 

@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import structlog
@@ -57,32 +57,28 @@ from journal import SERVICE_SOURCE, Journal, JournalRow
 from kafka_sink import KafkaSink
 from logs import configure_logging
 from metrics import Metrics
+from openapi import openapi_document
 from schemas import (
     JSON_ENCODER,
+    SSE_KEEPALIVE,
     STAGE_RANK,
     TERMINAL,
     VERSION,
     CommandList,
     CommandRequest,
-    DeviceId,
     Health,
+    ListQuery,
     Readiness,
     ServiceStatus,
-    Status,
     StatusChange,
     StatusFeedState,
-    check_command,
-    decode_batch,
-    decode_batch_item,
-    decode_command,
-    field_problem,
+    StatusQuery,
     from_epoch,
-    openapi_document,
-    problem_for,
 )
 from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
 from settings import Settings, SettingsError, load_settings
 from status_feed import StatusFeed
+from validation import check_command, decode_batch, decode_batch_item, decode_command, field_problem, problem_for
 
 log = structlog.get_logger("pusher")
 
@@ -376,11 +372,6 @@ def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
         raise ValidationFailed(problems)
 
 
-class _StatusQuery(msgspec.Struct, forbid_unknown_fields=True):
-    wait_for: Status | msgspec.UnsetType = msgspec.UNSET
-    timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
-
-
 _BEYOND_KAFKA = ("delivered", "succeeded", "rejected")
 
 
@@ -400,7 +391,7 @@ async def get_command_status(request: Request) -> Response:
     """GET /api/v1/commands/{request_id}/status[?wait_for=&timeout=]: status and history; optionally a long poll."""
     require(request.scope["state"], "commands:read")  # who asks comes before what is asked
     try:
-        query = msgspec.convert(dict(request.query_params), _StatusQuery, strict=False)
+        query = msgspec.convert(dict(request.query_params), StatusQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
     settings: Settings = request.app.state.settings
@@ -505,7 +496,7 @@ async def command_events(request: Request) -> Response:
                 if finished(current, feedback) or watchers.closed or waiter.ended or remaining <= 0:
                     return
                 try:
-                    await asyncio.wait_for(changed.wait(), min(_SSE_KEEPALIVE, remaining))
+                    await asyncio.wait_for(changed.wait(), min(SSE_KEEPALIVE, remaining))
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                 changed.clear()
@@ -518,21 +509,10 @@ async def command_events(request: Request) -> Response:
     )
 
 
-_SSE_KEEPALIVE = 15.0
-
-
-class _ListQuery(msgspec.Struct, forbid_unknown_fields=True):
-    # UNSET, not None: a lax conversion would read the text "null" as None, i.e. as "no filter".
-    device_id: DeviceId | msgspec.UnsetType = msgspec.UNSET
-    status: Status | msgspec.UnsetType = msgspec.UNSET
-    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
-    before: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | msgspec.UnsetType = msgspec.UNSET
-
-
 async def list_commands(request: Request) -> Response:
     """GET /api/v1/commands?device_id=&status=&limit=&before=: recent commands, newest first."""
     try:
-        query = msgspec.convert(dict(request.query_params), _ListQuery, strict=False)
+        query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
     key = require(request.scope["state"], "commands:read")
@@ -786,14 +766,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.metrics = app_metrics = Metrics(VERSION)
-    app.state.openapi = JSON_ENCODER.encode(
-        openapi_document(
-            settings.api_key_header if settings.auth else None,
-            bool(settings.rate_limit),
-            settings.allowed_protocols,
-            settings.max_batch,
-        )
-    )
+    # Served without a key when keys are on (the docs' assets too, by their prefix).
+    open_paths = {"/health", "/ready", "/docs", "/docs/init.js", "/openapi.json"}
+    if settings.metrics_public:
+        open_paths |= {"/metrics", "/api/v1/metrics", "/api/v1/status"}
+    app.state.openapi = JSON_ENCODER.encode(openapi_document(app.routes, settings, frozenset(open_paths)))
     app.state.admission = admission = Admission(
         settings.limit_concurrency, settings.max_waiters, settings.max_waiters_per_key
     )
@@ -801,9 +778,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
     keyring = Keyring(settings.api_keys_file) if settings.auth else None
     if keyring is not None:
-        open_paths = {"/health", "/ready", "/docs", "/openapi.json"}
-        if settings.metrics_public:
-            open_paths |= {"/metrics", "/api/v1/metrics", "/api/v1/status"}
         app.add_middleware(
             ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=frozenset(open_paths)
         )

@@ -32,7 +32,8 @@ CHROMIUM_FLAGS = [
 
 
 def test_docs_page_lists_the_operations_in_chromium(tmp_path):
-    """Swagger UI, served by the app from a PyPI package, renders every operation in a real browser."""
+    """Swagger UI, served by the app from a PyPI package, renders every operation in a real browser; without API
+    keys it offers no Authorize button."""
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed for this test (make test installs it)"
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start(wait_ready=False)
@@ -57,8 +58,9 @@ def test_docs_page_lists_the_operations_in_chromium(tmp_path):
     assert "Preservarium Pusher API" in dom
     operations = set(re.findall(r'data-path="([^"]+)"', dom))
     assert {"/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/{request_id}/status"} <= operations
-    assert {"/health", "/ready", "/api/v1/status", "/api/v1/metrics"} <= operations
+    assert {"/health", "/ready", "/api/v1/status", "/api/v1/metrics", "/metrics"} <= operations
     assert "Push a single command to a device" in dom
+    assert "btn authorize" not in dom
 
 
 def _containerfile() -> tuple[list[str], list[str], list[str]]:

@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from dispatch import Dispatcher, utc_now
 from errors import MalformedBody, ValidationFailed
-from schemas import CommandMessage, check_command, decode_command
+from schemas import CommandMessage
 from security import hash_key
 from settings import load_settings
+from validation import check_command, decode_command
 
 SECRET = "ppk_fuzz-secret"
 

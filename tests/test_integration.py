@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from helpers import ServiceProcess, command, read_topic
 
-from schemas import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE
+from openapi import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

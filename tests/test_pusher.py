@@ -53,7 +53,7 @@ def _problem(response, status: int) -> dict:
     assert response.headers["content-type"] == PROBLEM
     body = response.json()
     assert body["status"] == status and body["title"] and body["detail"] and body["type"].startswith("/problems/")
-    assert body["request_id"] == response.headers["x-request-id"]
+    assert body["http_request_id"] == response.headers["x-request-id"]
     return body
 
 
@@ -122,7 +122,7 @@ def test_unexpected_error_is_a_fixed_500_with_the_traceback_only_in_the_log(clie
         response = client.get("/boom", headers={"x-request-id": "trace-me-1"})
     body = _problem(response, 500)
     assert "secret" not in response.text and "passwd" not in response.text
-    assert body["request_id"] == "trace-me-1"
+    assert body["http_request_id"] == "trace-me-1"
     [error] = [entry for entry in logs if entry["event"] == "unhandled error"]
     assert error["log_level"] == "error" and error["exc_info"]
 

@@ -1,4 +1,4 @@
-"""Validation rules and hostile bodies, decided by schemas.py alone (no server, no Kafka)."""
+"""Validation rules and hostile bodies, decided by validation.py alone (no server, no Kafka)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ import msgspec
 import pytest
 
 from errors import MalformedBody, ValidationFailed
-from schemas import (
-    PLAN_BATCH_EXAMPLE,
-    PLAN_EXAMPLE,
-    check_command,
-    decode_batch,
-    decode_batch_item,
-    decode_command,
-    merged_metadata,
-    openapi_document,
-)
+from openapi import PLAN_BATCH_EXAMPLE, PLAN_EXAMPLE
+from validation import check_command, decode_batch, decode_batch_item, decode_command, merged_metadata
 
 PROTOCOLS = ("mqtt", "coap")
 
@@ -224,34 +216,6 @@ def test_batch_envelope_is_strict():
     for raw in (b"[]", b'{"commands": {}}', b'{"commands": [], "x": 1}', b"{}"):
         with pytest.raises(ValidationFailed):
             decode_batch(raw, "json")
-
-
-def test_openapi_lists_every_route_with_problem_responses():
-    """The OpenAPI 3.1 document names every operation, its body, its responses and the plan's examples."""
-    doc = openapi_document()
-    assert doc["openapi"] == "3.1.0"
-    assert set(doc["paths"]) == {
-        "/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/{request_id}/status",
-        "/api/v1/commands/{request_id}/events", "/health", "/ready", "/api/v1/status", "/api/v1/metrics",
-    }  # fmt: skip
-    single = doc["paths"]["/api/v1/commands"]["post"]
-    assert single["requestBody"]["content"]["application/json"]["example"] == PLAN_EXAMPLE
-    assert "application/msgpack" in single["requestBody"]["content"]
-    assert set(single["responses"]) >= {"200", "400", "413", "415", "422", "500", "503"}
-    assert "application/problem+json" in single["responses"]["422"]["content"]
-    schemas = doc["components"]["schemas"]
-    assert {"CommandRequest", "CommandResponse", "Problem", "BatchCommandResponse", "CommandStatus"} <= set(schemas)
-    assert schemas["CommandRequest"]["properties"]["qos"]["anyOf"][0]["maximum"] == 2
-    refs = json.dumps(doc).count("#/components/schemas/")
-    assert refs > 10 and all(ref.split("/")[-1] in schemas for ref in _refs(doc))
-
-
-def _refs(node) -> list[str]:
-    if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
-    if isinstance(node, list):
-        return [r for v in node for r in _refs(v)]
-    return []
 
 
 @pytest.mark.parametrize(

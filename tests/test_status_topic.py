@@ -29,9 +29,10 @@ from helpers import (
 from kafka import KafkaProducer
 
 from pusher_client import CommandFailed, PusherClient, WaitTimeout
-from schemas import decode_command, status_event_schema
+from schemas import status_event_schema
 from settings import Secret
 from status_feed import sign
+from validation import decode_command
 
 
 def _service(tmp_path, bootstrap: str, topic: str, status_topic: str, name: str, **env: str) -> ServiceProcess:
