@@ -22,7 +22,7 @@ from pusher_client import (
     Unavailable,
     WaitTimeout,
 )
-from schemas import VERSION
+from pusher_client.wire import VERSION
 
 OK, FAILED, USAGE, DENIED, NOT_FOUND, UNAVAILABLE, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
 
