@@ -176,6 +176,11 @@ class _Core:
         return Unavailable(f"No answer from {self.base_url}{call.path}: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
+def _command_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The command's fields among push_command's arguments (`locals()`); the others are the call's options."""
+    return {name: arguments[name] for name in CommandRequest.__struct_fields__ if name in arguments}
+
+
 def _command_fields(command: Command) -> dict[str, Any]:
     fields = msgspec.structs.asdict(command) if isinstance(command, msgspec.Struct) else dict(command)
     return {name: value for name, value in fields.items() if value is not None}

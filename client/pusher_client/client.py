@@ -21,10 +21,11 @@ from pusher_client._core import (
     CommandResult,
     RetryPolicy,
     _Call,
+    _command_arguments,
     _Core,
     _Wait,
 )
-from pusher_client.wire import CommandList, CommandRequest, CommandStatus, Health
+from pusher_client.wire import CommandList, CommandStatus, Health
 
 
 class PusherClient:
@@ -73,8 +74,7 @@ class PusherClient:
         respond_async: bool = False,
     ) -> CommandResult:
         """Send one command: `status` is "published" (Kafka acknowledged) or "accepted" (journaled, to follow)."""
-        fields = locals()
-        command = {name: fields[name] for name in CommandRequest.__struct_fields__ if name in fields}
+        command = _command_arguments(locals())
         return self.send(command, idempotency_key=idempotency_key, respond_async=respond_async)
 
     def send(
@@ -183,8 +183,7 @@ class AsyncPusherClient:
         respond_async: bool = False,
     ) -> CommandResult:
         """Send one command: `status` is "published" (Kafka acknowledged) or "accepted" (journaled, to follow)."""
-        fields = locals()
-        command = {name: fields[name] for name in CommandRequest.__struct_fields__ if name in fields}
+        command = _command_arguments(locals())
         return await self.send(command, idempotency_key=idempotency_key, respond_async=respond_async)
 
     async def send(
