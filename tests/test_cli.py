@@ -91,6 +91,54 @@ def test_batch_reports_every_line_and_streams_stdin(kafka_bootstrap, topic, serv
     assert sorted(v["command_type"] for v in values) == ["piped", "reboot", "second", "third"]
 
 
+def test_batch_names_the_input_line_of_a_refused_item(service, tmp_path):
+    """After a line that is not JSON, the service's path of a refused item ($.commands[1]) is given as its input
+    line (line 3), in the item's error and in no other numbering."""
+    good = {"device_id": "batch-lines", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    path = tmp_path / "commands.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "protocol": "telnet"})]) + "\n")
+    result = run_cli("batch", str(path), url=service.url)
+    assert result.returncode == 1
+    refused = lines(result)[2]
+    assert refused["line"] == 3 and refused["error"].startswith("line 3: $.protocol: "), refused
+    assert "commands[" not in result.stdout + result.stderr
+
+
+def _run_with_closed_output(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    """Run `pusher ARGS` writing into a pipe its reader has already closed (`pusher list | head`, once head quit)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pusher_client.cli", *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PUSHER_URL": url, "PUSHER_API_KEY": ""},
+        )
+    finally:
+        os.close(writer)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(service, tmp_path):
+    """`pusher list | head`: once the reader is gone, list exits 0 with nothing on stderr (no BrokenPipeError);
+    batch stops sending there, says which lines were not sent, and exits 1."""
+    for n in range(3):
+        sent = run_cli("send", "--device", "early", "--type", f"t{n}", "--protocol", "mqtt", url=service.url)
+        assert sent.returncode == 0, sent.stderr
+    listed = _run_with_closed_output("list", "--device", "early", url=service.url)
+    assert (listed.returncode, listed.stderr) == (0, "")
+
+    good = {"device_id": "early-batch", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    path = tmp_path / "commands.jsonl"
+    path.write_text("".join(json.dumps({**good, "command_type": f"c{n}"}) + "\n" for n in range(1, 4)))
+    batch = _run_with_closed_output("batch", str(path), "--chunk-size", "1", url=service.url)
+    assert batch.returncode == 1 and batch.stderr == "pusher: the output was closed; nothing after line 1 was sent\n"
+    sent = run_cli("list", "--device", "early-batch", url=service.url)
+    assert [c["command_type"] for c in lines(sent)] == ["c1"]
+
+
 def test_api_key_from_the_environment_and_exit_code_3(keyed_service):
     """PUSHER_API_KEY is used; a missing or read-only key exits 3."""
     args = ("send", "--device", "d", "--type", "t", "--protocol", "mqtt")
