@@ -16,15 +16,11 @@ import httpx
 import msgspec
 
 from pusher_client.errors import (
+    _ERRORS_BY_STATUS,
     CommandFailed,
-    Conflict,
-    Forbidden,
-    NotFound,
     PusherClientError,
-    RateLimited,
     RequestRejected,
     ServerError,
-    Unauthorized,
     Unavailable,
     ValidationFailed,
     WaitTimeout,
@@ -50,20 +46,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL_FAILURES = tuple(s for s in STAGE_RANK if s in TERMINAL and s != "succeeded")
 STAGES = tuple(s for s in STAGE_RANK if s not in FINAL_FAILURES)
 LONG_POLL = 25.0  # seconds one wait_for request may hold (the service allows LONG_POLL_MAX, 60 by default)
-
-_ERRORS_BY_STATUS: dict[int, type[PusherClientError]] = {
-    400: ValidationFailed,
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: ValidationFailed,
-    415: ValidationFailed,
-    422: ValidationFailed,
-    429: RateLimited,
-    503: Unavailable,
-    504: Unavailable,
-}
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):

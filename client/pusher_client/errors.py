@@ -93,3 +93,18 @@ class WaitTimeout(PusherClientError, TimeoutError):
     def __init__(self, command: CommandStatus, until: str, timeout: float) -> None:
         super().__init__(f"Command {command.request_id} is {command.status}, not {until}, after {timeout:g} s")
         self.command = command
+
+
+_ERRORS_BY_STATUS: dict[int, type[PusherClientError]] = {
+    400: ValidationFailed,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: ValidationFailed,
+    415: ValidationFailed,
+    422: ValidationFailed,
+    429: RateLimited,
+    503: Unavailable,
+    504: Unavailable,
+}
