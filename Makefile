@@ -7,11 +7,14 @@ SYSTEM_PYTHON ?= python3
 
 .PHONY: install system-packages run test lint bench keygen kafka-up kafka-down clean
 
-install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies
+install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies, and the client package (`pusher`)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The client is installed editable: the service imports its wire types, and a change to its code is live at once;
+# only a change to its packaging (client/pyproject.toml) needs installing again.
+$(STAMP): requirements.txt requirements-dev.txt client/pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -e ./client
 	touch $(STAMP)
 
 system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, Mosquitto, wrk), when missing

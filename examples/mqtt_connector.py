@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -41,7 +42,9 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Offse
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 from paho.mqtt.enums import CallbackAPIVersion
 
-import mqtt_topics  # a link to the repository's module: the service checks topics with the same rule
+# The service's own topic rule (mqtt_topics.py at the top of the repository), so both check topics alike.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+import mqtt_topics
 
 ANSWER_TOPIC_FILTER = "devices/+/responses"
 MAX_ERROR_LENGTH = 2000  # the event contract's limit

@@ -182,9 +182,9 @@ def record_figures(measured: dict[str, float | int | str]) -> None:
 
 
 def run_cli(*args: str, url: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `pusher ARGS` from the source tree against `url`."""
+    """Run `pusher ARGS` (the client package's command) against `url`."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "pusher_cli.py"), *args],
+        [sys.executable, "-m", "pusher_client.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -1,7 +1,8 @@
-"""The `pusher` command's output and exit codes, and the packages (`pip install .`, `pip install ./client`)."""
+"""The `pusher` command's output and exit codes, and the client package (`pip install ./client`)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -90,6 +91,54 @@ def test_batch_reports_every_line_and_streams_stdin(kafka_bootstrap, topic, serv
     assert sorted(v["command_type"] for v in values) == ["piped", "reboot", "second", "third"]
 
 
+def test_batch_names_the_input_line_of_a_refused_item(service, tmp_path):
+    """After a line that is not JSON, the service's path of a refused item ($.commands[1]) is given as its input
+    line (line 3), in the item's error and in no other numbering."""
+    good = {"device_id": "batch-lines", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    path = tmp_path / "commands.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "protocol": "telnet"})]) + "\n")
+    result = run_cli("batch", str(path), url=service.url)
+    assert result.returncode == 1
+    refused = lines(result)[2]
+    assert refused["line"] == 3 and refused["error"].startswith("line 3: $.protocol: "), refused
+    assert "commands[" not in result.stdout + result.stderr
+
+
+def _run_with_closed_output(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    """Run `pusher ARGS` writing into a pipe its reader has already closed (`pusher list | head`, once head quit)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pusher_client.cli", *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PUSHER_URL": url, "PUSHER_API_KEY": ""},
+        )
+    finally:
+        os.close(writer)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(service, tmp_path):
+    """`pusher list | head`: once the reader is gone, list exits 0 with nothing on stderr (no BrokenPipeError);
+    batch stops sending there, says which lines were not sent, and exits 1."""
+    for n in range(3):
+        sent = run_cli("send", "--device", "early", "--type", f"t{n}", "--protocol", "mqtt", url=service.url)
+        assert sent.returncode == 0, sent.stderr
+    listed = _run_with_closed_output("list", "--device", "early", url=service.url)
+    assert (listed.returncode, listed.stderr) == (0, "")
+
+    good = {"device_id": "early-batch", "command_type": "reboot", "payload": {}, "protocol": "mqtt"}
+    path = tmp_path / "commands.jsonl"
+    path.write_text("".join(json.dumps({**good, "command_type": f"c{n}"}) + "\n" for n in range(1, 4)))
+    batch = _run_with_closed_output("batch", str(path), "--chunk-size", "1", url=service.url)
+    assert batch.returncode == 1 and batch.stderr == "pusher: the output was closed; nothing after line 1 was sent\n"
+    sent = run_cli("list", "--device", "early-batch", url=service.url)
+    assert [c["command_type"] for c in lines(sent)] == ["c1"]
+
+
 def test_api_key_from_the_environment_and_exit_code_3(keyed_service):
     """PUSHER_API_KEY is used; a missing or read-only key exits 3."""
     args = ("send", "--device", "d", "--type", "t", "--protocol", "mqtt")
@@ -117,7 +166,7 @@ def test_wait_that_runs_out_exits_6_and_the_command_still_arrives(own_broker, tm
 def test_help_shows_examples_and_exit_codes():
     """`pusher --help` and `pusher send --help` carry examples, the environment and the exit codes."""
     for args in (["--help"], ["send", "--help"]):
-        shown = subprocess.run([sys.executable, str(ROOT / "pusher_cli.py"), *args], capture_output=True, text=True)
+        shown = subprocess.run([sys.executable, "-m", "pusher_client.cli", *args], capture_output=True, text=True)
         assert shown.returncode == 0
         assert "examples:" in shown.stdout and "exit codes:" in shown.stdout and "PUSHER_API_KEY" in shown.stdout
 
@@ -132,62 +181,56 @@ def _venv(path: Path) -> Path:
 
 def _pip_install(bin_dir: Path, target: Path) -> None:
     env = {**os.environ, "PIP_CACHE_DIR": str(ROOT / ".cache" / "pip"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env["PYTHONPATH"] = ""  # pip sees only the new venv
     done = subprocess.run([bin_dir / "pip", "install", "-q", str(target)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_client_only_install_needs_no_kafka_library(kafka_bootstrap, topic, service, tmp_path):
-    """`pip install ./client` gives pusher_client, pusher_compat and `pusher`, with only httpx and msgspec."""
+    """`pip install ./client` gives the package pusher_client (compat and cli inside it) and `pusher`, with only
+    httpx and msgspec, and puts no other module into site-packages."""
     bin_dir = _venv(tmp_path / "venv")
     _pip_install(bin_dir, ROOT / "client")
-    probe = "import pusher_client, pusher_compat\nfor name in ('kafka', 'starlette', 'uvicorn'):\n" \
+    probe = "import pusher_client, pusher_client.compat, pusher_client.cli\n" \
+            "for name in ('kafka', 'starlette', 'uvicorn'):\n" \
             "    try:\n        __import__(name)\n    except ImportError:\n        pass\n" \
-            "    else:\n        raise SystemExit(name + ' is installed')\n"  # fmt: skip
-    imported = subprocess.run([bin_dir / "python", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+            "    else:\n        raise SystemExit(name + ' is installed')\n" \
+            "from importlib import metadata\n" \
+            "tops = {f.parts[0] for f in metadata.files('preservarium-pusher-client')}\n" \
+            "print(sorted(top for top in tops if top != '..' and not top.endswith('.dist-info')))\n"  # fmt: skip
+    clean = {**os.environ, "PYTHONPATH": ""}  # nothing from this tree: only what pip installed
+    imported = subprocess.run(
+        [bin_dir / "python", "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=clean
+    )
     assert imported.returncode == 0, imported.stderr + imported.stdout
+    assert imported.stdout.strip() == "['pusher_client']"
     sent = subprocess.run(
         [bin_dir / "pusher", "send", "--device", "pip-client", "--type", "t", "--protocol", "mqtt"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PUSHER_URL": service.url},
+        capture_output=True, text=True, cwd=tmp_path, env={**clean, "PUSHER_URL": service.url},
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     assert json.loads(read_topic(kafka_bootstrap, topic, 1)[0].value)["device_id"] == "pip-client"
 
 
-@pytest.mark.slow
-def test_full_install_runs_the_server_and_the_command(kafka_bootstrap, topic, tmp_path):
-    """`pip install .` gives `pusher-server` and `pusher`, which work outside the source tree."""
-    bin_dir = _venv(tmp_path / "venv")
-    _pip_install(bin_dir, ROOT)
-    port = free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "KAFKA_COMMAND_TOPIC": topic,
-        "API_PORT": str(port),
-        "JOURNAL_PATH": str(tmp_path / "journal.db"),
-        "ENV_FILE": "/nonexistent",
-        "PYTHONPATH": "",
-    }
-    with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([bin_dir / "pusher-server"], cwd=tmp_path, env=env, stdout=log, stderr=log)
-    try:
-        sent = subprocess.run(
-            [bin_dir / "pusher", "send", "--device", "pip-full", "--type", "t", "--protocol", "mqtt", "--wait"],
-            capture_output=True, text=True, cwd=tmp_path, env={**env, "PUSHER_URL": f"http://127.0.0.1:{port}"},
-        )  # fmt: skip
-        assert sent.returncode == 0, sent.stderr + (tmp_path / "server.log").read_text()[-3000:]
-        assert json.loads(sent.stdout)["status"] == "published"
-    finally:
-        server.terminate()
-        server.wait(30)
-    assert json.loads(read_topic(kafka_bootstrap, topic, 1)[0].value)["device_id"] == "pip-full"
+_CLIENT_MAY_IMPORT = {"httpx", "msgspec", "pusher_client"}
 
 
-def test_every_module_is_packaged():
-    """pyproject's py-modules names every top-level module, and client/ links every module the client needs."""
-    modules = {path.stem for path in ROOT.glob("*.py")}
-    packaged = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
-    assert packaged == modules
-    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-    assert all((ROOT / "client" / f"{name}.py").resolve() == ROOT / f"{name}.py" for name in client)
+def test_the_client_package_stands_alone_and_the_server_installs_nothing():
+    """client/pusher_client is real files (no links) importing only the standard library, httpx, msgspec and
+    itself; the repository root is not a distribution (the server runs from its tree or its image)."""
+    package = ROOT / "client" / "pusher_client"
+    for path in package.rglob("*"):
+        assert not path.is_symlink(), path
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in _CLIENT_MAY_IMPORT, f"{path.name} imports {name}"
+    assert "project" not in tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -15,7 +15,6 @@ import pytest
 from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, new_topic, read_topic, service_on
 from kafka_local import free_port
 
-import pusher_compat
 from pusher_client import (
     AsyncPusherClient,
     CommandFailed,
@@ -31,6 +30,7 @@ from pusher_client import (
     Unavailable,
     ValidationFailed,
     WaitTimeout,
+    compat,
 )
 
 
@@ -292,14 +292,14 @@ def test_the_shim_returns_false_and_logs_instead_of_raising(kafka_bootstrap, top
     """Refused commands and an unreachable service give False / None and a log line, never an exception."""
 
     async def scenario() -> tuple:
-        pusher = pusher_compat.PusherService(service.url)
+        pusher = compat.PusherService(service.url)
         refused = await pusher.create_and_push_command("d", "t", {}, "carrier-pigeon")
-        device_command = pusher_compat.DeviceCommand(device_id="d", payload={}, protocol="mqtt", priority=3)
+        device_command = compat.DeviceCommand(device_id="d", payload={}, protocol="mqtt", priority=3)
         extra = await pusher.push_command(device_command)
-        again = pusher_compat.CommandMessage(device_id="d", command_type="once", payload={}, protocol="mqtt")
+        again = compat.CommandMessage(device_id="d", command_type="once", payload={}, protocol="mqtt")
         twice = [await pusher.push_command(again), await pusher.push_command(again)]
         await pusher.stop()
-        nobody = await pusher_compat.create_pusher_service(f"http://127.0.0.1:{free_port()}")
+        nobody = await compat.create_pusher_service(f"http://127.0.0.1:{free_port()}")
         return refused, extra, twice, nobody
 
     refused, extra, twice, nobody = asyncio.run(scenario())

@@ -63,12 +63,17 @@ def test_docs_page_lists_the_operations_in_chromium(tmp_path):
     assert "btn authorize" not in dom
 
 
-def _containerfile() -> tuple[list[str], list[str], list[str]]:
-    """CMD, HEALTHCHECK CMD (exec forms) and the files COPY puts into /app."""
+def _containerfile() -> tuple[list[str], list[str], dict[str, str]]:
+    """CMD, HEALTHCHECK CMD (exec forms) and what COPY puts into /app: its path there → its source here."""
     text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M)[1])
     health = json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)[1])
-    copied = re.search(r"^COPY (?!--from)(?!requirements)(.+) \./$", text, re.M)[1].split()
+    copied: dict[str, str] = {}
+    for sources, target in re.findall(r"^COPY (?!--from)(.+) \./(\S*)$", text, re.M):
+        if target:  # COPY client/pusher_client ./pusher_client/
+            copied[target.rstrip("/")] = sources
+        else:  # COPY a.py b.py ./
+            copied |= {name: name for name in sources.split()}
     return cmd, health, copied
 
 
@@ -109,8 +114,11 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
     cmd, health, copied = _containerfile()
     app_dir = tmp_path / "app"
     app_dir.mkdir()
-    for name in copied:
-        shutil.copy(ROOT / name, app_dir / name)
+    for target, source in copied.items():
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, app_dir / target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / source, app_dir / target)
     assert cmd == ["python", "-m", "pusher"] and health[0] == "python"
     port = free_port()
     cmd = [sys.executable, *cmd[1:]]
@@ -157,10 +165,12 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
 
 
 def test_container_copies_every_module_the_app_imports():
-    """Every top-level module of the project that the service imports is in the image."""
+    """Every top-level module of the project is in the image, and so is the client package, whose wire types
+    the service imports (pusher_client.wire)."""
     _, _, copied = _containerfile()
     modules = {p.name for p in ROOT.glob("*.py")}
     assert modules <= set(copied), modules - set(copied)
+    assert copied["pusher_client"] == "client/pusher_client"
 
 
 def test_compose_file_wires_kafka_and_the_service():

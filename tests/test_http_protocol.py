@@ -105,8 +105,8 @@ def test_oversized_head_is_431_problem_json(guarded):
 
 def test_heads_within_the_budget_and_large_bodies_are_served(kafka_bootstrap, topic, tmp_path):
     """A head just under the budget is served; a body larger than the budget in the same packet is a body, not
-    a head; each later request on the connection gets a budget of its own. (The byte budget is what is tested here: the time
-    limits are roomy, so a busy machine that answers the batch slowly does not close the connection.)"""
+    a head; each later request on the connection gets a budget of its own. (The byte budget is tested here: the
+    time limits are roomy, so a busy machine that answers the batch slowly does not close the connection.)"""
     roomy = ServiceProcess(
         tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, KEEPALIVE_TIMEOUT="60"
     ).start()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import IO, Any
@@ -22,7 +24,7 @@ from pusher_client import (
     Unavailable,
     WaitTimeout,
 )
-from schemas import VERSION
+from pusher_client.wire import VERSION
 
 OK, FAILED, USAGE, DENIED, NOT_FOUND, UNAVAILABLE, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
 
@@ -56,6 +58,14 @@ exit codes:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `pusher` command; returns the exit code."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # the reader left early (`pusher list | head`): stop quietly, as a filter does
+        _discard_stdout()
+        return OK
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -222,30 +232,53 @@ class _Line(msgspec.Struct, omit_defaults=True):
 
 def _batch(client: PusherClient, args: argparse.Namespace) -> int:
     sent = failed = 0
-    for chunk in _chunks(args.file, args.chunk_size):
-        commands = [entry for _, entry in chunk if not isinstance(entry, _Line)]
-        try:
-            key = f"{args.idempotency_key}:{chunk[0][0]}" if args.idempotency_key else None
-            results = iter([])
-            if commands:
-                results = iter(
-                    client.push_commands(commands, idempotency_key=key, respond_async=args.respond_async).results
-                )
-        except PusherClientError as exc:
+    done = 0  # the last input line of the chunks sent so far
+    try:
+        for chunk in _chunks(args.file, args.chunk_size):
+            numbers = [number for number, entry in chunk if not isinstance(entry, _Line)]
+            commands = [entry for _, entry in chunk if not isinstance(entry, _Line)]
+            try:
+                key = f"{args.idempotency_key}:{chunk[0][0]}" if args.idempotency_key else None
+                results = iter([])
+                if commands:
+                    results = iter(
+                        client.push_commands(commands, idempotency_key=key, respond_async=args.respond_async).results
+                    )
+            except PusherClientError as exc:
+                message = _at_lines(str(exc), numbers)
+                for number, entry in chunk:
+                    _print(entry if isinstance(entry, _Line) else _Line(number, False, error=message))
+                _say(f"pusher: stopped at line {chunk[0][0]}: {message}; the lines from there on were not sent")
+                _say(f"pusher: {sent} sent, {failed + len(chunk)} failed or not sent before stopping")
+                return _exit_code(exc)
+            done = chunk[-1][0]
             for number, entry in chunk:
-                _print(entry if isinstance(entry, _Line) else _Line(number, False, error=str(exc)))
-            _say(f"pusher: stopped at line {chunk[0][0]}: {exc}; the lines from there on were not sent")
-            _say(f"pusher: {sent} sent, {failed + len(chunk)} failed or not sent before stopping")
-            return _exit_code(exc)
-        for number, entry in chunk:
-            if not isinstance(entry, _Line):
-                item = next(results)
-                entry = _Line(number, item.success, item.status, item.request_id, item.error and item.error.detail)
-            _print(entry)
-            sent += entry.success
-            failed += not entry.success
+                if not isinstance(entry, _Line):
+                    item = next(results)
+                    error = item.error and _at_lines(item.error.detail, numbers)
+                    entry = _Line(number, item.success, item.status, item.request_id, error)
+                _print(entry)
+                sent += entry.success
+                failed += not entry.success
+    except BrokenPipeError:  # the reader left early: what it did not read is not sent either
+        _discard_stdout()
+        _say(f"pusher: the output was closed; nothing after line {done} was sent")
+        return FAILED
     _say(f"pusher: {sent} sent, {failed} failed")
     return OK if failed == 0 else FAILED
+
+
+_ITEM_PATH = re.compile(r"\$\.commands\[(\d+)\]")
+
+
+def _at_lines(message: str, numbers: list[int]) -> str:
+    """The service's paths into a chunk's batch (`$.commands[1].qos`) as input lines (`line 3: $.qos`)."""
+
+    def line(match: re.Match[str]) -> str:
+        index = int(match[1])
+        return f"line {numbers[index]}: $" if index < len(numbers) else match[0]
+
+    return _ITEM_PATH.sub(line, message)
 
 
 def _chunks(file: IO[str], size: int) -> Iterator[list[tuple[int, Any]]]:
@@ -285,6 +318,13 @@ def _exit_code(exc: PusherClientError) -> int:
 def _print(value: Any) -> None:
     sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
     sys.stdout.flush()
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _say(message: str) -> None:

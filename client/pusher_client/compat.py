@@ -1,7 +1,7 @@
 """The old in-process `preservarium_pusher` API, speaking to the HTTP service: switch by changing the import.
 
     from preservarium_pusher import create_pusher_service          # before
-    from pusher_compat import create_pusher_service                 # after
+    from pusher_client.compat import create_pusher_service          # after
 
 The class, method names, signatures and `bool` results are the old module's; failures are logged, never
 raised. The factory takes the service's URL (default $PUSHER_URL) and API key (default $PUSHER_API_KEY)
@@ -31,7 +31,7 @@ __all__ = [
     "create_pusher_service_sync",
 ]
 
-log = logging.getLogger("pusher_compat")
+log = logging.getLogger("pusher_client.compat")
 # initialize() waits this long for a service that is still starting (a sidecar started with the app).
 STARTUP_RETRY = RetryPolicy(deadline=5.0)
 

@@ -1,1 +1,0 @@
-../mqtt_topics.py

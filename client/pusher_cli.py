@@ -1,1 +1,0 @@
-../pusher_cli.py

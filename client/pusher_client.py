@@ -1,1 +1,0 @@
-../pusher_client.py

@@ -1,0 +1,183 @@
+"""The wire types the client and the server share: the Structs of the HTTP API's requests, answers and
+statuses, and the constants they rest on. Needs only msgspec.
+
+The server's schemas.py re-exports them beside its own types (the status topic's events, the Kafka record,
+readiness and service status), so both sides decode the same shapes from one definition.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+VERSION = "1.0.0"
+
+# `$` alone would let one trailing newline through (Python's re); the look-aheads forbid it.
+_NO_CONTROL = r"^(?!.*[\x00-\x1f\x7f-\x9f])"
+DeviceId = Annotated[str, Meta(min_length=1, max_length=255, pattern=_NO_CONTROL, examples=["efento_device_001"])]
+CommandType = Annotated[str, Meta(min_length=1, max_length=128, pattern=_NO_CONTROL, examples=["config_update"])]
+Protocol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$(?!\n)", examples=["coap"])]
+ScriptRef = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=255,
+        pattern=r"^(?!.*\.\.)[^/\\\x00-\x1f\x7f-\x9f]+$(?!\n)",
+        description="A plain file name: no '/', '\\' or '..'.",
+        examples=["efento_bidirectional_parser.py"],
+    ),
+]
+RequestId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._~:-]+$(?!\n)",
+        description="Client-chosen id (letters, digits, . _ ~ : -); one is generated when absent.",
+    ),
+]
+Qos = Annotated[int, Meta(ge=0, le=2, description="MQTT QoS; only with protocol mqtt.")]
+Status = Literal["accepted", "published", "delivered", "succeeded", "failed", "rejected", "expired"]
+# How far along each status is: a command's status only ever moves to a higher rank, so late, repeated or
+# out-of-order events change nothing. The last rank is terminal.
+STAGE_RANK: dict[str, int] = {
+    "accepted": 0,
+    "published": 1,
+    "delivered": 2,
+    "succeeded": 3,
+    "failed": 3,
+    "rejected": 3,
+    "expired": 3,
+}
+TERMINAL = frozenset(s for s, rank in STAGE_RANK.items() if rank == 3)
+MAX_TTL = 30 * 86400
+
+
+class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A command for one device, as posted to POST /api/v1/commands."""
+
+    device_id: DeviceId
+    command_type: CommandType
+    payload: dict[str, Any]
+    protocol: Protocol
+    parser_script_ref: ScriptRef | None = None
+    metadata: (
+        Annotated[
+            dict[str, Any],
+            Meta(
+                description="Free keys for the connectors. `topic` (MQTT) must be the device's topic "
+                "(MQTT_TOPIC_TEMPLATE) or below it; `qos` (0-2), `retain` and `confirmable` are typed as the "
+                "fields of the same name."
+            ),
+        ]
+        | None
+    ) = None
+    qos: Qos | None = None
+    retain: bool | None = None
+    confirmable: Annotated[bool, Meta(description="CoAP confirmable; only with protocol coap.")] | None = None
+    request_id: RequestId | None = None
+    ttl_seconds: (
+        Annotated[int, Meta(ge=1, le=MAX_TTL, description="Expire this many seconds after acceptance.")] | None
+    ) = None
+    expires_at: Annotated[datetime, Meta(tz=True, description="Expire at this time (with a UTC offset).")] | None = None
+
+
+class BatchCommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Several commands, validated and published one by one, in order."""
+
+    commands: list[CommandRequest]
+
+
+class FieldError(Struct):
+    """Where a field is (msgspec path) and what is wrong with it."""
+
+    loc: str
+    msg: str
+
+
+class Problem(Struct, kw_only=True, omit_defaults=True):
+    """An RFC 9457 problem details object (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    http_request_id: str | None = None  # the HTTP request's X-Request-ID (a command's id is `request_id`)
+    errors: list[FieldError] | None = None
+
+
+class CommandResponse(Struct, kw_only=True, omit_defaults=True):
+    """The outcome of one command; in a batch, a failed item carries `error` instead of an offset."""
+
+    success: bool
+    request_id: str | None
+    status: Status
+    message: str
+    timestamp: datetime
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    expires_at: datetime | None = None
+    replayed: bool = False
+    error: Problem | None = None
+
+
+class BatchCommandResponse(Struct, kw_only=True):
+    """The outcomes of a batch, in request order."""
+
+    total_commands: int
+    successful: int
+    failed: int
+    results: list[CommandResponse]
+
+
+class Transition(Struct):
+    """One step of a command's lifecycle."""
+
+    status: Status
+    at: datetime
+    detail: str | None = None
+
+
+class CommandStatus(Struct, kw_only=True):
+    """A command as the journal knows it: current status and every transition with its time."""
+
+    request_id: str
+    device_id: str
+    command_type: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    error: str | None = None
+    history: list[Transition] = []
+    result: Annotated[dict[str, Any], Meta(description="What the device answered (from its connector).")] | None = None
+
+
+class StatusChange(Struct, kw_only=True, omit_defaults=True):
+    """One transition, as GET /api/v1/commands/{request_id}/events streams it (the SSE `data`)."""
+
+    request_id: str
+    status: Status
+    at: datetime
+    detail: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class CommandList(Struct, kw_only=True):
+    """A page of commands, newest first; pass `next_before` as `before` for the next page."""
+
+    items: list[CommandStatus]
+    next_before: int | None = None
+
+
+class Health(Struct):
+    """Liveness: the process answers."""
+
+    status: Literal["healthy"]

@@ -1,1 +1,0 @@
-../pusher_compat.py
