@@ -14,11 +14,22 @@ from pusher_client.wire import (
     MAX_TTL,  # noqa: F401 (re-exported)
     STAGE_RANK,
     TERMINAL,  # noqa: F401 (re-exported)
+    VERSION,  # noqa: F401 (re-exported)
+    BatchCommandRequest,  # noqa: F401 (re-exported)
+    BatchCommandResponse,  # noqa: F401 (re-exported)
+    CommandList,  # noqa: F401 (re-exported)
+    CommandRequest,  # noqa: F401 (re-exported)
+    CommandResponse,  # noqa: F401 (re-exported)
+    CommandStatus,  # noqa: F401 (re-exported)
     CommandType,
     DeviceId,
+    FieldError,  # noqa: F401 (re-exported)
+    Health,  # noqa: F401 (re-exported)
+    Problem,  # noqa: F401 (re-exported)
     Qos,
     RequestId,
     Status,
+    StatusChange,  # noqa: F401 (re-exported)
     Transition,  # noqa: F401 (re-exported)
 )
 
