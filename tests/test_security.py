@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
 from pusher import create_app
-from security import hash_key
+from security import RateLimiter, hash_key
 from settings import SettingsError, load_settings
 
 
@@ -344,6 +345,18 @@ def test_unreachable_redis_is_a_503_not_a_500(tmp_path):
         response = c.post("/api/v1/commands", json=command(), headers=auth("writer"))
         assert _problem(response, 503)["type"] == "/problems/rate-limiter-unavailable"
         assert response.headers["retry-after"]
+
+
+def test_a_bug_in_the_rate_limiter_is_not_blamed_on_its_storage():
+    """Only the storage's own errors become 503 rate-limiter-unavailable: any other error stays the bug it is."""
+    limiter = RateLimiter("10/second", "memory://")
+
+    async def broken(*args, **kwargs):
+        raise KeyError("a bug, not an outage")
+
+    limiter.limiter.test = broken
+    with pytest.raises(KeyError):
+        asyncio.run(limiter.hit("key:writer", 1))
 
 
 def test_ready_shows_figures_only_to_operators(client, tmp_path):
