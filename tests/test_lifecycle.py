@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
 import uvicorn
-from helpers import ServiceProcess, command, status_of, wait_for
+from helpers import ROOT, ServiceProcess, command, status_of, wait_for
 from kafka_local import free_port
 from structlog._output import _get_lock_for_file
 from structlog.testing import capture_logs
 
-from pusher import DrainingServer, create_app
+from pusher import create_app
+from server import DrainingServer
 from settings import load_settings
 
 
@@ -90,8 +94,8 @@ def test_sigterm_under_load_keeps_every_answered_command(tmp_path):
 
 def test_the_signal_handler_takes_no_lock(tmp_path):
     """A SIGTERM can land while the event loop is writing a log line, inside the log writer's non-reentrant
-    lock; a handler that logged there would wait for that lock forever (it happened: a service that never
-    exited). The handler must return with that lock held, and the loop then logs and stops."""
+    lock; a handler that logged there would wait for that lock forever, and the service would never exit. The
+    handler must return with that lock held, and the loop then logs and stops."""
     settings = load_settings({"JOURNAL_PATH": str(tmp_path / "j.db")}, env_file="/nonexistent")
     server = DrainingServer(uvicorn.Config(create_app(settings)), create_app(settings), drain=0)
     server.loop = asyncio.new_event_loop()
@@ -108,3 +112,34 @@ def test_the_signal_handler_takes_no_lock(tmp_path):
         assert [e["event"] for e in logs] == ["signal received: refusing new commands"]
     finally:
         server.loop.close()
+
+
+@pytest.mark.parametrize("command_line", [["-m", "pusher"], ["-m", "uvicorn", "pusher:app"]])
+def test_a_bad_setting_stops_the_start_with_its_one_line(tmp_path, command_line):
+    """A bad value stops `python -m pusher` and `uvicorn pusher:app` at start with one line naming it, exit 2."""
+    env = {**os.environ, "ENV_FILE": "/nonexistent", "API_PORT": "eighty", "JOURNAL_PATH": str(tmp_path / "j.db")}
+    result = subprocess.run(
+        [sys.executable, *command_line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["pusher: API_PORT='eighty' is invalid: Expected `int`, got `str`"]
+    assert not (tmp_path / "j.db").exists()
+
+
+def test_importing_the_app_module_builds_nothing(tmp_path):
+    """`import pusher` reads no setting and builds no app (a bad setting does not stop it); `pusher.app` does."""
+    env = {**os.environ, "ENV_FILE": "/nonexistent", "API_PORT": "eighty"}
+    code = "import pusher; print(sorted(name for name in vars(pusher) if name == 'app'))"
+    imported = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (imported.returncode, imported.stdout, imported.stderr) == (0, "[]\n", "")
+    built = subprocess.run(
+        [sys.executable, "-c", "import pusher; pusher.app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 2 and built.stderr.startswith("pusher: API_PORT='eighty' is invalid")
