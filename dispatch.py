@@ -242,6 +242,9 @@ class Dispatcher:
             and len(news) == len(items)
         ):
             raise next(iter(accepted.values())).error
+        rejected = sum(r.status == "rejected" for r in results)
+        if rejected:  # each refused item once; a batch refused whole is counted by the request middleware
+            self.metrics.outcomes["rejected"].inc(rejected)
         successful = sum(r.success for r in results)
         body = BatchCommandResponse(
             total_commands=len(results), successful=successful, failed=len(results) - successful, results=results
@@ -361,10 +364,6 @@ class Dispatcher:
 
     def _note_error(self, detail: str | None) -> None:
         self.last_error, self.last_error_at = detail, utc_now()
-
-    def rejected(self) -> None:
-        """Count one command refused by validation."""
-        self.metrics.outcomes["rejected"].inc()
 
     # ------------------------------------------------------------------ reads
 

@@ -2,7 +2,7 @@
 
 Its request id (echoed or made), admission to a request slot, the shutting-down refusal, the header and body
 size limits and the body's deadline, the route template it matched, the one summary log line, the request
-metrics, and the fixed 500 for anything unexpected. Every
+metrics (and a refused command request counted once), and the fixed 500 for anything unexpected. Every
 refusal here answers with `problem_response`, the one RFC 9457 renderer the handlers' errors use too.
 """
 
@@ -12,10 +12,11 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import Admission
@@ -44,7 +45,9 @@ def problem_response(error: BaseException, request_id: str | None, instance: str
 class RequestContextMiddleware:
     """Request id, admission, body size and time limits, the one summary log line per request, the fixed 500.
 
-    `accepting()` turns False at shutdown: every request but the probes is refused (503) from then on."""
+    `accepting()` turns False at shutdown: every request but the probes is refused (503) from then on.
+    `routes` are the app's, so a request answered here, before the router, still counts under its route
+    template; a 4xx answer to a POST on one of the `commands` templates counts one rejected command."""
 
     def __init__(
         self,
@@ -55,6 +58,8 @@ class RequestContextMiddleware:
         body_timeout: float = 10.0,
         max_header_bytes: int = 16384,
         accepting: Callable[[], bool] = lambda: True,
+        routes: Sequence[BaseRoute] = (),
+        commands: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -63,6 +68,8 @@ class RequestContextMiddleware:
         self.body_timeout = body_timeout
         self.max_header_bytes = max_header_bytes
         self.accepting = accepting
+        self.routes = routes
+        self.commands = commands
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,9 +123,11 @@ class RequestContextMiddleware:
                 await problem_response(RuntimeError(), request_id, scope["path"])(scope, receive, send_with_id)
         finally:
             self.admission.done(state)
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = self._route(scope)
             duration = time.perf_counter() - started
             self.metrics.observe_request(route, scope["method"], status, duration)
+            if 400 <= status < 500 and route in self.commands and scope["method"] == "POST":
+                self.metrics.outcomes["rejected"].inc()
             log.info(
                 "request",
                 method=scope["method"],
@@ -129,6 +138,20 @@ class RequestContextMiddleware:
                 **state.get("log", {}),
             )
             structlog.contextvars.unbind_contextvars("request_id", "key_id")
+
+    def _route(self, scope: Scope) -> str:
+        """The template of the route the request matched; for one answered before the router (a 413 by
+        Content-Length, a 401, a 503), the route it would have matched; "unmatched" when there is none."""
+        route = scope.get("route")
+        if route is None:
+            for candidate in self.routes:
+                match, _ = candidate.matches(scope)
+                if match is Match.FULL:
+                    route = candidate
+                    break
+                if match is Match.PARTIAL and route is None:  # the router's choice too: a 405 on this route
+                    route = candidate
+        return getattr(route, "path", None) or "unmatched"
 
     def _limited(self, receive: Receive) -> Receive:
         """Count streamed (chunked) body bytes and stop at the limit; a body must arrive within BODY_TIMEOUT."""

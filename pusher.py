@@ -153,13 +153,9 @@ async def push_command(request: Request) -> Response:
     limits = await _rate_limit(request, key, 1)  # charged before any work, so refused requests count too
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
-    try:
-        idem_key = _idempotency_key(request)
-        cmd = decode_command(await request.body(), fmt)
-        _check(cmd, dispatcher.settings)
-    except RequestError:
-        dispatcher.rejected()
-        raise
+    idem_key = _idempotency_key(request)
+    cmd = decode_command(await request.body(), fmt)
+    _check(cmd, dispatcher.settings)
     if key is not None and not key.may_command(cmd.device_id):
         raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
     prefer_async = _prefers_async(request)
@@ -190,8 +186,7 @@ async def push_commands_batch(request: Request) -> Response:
             if key is not None and not key.may_command(cmd.device_id):
                 raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
             items.append(cmd)
-        except RequestError as exc:
-            dispatcher.rejected()
+        except RequestError as exc:  # counted with the batch's other refused items once it is answered
             items.append(exc)
     if len(raw_items) > 1:  # one unit per command: the first was charged on arrival
         limits = await _rate_limit(request, key, len(raw_items) - 1)
@@ -570,6 +565,9 @@ def state(request: Request) -> AppState:
     return request.app.state.pusher
 
 
+_COMMAND_ROUTES = frozenset({"/api/v1/commands", "/api/v1/commands/batch"})  # where a POST sends commands
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; the lifespan opens the journal, starts the sink and forwarder, and closes them in reverse."""
     settings = settings or load_settings()
@@ -636,6 +634,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body_timeout=settings.body_timeout,
         max_header_bytes=settings.max_header_bytes,
         accepting=lambda: shared.accepting,
+        routes=app.router.routes,  # the router's own list: a route added later is matched too
+        commands=_COMMAND_ROUTES,
     )
     return app
 

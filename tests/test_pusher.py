@@ -350,3 +350,49 @@ def test_wait_done_returns_when_all_are_done_or_at_the_timeout_and_cancels_nothi
     assert 0.09 <= early < 1
     assert 0.19 <= late < 1
     assert not cancelled and not done
+
+
+def _samples(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, by name and labels."""
+    samples = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        name, _, labels = metric.partition("{")
+        pairs = tuple(sorted(tuple(pair.split("=", 1)) for pair in labels.rstrip("}").split(",") if pair))
+        samples[(name, tuple((k, v.strip('"')) for k, v in pairs))] = float(value)
+    return samples
+
+
+def _requests(samples: dict, route: str, status: str) -> float:
+    return samples.get(("pusher_http_requests_total", (("method", "POST"), ("route", route), ("status", status))), 0.0)
+
+
+def test_every_refused_command_request_counts_once_under_its_route(client):
+    """A 413 decided by Content-Length counts under its route as a chunked one does; 413, 415, 422, 400 and 409
+    each count one rejected command, a batch refused whole counts one, a batch counts each refused item."""
+    rejected = ("pusher_commands_total", (("outcome", "rejected"),))
+    before = _samples(client)
+    json_type = {"content-type": "application/json"}
+    big = json.dumps(command(payload={"blob": "x" * 5000})).encode()
+
+    def chunks():
+        yield big[:100]
+        yield big[100:]
+
+    client.post("/api/v1/commands", content=big, headers=json_type)  # 413 by Content-Length
+    client.post("/api/v1/commands", content=chunks(), headers=json_type)  # 413 while streaming
+    client.post("/api/v1/commands", content=b"{}", headers={"content-type": "text/plain"})  # 415
+    client.post("/api/v1/commands", json=command(protocol="x"))  # 422
+    client.post("/api/v1/commands", content=b"{", headers=json_type)  # 400
+    client.post("/api/v1/commands", json=command("c1", request_id="counted-once"))
+    client.post("/api/v1/commands", json=command("c2", request_id="counted-once"))  # 409
+    client.post("/api/v1/commands/batch", content=big, headers=json_type)  # 413, the batch whole
+    items = [command(), command(protocol="x"), command("c3", request_id="counted-once")]
+    assert client.post("/api/v1/commands/batch", json={"commands": items}).status_code == 207  # two refused items
+    after = _samples(client)
+    assert _requests(after, "/api/v1/commands", "413") - _requests(before, "/api/v1/commands", "413") == 2
+    assert _requests(after, "unmatched", "413") == _requests(before, "unmatched", "413")
+    assert _requests(after, "/api/v1/commands/batch", "413") - _requests(before, "/api/v1/commands/batch", "413") == 1
+    assert after[rejected] - before.get(rejected, 0.0) == 6 + 1 + 2
