@@ -50,6 +50,7 @@ from metrics import Metrics
 from middleware import RequestContextMiddleware, problem_response
 from schemas import (
     JSON_ENCODER,
+    MSGPACK_ENCODER,
     STAGE_RANK,
     TERMINAL,
     VERSION,
@@ -90,6 +91,47 @@ class JSONResponse(Response):
     def render(self, content: Any) -> bytes:
         """The content as JSON bytes."""
         return JSON_ENCODER.encode(content)
+
+
+def _answer_type(request: Request) -> str:
+    """The media type of a command, status or list answer: a MessagePack type the Accept header names with a
+    higher q than application/json, else JSON (wildcards say "anything": a MessagePack type named beside them
+    wins; an Accept naming neither still gets JSON, never a 406)."""
+    accept = request.headers.get("accept", "")
+    if "msgpack" not in accept:  # nearly every request: nothing to weigh
+        return "application/json"
+    json_q = msgpack_q = 0.0
+    msgpack_type: str | None = None
+    for part in accept.split(","):
+        media_type, *params = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media_type = media_type.lower()
+        if media_type in _MSGPACK_TYPES and q > msgpack_q:
+            msgpack_type, msgpack_q = media_type, q
+        elif media_type in _JSON_TYPES:
+            json_q = max(json_q, q)
+    return msgpack_type if msgpack_type and msgpack_q > json_q else "application/json"
+
+
+def _answer(request: Request, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A command, status or list answer, in MessagePack when the Accept header prefers it, else in JSON (problems
+    stay problem+json)."""
+    media_type = _answer_type(request)
+    encoder = JSON_ENCODER if media_type == "application/json" else MSGPACK_ENCODER
+    return Response(encoder.encode(content), status, {**(headers or {}), "Vary": "Accept"}, media_type)
+
+
+def _status_path(request: Request, request_id: str) -> str:
+    """Where the status of command `request_id` is read (a 202's Location)."""
+    path = request.app.url_path_for("get_command_status", request_id=request_id)
+    return request.scope.get("root_path", "") + str(path)
 
 
 # ---------------------------------------------------------------- handlers
@@ -162,7 +204,9 @@ async def push_command(request: Request) -> Response:
     note = request.scope["state"].setdefault("log", {})  # the command's fields join this request's log line
     answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None, note)
     headers = _answer_headers(answer.response.replayed, prefer_async) | limits
-    return JSONResponse(answer.response, answer.http_status, headers=headers)
+    if answer.http_status == 202:  # stored, not yet in Kafka: where to follow it
+        headers["Location"] = _status_path(request, answer.response.request_id)
+    return _answer(request, answer.response, answer.http_status, headers)
 
 
 async def push_commands_batch(request: Request) -> Response:
@@ -194,8 +238,9 @@ async def push_commands_batch(request: Request) -> Response:
     body, status = await dispatcher.push_batch(
         items, idem_key, prefer_async, _traceparent(request), key.id if key else None
     )
+    # No Location, even for a 202: it names one resource, and each result carries its own request_id.
     headers = _answer_headers(any(r.replayed for r in body.results), prefer_async) | limits
-    return JSONResponse(body, status, headers=headers)
+    return _answer(request, body, status, headers)
 
 
 async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[str, str]:
@@ -254,7 +299,7 @@ async def get_command_status(request: Request) -> Response:
     row = await _readable_row(request)
     feedback = bool(settings.kafka_status_topic)
     if query.wait_for is msgspec.UNSET or reached(row, query.wait_for, feedback) or query.timeout == 0:
-        return JSONResponse(command_status(row))
+        return _answer(request, command_status(row))
     waiter = _wait(request)
     journal = state(request).journal
     watchers = state(request).watchers
@@ -272,7 +317,7 @@ async def get_command_status(request: Request) -> Response:
             row = journal.get(row.request_id) or row
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
-    return JSONResponse(command_status(row))
+    return _answer(request, command_status(row))
 
 
 @contextlib.contextmanager
@@ -383,8 +428,8 @@ async def list_commands(request: Request) -> Response:
     )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    return JSONResponse(
-        CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
+    return _answer(
+        request, CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
     )
 
 
@@ -624,7 +669,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", settings.api_key_header, "Authorization", "Idempotency-Key", "Prefer"],
-            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining"],
+            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining", "Location"],
         )
     app.add_middleware(
         RequestContextMiddleware,
