@@ -88,8 +88,8 @@ class _LinesLogger(structlog.BytesLogger):
 
 @contextlib.contextmanager
 def lines_together() -> Iterator[None]:
-    """Write the lines logged inside in one write: a batch's line per command cost a write and a flush each,
-    a fifth of the event loop's time on a batch. Only for code that does not await inside."""
+    """Write the lines logged inside in one write: a write and a flush for each line of a batch would take a
+    fifth of the event loop's time on it. Only for code that does not await inside."""
     held: list[bytes] = []
     token = _held.set(held)
     try:
