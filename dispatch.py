@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import structlog
 
-from errors import IdempotencyConflict, JournalError, MessageRejected, PusherError
+from errors import IdempotencyConflict, MessageRejected, PusherError
 from forwarder import Forwarder, Outcome
 from journal import Accepted, Journal, JournalRow, NewCommand, Pending
 from logs import lines_together
@@ -53,7 +53,7 @@ def utc_now() -> datetime:
 
 def new_request_id() -> str:
     """A random (version 4) UUID as text, like `str(uuid.uuid4())` without building the UUID object,
-    which cost more than the random bytes on the send path."""
+    which costs more than the random bytes on the send path."""
     raw = bytearray(os.urandom(16))
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
@@ -63,7 +63,7 @@ def new_request_id() -> str:
 
 async def wait_done(futures: Collection[asyncio.Future], timeout: float) -> None:
     """Wait until every future is done or `timeout` seconds passed, never cancelling them: `asyncio.wait`
-    without its per-call set, coroutine checks and per-future bookkeeping (it showed in profiles)."""
+    without its per-call set, coroutine checks and per-future bookkeeping, which cost more than the wait."""
     pending = sum(not future.done() for future in futures)
     if not pending:
         return
@@ -98,10 +98,18 @@ Stored = tuple[Accepted, "asyncio.Future[Outcome] | None", bool]
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A command's result and the HTTP status it earns (200 published, 202 accepted)."""
+    """A command's result and, when it failed, the error a single request answers with (a batch keeps the error's
+    problem in the result alone)."""
 
     response: CommandResponse
-    http_status: int
+    error: PusherError | None = None
+
+    @property
+    def http_status(self) -> int:
+        """The status a single request earns: 202 stored for later, 200 otherwise, or the error's own."""
+        if self.error is not None:
+            return self.error.status
+        return 202 if self.response.status == "accepted" else 200
 
 
 class Dispatcher:
@@ -177,7 +185,8 @@ class Dispatcher:
         key_id: str | None = None,
         note: dict | None = None,
     ) -> Answer:
-        """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises for 409 / 503 / 502.
+        """Journal one command, then wait up to PUBLISH_TIMEOUT for Kafka; raises the error of a failed one (409 /
+        503 / 502).
 
         The command's log fields go into `note` when given (the request's line), else into a line of their own."""
         new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
@@ -188,8 +197,8 @@ class Dispatcher:
         if accepted.outcome == "inserted" and answer.response.status in ("failed", "expired"):
             await self._settled()
         self._log(cmd, answer.response, traceparent, note)
-        if not answer.response.success and answer.response.error is not None:
-            raise _error_from(answer.response, accepted)
+        if answer.error is not None:
+            raise answer.error
         return answer
 
     async def push_batch(
@@ -232,6 +241,9 @@ class Dispatcher:
             and len(news) == len(items)
         ):
             raise next(iter(accepted.values())).error
+        rejected = sum(r.status == "rejected" for r in results)
+        if rejected:  # each refused item once; a batch refused whole is counted by the request middleware
+            self.metrics.outcomes["rejected"].inc(rejected)
         successful = sum(r.success for r in results)
         body = BatchCommandResponse(
             total_commands=len(results), successful=successful, failed=len(results) - successful, results=results
@@ -281,10 +293,10 @@ class Dispatcher:
         return self.forwarder.submit(pending)
 
     def _answer(self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None) -> Answer:
+        """What became of a journaled command: stored, published, replayed, or failed with its error."""
         if accepted.outcome in ("replayed", "conflict") and accepted.row.key_id != new.key_id:
             # Another API key's command: say nothing about it.
-            error = IdempotencyConflict("This request_id is already used")
-            return Answer(failed_result(None, error, "rejected"), 409)
+            return _failed(None, IdempotencyConflict("This request_id is already used"), "rejected")
         if accepted.outcome == "replayed":
             self.metrics.outcomes["replayed"].inc()
             return _replay(accepted.row)
@@ -292,15 +304,15 @@ class Dispatcher:
             error = IdempotencyConflict(
                 f"This key was used for request_id {accepted.row.request_id!r} with a different body"
             )
-            return Answer(failed_result(accepted.row.request_id, error, "rejected"), 409)
+            return _failed(accepted.row.request_id, error, "rejected")
         if accepted.outcome in ("full", "unavailable"):
             self.metrics.failures.labels(f"journal_{accepted.outcome}").inc()
             self._note_error(accepted.error.detail)
-            return Answer(failed_result(None, accepted.error, "failed"), accepted.error.status)
+            return _failed(None, accepted.error, "failed")
         expires = from_epoch(new.expires_at)
         created = from_epoch(new.created_at)
         if future is None or not future.done():
-            return Answer(_accepted(new.request_id, created, expires), 202)
+            return Answer(_accepted(new.request_id, created, expires))
         outcome = future.result()
         if outcome.status == "published":
             d = outcome.delivery
@@ -315,9 +327,8 @@ class Dispatcher:
                 offset=d.offset,
                 expires_at=expires,
             )
-            return Answer(response, 200)
+            return Answer(response)
         self._note_error(outcome.error)
-        error = MessageRejected(f"{outcome.error} (request_id {new.request_id!r})")
         if outcome.status == "expired":
             return Answer(
                 CommandResponse(
@@ -327,10 +338,9 @@ class Dispatcher:
                     message="Command expired before it could be published",
                     timestamp=created,
                     expires_at=expires,
-                ),
-                200,
+                )
             )
-        return Answer(failed_result(new.request_id, error, "failed"), 502)
+        return _failed(new.request_id, MessageRejected(f"{outcome.error} (request_id {new.request_id!r})"), "failed")
 
     def _log(
         self, cmd: CommandRequest, response: CommandResponse, traceparent: str | None, note: dict | None = None
@@ -354,16 +364,7 @@ class Dispatcher:
     def _note_error(self, detail: str | None) -> None:
         self.last_error, self.last_error_at = detail, utc_now()
 
-    def rejected(self, count: int = 1) -> None:
-        """Count commands refused by validation."""
-        self.metrics.outcomes["rejected"].inc(count)
-
     # ------------------------------------------------------------------ reads
-
-    def status(self, request_id: str) -> CommandStatus | None:
-        """The journal's view of one command."""
-        row = self.journal.get(request_id)
-        return None if row is None else command_status(row)
 
     def snapshot(self) -> Counters:
         """The counters as JSON, read from the same Prometheus metrics /metrics shows."""
@@ -470,7 +471,7 @@ def _replay(row: JournalRow) -> Answer:
     stage = row.stage
     if stage == "accepted":
         response = _accepted(row.request_id, created, expires)
-        return Answer(msgspec.structs.replace(response, replayed=True), 202)
+        return Answer(msgspec.structs.replace(response, replayed=True))
     # The request's own job was to get the command into Kafka: a command that got there and then failed
     # at the device was still sent (its status says what became of it).
     response = CommandResponse(
@@ -485,7 +486,7 @@ def _replay(row: JournalRow) -> Answer:
         expires_at=expires,
         replayed=True,
     )
-    return Answer(response, 200)
+    return Answer(response)
 
 
 _REPLAY_MESSAGES = {
@@ -498,13 +499,9 @@ _REPLAY_MESSAGES = {
 }
 
 
-def _error_from(response: CommandResponse, accepted: Accepted) -> PusherError:
-    """The exception a failed single command answers with (the batch keeps it inside its result)."""
-    if accepted.outcome in ("conflict", "replayed"):
-        return IdempotencyConflict(response.error.detail)
-    if isinstance(accepted.error, JournalError):
-        return accepted.error
-    return MessageRejected(response.error.detail)
+def _failed(request_id: str | None, error: PusherError, status: str) -> Answer:
+    """A failed command's answer: its result carrying the error's problem, and the error itself."""
+    return Answer(failed_result(request_id, error, status), error)
 
 
 def failed_result(request_id: str | None, error: BaseException, status: str) -> CommandResponse:

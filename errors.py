@@ -1,28 +1,30 @@
 """The service's exceptions, each answering one RFC 9457 problem.
 
-    PusherError                      status, slug, title; `retry_after` when retrying helps
-    ├── RequestError                 the client's request is wrong (4xx)
+    PusherError                      500: status, slug, title; `retry_after` when retrying helps
+    ├── RequestError                 400: the client's request is wrong (4xx)
     │   ├── MalformedBody            400: not JSON / msgpack, with the byte position
-    │   ├── BodyTooLarge             413: over MAX_BODY_BYTES, refused before reading
-    │   ├── RequestTimeout           408: the body did not arrive within BODY_TIMEOUT
-    │   ├── HeadersTooLarge          431: request headers over MAX_HEADER_BYTES
-    │   ├── UnsupportedMediaType     415
+    │   ├── BodyTooLarge             413: over MAX_BODY_BYTES (by Content-Length, or as a chunked body streams)
+    │   ├── UnsupportedMediaType     415: a body neither JSON nor MessagePack
     │   ├── ValidationFailed         422: field errors with their paths ($.commands[3].qos)
-    │   ├── NotFound                 404
-    │   ├── MethodNotAllowed         405
+    │   ├── NotFound                 404: no such route, or no such command for this key
+    │   ├── MethodNotAllowed         405: the route exists, not with this method
     │   ├── IdempotencyConflict      409: the key was used before with another body
     │   ├── Unauthorized             401: no valid API key (with WWW-Authenticate)
     │   ├── Forbidden                403: the key lacks the scope, or the device is not its own
     │   ├── RateLimited              429: over RATE_LIMIT (with Retry-After and RateLimit-*)
-    │   └── TooManyWaiters           429: the key holds MAX_WAITERS_PER_KEY long polls and streams already
+    │   ├── TooManyWaiters           429: the key holds MAX_WAITERS_PER_KEY long polls and streams already
+    │   ├── RequestTimeout           408: the body did not arrive within BODY_TIMEOUT
+    │   └── HeadersTooLarge          431: request headers over MAX_HEADER_BYTES
+    ├── SinkError                    503: Kafka could not take the command; `uncertain`, `sent` say what it knows
+    │   ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
+    │   ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
+    │   └── MessageRejected          502: Kafka refused it for good (too large, not authorised, …)
+    ├── JournalError                 503: the command could not be made durable locally
+    │   ├── JournalFull              503: JOURNAL_MAX_PENDING or JOURNAL_MAX_BYTES reached
+    │   └── JournalUnavailable       503: the file cannot be written (disk full, read-only, I/O error)
     ├── Overloaded                   503: LIMIT_CONCURRENCY requests or MAX_WAITERS waiters in flight
-    └── SinkError                    Kafka could not take the command
-        ├── SinkUnavailable          503: no broker reachable / producer not connected (retriable)
-        ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
-        └── MessageRejected          502: Kafka refused it for good (too large, not authorised, …)
-    └── JournalError                 503: the command could not be made durable locally
-        ├── JournalFull              JOURNAL_MAX_PENDING or JOURNAL_MAX_BYTES reached
-        └── JournalUnavailable       the file cannot be written (disk full, read-only, I/O error)
+    ├── RateLimiterUnavailable       503: RATE_LIMIT_STORAGE does not answer
+    └── ShuttingDown                 503: a signal was received; this instance takes no new commands
 
 kafka-python's own errors are translated into these in kafka_sink.py, and nowhere else.
 """
@@ -115,8 +117,11 @@ class SinkError(PusherError):
     title = "Kafka unavailable"
     retriable = True
     retry_after = 2
-    uncertain = False  # True when the record may have reached Kafka despite the error
-    sent = False  # True when the error came back after the record was sent
+
+    def __init__(self, detail: str, *, uncertain: bool = False, sent: bool = False) -> None:
+        super().__init__(detail)
+        self.uncertain = uncertain  # the record may have reached Kafka despite the error
+        self.sent = sent  # the error came back after the record was sent
 
 
 class SinkUnavailable(SinkError):

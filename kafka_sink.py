@@ -129,16 +129,10 @@ def translate(exc: BaseException, sent: bool) -> SinkError:
         and not isinstance(exc, _PRODUCER_STATE)
     )
     if isinstance(exc, _PERMANENT) or refused_by_broker:
-        rejected = MessageRejected(f"Kafka refused the record: {name}")
-        rejected.sent = sent
-        return rejected
-    error = (
-        SinkTimeout("Kafka did not acknowledge the command in time")
-        if isinstance(exc, kerr.KafkaTimeoutError)
-        else SinkUnavailable(f"Kafka is unavailable ({name})")
-    )
-    error.uncertain = sent
-    return error
+        return MessageRejected(f"Kafka refused the record: {name}", sent=sent)
+    if isinstance(exc, kerr.KafkaTimeoutError):
+        return SinkTimeout("Kafka did not acknowledge the command in time", uncertain=sent)
+    return SinkUnavailable(f"Kafka is unavailable ({name})", uncertain=sent)
 
 
 class KafkaSink:
@@ -340,8 +334,7 @@ class KafkaSink:
             self.retire_producer(f"{type(exc).__name__} after sending")
         else:
             # The producer was already retired: this record may only have failed along with another.
-            error = SinkUnavailable("The producer was replaced; outcome unknown")
-            error.uncertain = True
+            error = SinkUnavailable("The producer was replaced; outcome unknown", uncertain=True)
         job.outbox.put(_settle, job.future, None, error)
 
     def _fail_queued(self, error: SinkError) -> None:
@@ -350,7 +343,7 @@ class KafkaSink:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not _STOP and job is not _WAKE:  # a wake-up has no future (it used to kill this thread)
+            if job is not _STOP and job is not _WAKE:  # a wake-up has no future to fail
                 self._holding.set()
                 job.outbox.put(_settle, job.future, None, error)
 

@@ -16,7 +16,7 @@ import structlog
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Route structlog and the stdlib loggers (uvicorn, kafka-python) to stdout, one format for all."""
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
-    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(serializer=_json)
     # The service's own lines (two per request) go through msgspec straight to bytes: a third of the cost
     # of json.dumps to a str, encoded again by print().
     fast = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(serializer=_json_bytes)
@@ -47,6 +47,14 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # uvicorn's own lines (start-up, shutdown, protocol errors) come here too, at LOG_LEVEL: under `uvicorn
+    # pusher:app` its command line has given its loggers handlers and levels of their own (text, on stderr).
+    for name in _UVICORN_LOGGERS:
+        uvicorn_log = logging.getLogger(name)
+        uvicorn_log.handlers.clear()
+        uvicorn_log.setLevel(logging.NOTSET)
+        uvicorn_log.propagate = True
+    logging.captureWarnings(True)  # a library's warning is a log line like any other, not text on stderr
     # kafka-python logs each failed reconnect at ERROR, dozens a second in an outage; our own lines
     # say when Kafka comes and goes and why a command failed. LOG_LEVEL=DEBUG shows its lines again.
     # (Its ERROR lines are still made, for the sink to watch for refused credentials.)
@@ -56,6 +64,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=str)
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 _held: ContextVar[list[bytes] | None] = ContextVar("held_log_lines", default=None)
 
 
@@ -79,8 +88,8 @@ class _LinesLogger(structlog.BytesLogger):
 
 @contextlib.contextmanager
 def lines_together() -> Iterator[None]:
-    """Write the lines logged inside in one write: a batch's line per command cost a write and a flush each,
-    a fifth of the event loop's time on a batch. Only for code that does not await inside."""
+    """Write the lines logged inside in one write: a write and a flush for each line of a batch would take a
+    fifth of the event loop's time on it. Only for code that does not await inside."""
     held: list[bytes] = []
     token = _held.set(held)
     try:
@@ -93,6 +102,11 @@ def lines_together() -> Iterator[None]:
 
 def _json_bytes(event: dict, **_: object) -> bytes:
     return _ENCODER.encode(event)
+
+
+def _json(event: dict, **_: object) -> str:
+    """The same JSON as the service's own lines, as the str the stdlib's formatter returns."""
+    return _ENCODER.encode(event).decode()
 
 
 # A repr'd string is quoted with ' or " (whichever it does not contain), with backslash escapes.

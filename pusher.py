@@ -1,27 +1,24 @@
-"""The ASGI app: routes → thin handlers, the request middleware, and the lifespan that owns Kafka.
+"""The ASGI app: routes → thin handlers, their shared state, and the lifespan that owns the journal and Kafka.
 
-Run it with `make run`, `python -m pusher`, or `uvicorn pusher:app`.
+The request middleware is middleware.py; the process (uvicorn, signals, the drain) is server.py. Run it with
+`make run`, `python -m pusher`, or `uvicorn pusher:app`; importing this module builds nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
-import os
 import random
 import re
 import signal
 import sqlite3
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,36 +27,31 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from admission import Admission, Waiter
 from dispatch import Dispatcher, Watchers, command_status, finished, reached
 from errors import (
-    BodyTooLarge,
     FieldProblem,
     Forbidden,
-    HeadersTooLarge,
     JournalError,
     MethodNotAllowed,
     NotFound,
     PusherError,
     RequestError,
-    RequestTimeout,
-    ShuttingDown,
     Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from forwarder import Forwarder
-from http_protocol import http_protocol
 from journal import SERVICE_SOURCE, Journal, JournalRow
 from kafka_sink import KafkaSink
-from logs import configure_logging
 from metrics import Metrics
+from middleware import RequestContextMiddleware, problem_response
 from openapi import openapi_document
 from schemas import (
     JSON_ENCODER,
+    MSGPACK_ENCODER,
     SSE_KEEPALIVE,
     STAGE_RANK,
     TERMINAL,
@@ -75,14 +67,13 @@ from schemas import (
     StatusQuery,
     from_epoch,
 )
-from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, new_key, require
-from settings import Settings, SettingsError, load_settings
+from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, require
+from settings import Settings, load_settings
 from status_feed import StatusFeed
-from validation import check_command, decode_batch, decode_batch_item, decode_command, field_problem, problem_for
+from validation import check_command, decode_batch, decode_batch_item, decode_command, field_problem
 
 log = structlog.get_logger("pusher")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _JSON_TYPES = {"application/json"}
@@ -95,155 +86,49 @@ class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
+        """The content as JSON bytes."""
         return JSON_ENCODER.encode(content)
 
 
-def problem_response(error: BaseException, request_id: str | None, instance: str | None) -> Response:
-    """The RFC 9457 answer for an error, with Retry-After when retrying helps."""
-    problem = problem_for(error, request_id, instance)
-    headers = dict(getattr(error, "headers", {}))
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after:
-        headers["Retry-After"] = str(retry_after)
-    return Response(
-        JSON_ENCODER.encode(problem), problem.status, headers=headers, media_type="application/problem+json"
-    )
+def _answer_type(request: Request) -> str:
+    """The media type of a command, status or list answer: a MessagePack type the Accept header names with a
+    higher q than application/json, else JSON (wildcards say "anything": a MessagePack type named beside them
+    wins; an Accept naming neither still gets JSON, never a 406)."""
+    accept = request.headers.get("accept", "")
+    if "msgpack" not in accept:  # nearly every request: nothing to weigh
+        return "application/json"
+    json_q = msgpack_q = 0.0
+    msgpack_type: str | None = None
+    for part in accept.split(","):
+        media_type, *params = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media_type = media_type.lower()
+        if media_type in _MSGPACK_TYPES and q > msgpack_q:
+            msgpack_type, msgpack_q = media_type, q
+        elif media_type in _JSON_TYPES:
+            json_q = max(json_q, q)
+    return msgpack_type if msgpack_type and msgpack_q > json_q else "application/json"
 
 
-# ---------------------------------------------------------------- middleware
+def _answer(request: Request, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A command, status or list answer, in MessagePack when the Accept header prefers it, else in JSON (problems
+    stay problem+json)."""
+    media_type = _answer_type(request)
+    encoder = JSON_ENCODER if media_type == "application/json" else MSGPACK_ENCODER
+    return Response(encoder.encode(content), status, {**(headers or {}), "Vary": "Accept"}, media_type)
 
 
-class RequestContextMiddleware:
-    """Request id, admission, body size and time limits, the one summary log line per request, the fixed 500."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        metrics: Metrics,
-        admission: Admission,
-        max_body_bytes: int,
-        body_timeout: float = 10.0,
-        max_header_bytes: int = 16384,
-    ) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.admission = admission
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
-        self.max_header_bytes = max_header_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        # It labels one request's log line and answer: unique, not secret, so the fast generator.
-        request_id = given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                ]
-            await send(message)
-
-        try:
-            # httptools has no header-size limit of its own: refuse oversized headers before any work.
-            if sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_header_bytes:
-                raise HeadersTooLarge(f"Request headers exceed MAX_HEADER_BYTES ({self.max_header_bytes} bytes)")
-            self.admission.admit(state, scope["path"])
-            length = headers.get(b"content-length")
-            app_state = getattr(scope.get("app"), "state", None)
-            if not getattr(app_state, "accepting", True) and scope["path"] not in ("/health", "/ready"):
-                raise ShuttingDown("This instance is shutting down; send the request again (here or elsewhere)")
-            # A very long digit string is over any limit; never hand it to int() (it caps digits).
-            if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_body_bytes):
-                error = BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
-                if not length.isdigit():
-                    error = RequestError("Content-Length is not a number")
-                await problem_response(error, request_id, scope["path"])(scope, receive, send_with_id)
-            else:
-                await self.app(scope, self._limited(receive), send_with_id)
-        except PusherError as exc:  # raised by middleware below (auth, body limit), outside Starlette's handlers
-            if not response_started:
-                await problem_response(exc, request_id, scope["path"])(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error", path=scope["path"])
-            if not response_started:
-                await problem_response(RuntimeError(), request_id, scope["path"])(scope, receive, send_with_id)
-        finally:
-            self.admission.done(state)
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            duration = time.perf_counter() - started
-            self.metrics.observe_request(route, scope["method"], status, duration)
-            log.info(
-                "request",
-                method=scope["method"],
-                route=route,
-                status=status,
-                duration_ms=round(duration * 1000, 3),
-                key_id=getattr(state.get("principal"), "id", None),
-                **state.get("log", {}),
-            )
-            structlog.contextvars.unbind_contextvars("request_id", "key_id")
-
-    def _limited(self, receive: Receive) -> Receive:
-        """Count streamed (chunked) body bytes and stop at the limit; a body must arrive within BODY_TIMEOUT."""
-        received = 0
-        deadline: float | None = None
-        complete = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, deadline, complete
-            if complete:
-                return await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.body_timeout
-            message = await _before(deadline, receive(), loop)
-            if message is None:
-                raise RequestTimeout(f"The body did not arrive within BODY_TIMEOUT ({self.body_timeout:g} s)")
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(f"Body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)")
-                complete = not message.get("more_body", False)
-            return message
-
-        return limited_receive
-
-
-async def _before(deadline: float, receiving: Awaitable[Message], loop: asyncio.AbstractEventLoop) -> Message | None:
-    """Await `receiving` until the loop time `deadline`; None if it passed. `asyncio.timeout` does the same at
-    several times the cost per call (it showed in profiles), and nearly every body has arrived already."""
-    task = asyncio.current_task()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = loop.call_at(deadline, expire)
-    try:
-        return await receiving
-    except asyncio.CancelledError:
-        if expired and task.uncancel() == 0:
-            return None
-        raise
-    finally:
-        timer.cancel()
+def _status_path(request: Request, request_id: str) -> str:
+    """Where the status of command `request_id` is read (a 202's Location)."""
+    path = request.app.url_path_for("get_command_status", request_id=request_id)
+    return request.scope.get("root_path", "") + str(path)
 
 
 # ---------------------------------------------------------------- handlers
@@ -287,10 +172,12 @@ def _prefers_async(request: Request) -> bool:
 
 
 def _dispatcher(request: Request) -> Dispatcher:
-    return request.app.state.dispatcher
+    """The send path: state(request).dispatcher."""
+    return state(request).dispatcher
 
 
-def _headers(replayed: bool, prefer_async: bool) -> dict[str, str]:
+def _answer_headers(replayed: bool, prefer_async: bool) -> dict[str, str]:
+    """The headers a command answer carries for a replay and for an honoured `Prefer: respond-async`."""
     headers = {}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -305,20 +192,18 @@ async def push_command(request: Request) -> Response:
     limits = await _rate_limit(request, key, 1)  # charged before any work, so refused requests count too
     fmt = _body_format(request)
     dispatcher = _dispatcher(request)
-    try:
-        idem_key = _idempotency_key(request)
-        cmd = decode_command(await request.body(), fmt)
-        _check(cmd, dispatcher.settings)
-    except RequestError:
-        dispatcher.rejected()
-        raise
+    idem_key = _idempotency_key(request)
+    cmd = decode_command(await request.body(), fmt)
+    _check(cmd, dispatcher.settings)
     if key is not None and not key.may_command(cmd.device_id):
         raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
     prefer_async = _prefers_async(request)
     note = request.scope["state"].setdefault("log", {})  # the command's fields join this request's log line
     answer = await dispatcher.push(cmd, idem_key, prefer_async, _traceparent(request), key.id if key else None, note)
-    headers = _headers(answer.response.replayed, prefer_async) | limits
-    return JSONResponse(answer.response, answer.http_status, headers=headers)
+    headers = _answer_headers(answer.response.replayed, prefer_async) | limits
+    if answer.http_status == 202:  # stored, not yet in Kafka: where to follow it
+        headers["Location"] = _status_path(request, answer.response.request_id)
+    return _answer(request, answer.response, answer.http_status, headers)
 
 
 async def push_commands_batch(request: Request) -> Response:
@@ -342,8 +227,7 @@ async def push_commands_batch(request: Request) -> Response:
             if key is not None and not key.may_command(cmd.device_id):
                 raise Forbidden(f"This API key may not command device {cmd.device_id!r}")
             items.append(cmd)
-        except RequestError as exc:
-            dispatcher.rejected()
+        except RequestError as exc:  # counted with the batch's other refused items once it is answered
             items.append(exc)
     if len(raw_items) > 1:  # one unit per command: the first was charged on arrival
         limits = await _rate_limit(request, key, len(raw_items) - 1)
@@ -351,13 +235,14 @@ async def push_commands_batch(request: Request) -> Response:
     body, status = await dispatcher.push_batch(
         items, idem_key, prefer_async, _traceparent(request), key.id if key else None
     )
-    headers = _headers(any(r.replayed for r in body.results), prefer_async) | limits
-    return JSONResponse(body, status, headers=headers)
+    # No Location, even for a 202: it names one resource, and each result carries its own request_id.
+    headers = _answer_headers(any(r.replayed for r in body.results), prefer_async) | limits
+    return _answer(request, body, status, headers)
 
 
 async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[str, str]:
     """Spend `cost` units of RATE_LIMIT for this key (or client address); RateLimit-* headers for the answer."""
-    limiter: RateLimiter | None = request.app.state.limiter
+    limiter = state(request).limiter
     if limiter is None:
         return {}
     who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
@@ -394,7 +279,7 @@ async def get_command_status(request: Request) -> Response:
         query = msgspec.convert(dict(request.query_params), StatusQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
-    settings: Settings = request.app.state.settings
+    settings = state(request).settings
     if query.wait_for in _BEYOND_KAFKA and not settings.kafka_status_topic:
         raise ValidationFailed(
             [
@@ -406,10 +291,10 @@ async def get_command_status(request: Request) -> Response:
     row = await _readable_row(request)
     feedback = bool(settings.kafka_status_topic)
     if query.wait_for is msgspec.UNSET or reached(row, query.wait_for, feedback) or query.timeout == 0:
-        return JSONResponse(command_status(row))
+        return _answer(request, command_status(row))
     waiter = _wait(request)
-    journal: Journal = request.app.state.journal
-    watchers: Watchers = request.app.state.watchers
+    journal = state(request).journal
+    watchers = state(request).watchers
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
     with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
         waiter.wake = changed
@@ -424,7 +309,7 @@ async def get_command_status(request: Request) -> Response:
             row = journal.get(row.request_id) or row
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
-    return JSONResponse(command_status(row))
+    return _answer(request, command_status(row))
 
 
 @contextlib.contextmanager
@@ -448,7 +333,7 @@ def _wait(request: Request) -> Waiter:
     """Make this request a waiter of its key (or, without keys, of its client address)."""
     key: ApiKey | None = request.scope["state"].get("principal")
     who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
-    return request.app.state.admission.wait(request.scope["state"], who)
+    return state(request).admission.wait(request.scope["state"], who)
 
 
 def _unsent(row: JournalRow, sent: set[str]) -> list[StatusChange]:
@@ -469,9 +354,9 @@ async def command_events(request: Request) -> Response:
     """GET /api/v1/commands/{request_id}/events: Server-Sent Events, one per transition, until the last (at
     most EVENT_STREAM_MAX seconds; a reconnect with Last-Event-ID goes on where it stopped)."""
     row = await _readable_row(request)
-    journal: Journal = request.app.state.journal
-    watchers: Watchers = request.app.state.watchers
-    settings: Settings = request.app.state.settings
+    journal = state(request).journal
+    watchers = state(request).watchers
+    settings = state(request).settings
     feedback = bool(settings.kafka_status_topic)
     # A reconnecting EventSource sends the id of the last event it got: the status; go on after it.
     last = request.headers.get("last-event-id", "")
@@ -511,11 +396,11 @@ async def command_events(request: Request) -> Response:
 
 async def list_commands(request: Request) -> Response:
     """GET /api/v1/commands?device_id=&status=&limit=&before=: recent commands, newest first."""
+    key = require(request.scope["state"], "commands:read")  # who asks comes before what is asked
     try:
         query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationFailed([field_problem(str(exc), "query")]) from None
-    key = require(request.scope["state"], "commands:read")
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
@@ -524,8 +409,8 @@ async def list_commands(request: Request) -> Response:
     )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    return JSONResponse(
-        CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
+    return _answer(
+        request, CommandList(items=[command_status(r) for r in rows], next_before=rows[-1].seq if more else None)
     )
 
 
@@ -540,13 +425,13 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """GET /ready: 200 while the journal accepts commands; says when Kafka is down (they are stored meanwhile)."""
-    sink: KafkaSink = request.app.state.sink
-    journal: Journal = request.app.state.journal
+    sink = state(request).sink
+    journal = state(request).journal
     h = sink.health
     # A Kafka outage is what the journal is for; refused credentials are a configuration error.
-    ok = journal.writable and request.app.state.accepting and not h.auth_failed
+    ok = journal.writable and state(request).accepting and not h.auth_failed
     reason = None
-    if not request.app.state.accepting:
+    if not state(request).accepting:
         reason = "shutting down"
     elif not journal.writable:
         reason = journal.last_error
@@ -554,7 +439,7 @@ async def ready(request: Request) -> Response:
         reason = h.reason
     elif not sink.connected:
         reason = f"Kafka unavailable ({h.reason}); commands are journaled and forwarded when it returns"
-    settings: Settings = request.app.state.settings
+    settings = state(request).settings
     detailed = not settings.auth or settings.metrics_public  # figures are for operators, not for anyone
     body = Readiness(
         ready=ok,
@@ -573,9 +458,9 @@ async def service_status(request: Request) -> Response:
     for an admin key (or without keys): anonymous readers (METRICS_PUBLIC) see no settings or file paths."""
     _require_metrics(request)
     key: ApiKey | None = request.scope["state"].get("principal")
-    operator = key.allows("admin") if key else not request.app.state.settings.auth
+    operator = key.allows("admin") if key else not state(request).settings.auth
     dispatcher = _dispatcher(request)
-    sink: KafkaSink = request.app.state.sink
+    sink = state(request).sink
     counters = dispatcher.snapshot()
     return JSONResponse(
         ServiceStatus(
@@ -583,7 +468,7 @@ async def service_status(request: Request) -> Response:
             version=VERSION,
             kafka_connected=sink.connected,
             journal_writable=dispatcher.journal.writable,
-            uptime_seconds=round(time.monotonic() - request.app.state.started, 3),
+            uptime_seconds=round(time.monotonic() - state(request).started, 3),
             commands_processed=counters.commands_processed,
             commands_failed=counters.commands_failed,
             backlog=counters.backlog,
@@ -593,7 +478,7 @@ async def service_status(request: Request) -> Response:
             command_topic=sink.topic,
             partitions=sink.health.partitions,
             brokers=sink.health.brokers,
-            status_feed=_feed_state(request.app.state.status_feed),
+            status_feed=_feed_state(state(request).status_feed),
             configuration=dispatcher.settings.masked() if operator else None,
         )
     )
@@ -618,19 +503,19 @@ async def metrics(request: Request) -> Response:
 
 
 def _require_metrics(request: Request) -> None:
-    if not request.app.state.settings.metrics_public:
+    if not state(request).settings.metrics_public:
         require(request.scope["state"], "admin")
 
 
 async def prometheus_metrics(request: Request) -> Response:
     """GET /metrics: every metric in the Prometheus text format."""
     _require_metrics(request)
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def openapi(request: Request) -> Response:
     """GET /openapi.json: the OpenAPI 3.1 document."""
-    return Response(request.app.state.openapi, media_type="application/json")
+    return Response(state(request).openapi, media_type="application/json")
 
 
 _DOCS_PAGE = """<!doctype html>
@@ -676,73 +561,42 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 # ---------------------------------------------------------------- app
 
 
+@dataclass(slots=True)
+class AppState:
+    """What the handlers, the middleware and the server share, typed. create_app makes the fields up to
+    `accepting`; the lifespan adds the rest at start-up (reading one before raises AttributeError)."""
+
+    settings: Settings
+    metrics: Metrics
+    admission: Admission
+    limiter: RateLimiter | None
+    keyring: Keyring | None
+    openapi: bytes  # the OpenAPI document, encoded once
+    accepting: bool = True  # False from the first shutdown signal: only the probes are answered
+    journal: Journal = field(init=False)
+    sink: KafkaSink = field(init=False)
+    status_feed: StatusFeed | None = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
+    watchers: Watchers = field(init=False)
+    started: float = field(init=False)  # time.monotonic() at start-up
+
+
+def app_state(app: Starlette) -> AppState:
+    """The shared state of an app create_app made."""
+    return app.state.pusher
+
+
+def state(request: Request) -> AppState:
+    """The shared state of the app serving `request`: how a handler reaches the journal, the sink, the settings."""
+    return request.app.state.pusher
+
+
+_COMMAND_ROUTES = frozenset({"/api/v1/commands", "/api/v1/commands/batch"})  # where a POST sends commands
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; the lifespan opens the journal, starts the sink and forwarder, and closes them in reverse."""
     settings = settings or load_settings()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        journal = Journal(
-            settings.journal_path,
-            settings.journal_sync,
-            settings.journal_max_pending,
-            settings.journal_max_bytes,
-            settings.journal_retention,
-            status_source=f"{SERVICE_SOURCE}{settings.instance_id}" if settings.kafka_status_topic else None,
-        )
-        try:
-            recovered = await asyncio.to_thread(journal.open)
-        except (JournalError, sqlite3.Error, OSError) as exc:
-            log.error("journal cannot be opened", path=settings.journal_path, error=str(exc))
-            raise RuntimeError(f"journal {settings.journal_path} cannot be opened: {exc}") from None
-        sink = KafkaSink(settings)
-        sink.start()
-        metrics: Metrics = app.state.metrics
-        forwarder = Forwarder(journal, sink, settings.publish_timeout, metrics, settings.forward_backoff_max)
-        forwarder.start(recovered)
-        metrics.watch(
-            backlog=lambda: journal.pending_count,
-            oldest_pending_created_at=journal.oldest_pending_created_at,
-            kafka_connected=lambda: sink.connected,
-            in_flight=lambda: forwarder.in_flight,
-            status_outbox=journal.outbox_size if settings.kafka_status_topic else None,
-        )
-        status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
-        if status_feed is not None:
-            status_feed.start()
-        app.state.journal, app.state.sink, app.state.status_feed = journal, sink, status_feed
-        app.state.watchers = Watchers(journal)
-        app.state.dispatcher = Dispatcher(settings, journal, forwarder, metrics)
-        app.state.started = time.monotonic()
-        app.state.accepting = True
-        _reload_keys_on_sighup(keyring, admission)
-        if not settings.auth and settings.auth_enabled is False:
-            log.warning(
-                "AUTH_ENABLED=false: anyone who reaches this port can command every device", api_host=settings.api_host
-            )
-        log.info(
-            "started",
-            topic=settings.kafka_command_topic,
-            bootstrap=settings.kafka_bootstrap_servers,
-            journal=settings.journal_path,
-            recovered=len(recovered),
-        )
-        try:
-            yield
-        finally:
-            app.state.accepting = False
-            await forwarder.stop()
-            # Flush the producer off the loop, so its acknowledgements can still be journaled.
-            await asyncio.to_thread(sink.close, settings.shutdown_timeout)
-            for _ in range(3):
-                await asyncio.sleep(0)
-            if status_feed is not None:
-                await asyncio.to_thread(status_feed.close)
-            await asyncio.to_thread(journal.close)
-            if app.state.limiter is not None:
-                await app.state.limiter.close()
-            log.info("stopped", backlog=journal.pending_count)
-
     routes = [
         Route("/api/v1/commands", push_command, methods=["POST"]),
         Route("/api/v1/commands", list_commands, methods=["GET"]),
@@ -759,24 +613,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/docs/init.js", docs_init, methods=["GET"]),
         Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets"),
     ]
+    keyring = Keyring(settings.api_keys_file) if settings.auth else None
+    admission = Admission(settings.limit_concurrency, settings.max_waiters, settings.max_waiters_per_key)
+    shared = AppState(
+        settings=settings,
+        metrics=Metrics(VERSION),
+        admission=admission,
+        limiter=RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None,
+        keyring=keyring,
+        openapi=b"",  # built from the routes below, once the app has them
+    )
+    shared.metrics.watch_admission(lambda: admission.in_flight, lambda: admission.waiting)
     app = Starlette(
         routes=routes,
-        lifespan=lifespan,
+        lifespan=lambda _: _lifespan(shared),
         exception_handlers={PusherError: on_pusher_error, HTTPException: on_http_error},
     )
-    app.state.settings = settings
-    app.state.metrics = app_metrics = Metrics(VERSION)
+    app.state.pusher = shared
     # Served without a key when keys are on (the docs' assets too, by their prefix).
     open_paths = {"/health", "/ready", "/docs", "/docs/init.js", "/openapi.json"}
     if settings.metrics_public:
         open_paths |= {"/metrics", "/api/v1/metrics", "/api/v1/status"}
-    app.state.openapi = JSON_ENCODER.encode(openapi_document(app.routes, settings, frozenset(open_paths)))
-    app.state.admission = admission = Admission(
-        settings.limit_concurrency, settings.max_waiters, settings.max_waiters_per_key
-    )
-    app_metrics.watch_admission(lambda: admission.in_flight, lambda: admission.waiting)
-    app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
-    keyring = Keyring(settings.api_keys_file) if settings.auth else None
+    shared.openapi = JSON_ENCODER.encode(openapi_document(app.routes, settings, frozenset(open_paths)))
     if keyring is not None:
         app.add_middleware(
             ApiKeyMiddleware, keyring=keyring, header=settings.api_key_header, open_paths=frozenset(open_paths)
@@ -787,17 +645,85 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", settings.api_key_header, "Authorization", "Idempotency-Key", "Prefer"],
-            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining"],
+            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining", "Location"],
         )
     app.add_middleware(
         RequestContextMiddleware,
-        metrics=app_metrics,
+        metrics=shared.metrics,
         admission=admission,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         max_header_bytes=settings.max_header_bytes,
+        accepting=lambda: shared.accepting,
+        routes=app.router.routes,  # the router's own list: a route added later is matched too
+        commands=_COMMAND_ROUTES,
     )
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(shared: AppState) -> AsyncIterator[None]:
+    """Open the journal, start the sink, the forwarder and the status feed; at the end close them in reverse."""
+    settings, metrics = shared.settings, shared.metrics
+    journal = Journal(
+        settings.journal_path,
+        settings.journal_sync,
+        settings.journal_max_pending,
+        settings.journal_max_bytes,
+        settings.journal_retention,
+        status_source=f"{SERVICE_SOURCE}{settings.instance_id}" if settings.kafka_status_topic else None,
+    )
+    try:
+        recovered = await asyncio.to_thread(journal.open)
+    except (JournalError, sqlite3.Error, OSError) as exc:
+        log.error("journal cannot be opened", path=settings.journal_path, error=str(exc))
+        raise RuntimeError(f"journal {settings.journal_path} cannot be opened: {exc}") from None
+    sink = KafkaSink(settings)
+    sink.start()
+    forwarder = Forwarder(journal, sink, settings.publish_timeout, metrics, settings.forward_backoff_max)
+    forwarder.start(recovered)
+    metrics.watch(
+        backlog=lambda: journal.pending_count,
+        oldest_pending_created_at=journal.oldest_pending_created_at,
+        kafka_connected=lambda: sink.connected,
+        in_flight=lambda: forwarder.in_flight,
+        status_outbox=journal.outbox_size if settings.kafka_status_topic else None,
+    )
+    status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
+    if status_feed is not None:
+        status_feed.start()
+    shared.journal, shared.sink, shared.status_feed = journal, sink, status_feed
+    shared.watchers = Watchers(journal)
+    shared.dispatcher = Dispatcher(settings, journal, forwarder, metrics)
+    shared.started = time.monotonic()
+    shared.accepting = True
+    _reload_keys_on_sighup(shared.keyring, shared.admission)
+    if not settings.auth and settings.auth_enabled is False:
+        log.warning(
+            "AUTH_ENABLED=false: anyone who reaches this port can command every device", api_host=settings.api_host
+        )
+    log.info(
+        "started",
+        topic=settings.kafka_command_topic,
+        bootstrap=settings.kafka_bootstrap_servers,
+        journal=settings.journal_path,
+        recovered=len(recovered),
+    )
+    try:
+        yield
+    finally:
+        shared.accepting = False
+        await forwarder.stop()
+        # Flush the producer off the loop, so its acknowledgements can still be journaled.
+        await asyncio.to_thread(sink.close, settings.shutdown_timeout)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if status_feed is not None:
+            await asyncio.to_thread(status_feed.close)
+        await asyncio.to_thread(journal.close)
+        if shared.limiter is not None:
+            await shared.limiter.close()
+        log.info("stopped", backlog=journal.pending_count)
 
 
 def _reload_keys_on_sighup(keyring: Keyring | None, admission: Admission) -> None:
@@ -821,123 +747,23 @@ def _reload_keys_on_sighup(keyring: Keyring | None, admission: Admission) -> Non
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
-def _settings_or_exit() -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"pusher: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def keygen(argv: list[str]) -> None:
-    """`python -m pusher keygen [ID] [SCOPE,…] [--keys-file PATH]`: print a new key once, and add its entry to
-    PATH (it holds only hashes, so it may be readable by the service's user) or print the entry for API_KEYS_FILE."""
-    keys_file = None
-    if "--keys-file" in argv:
-        at = argv.index("--keys-file")
-        keys_file, argv = (argv[at + 1 : at + 2] or [""])[0], argv[:at] + argv[at + 2 :]
-        if not keys_file:
-            raise SystemExit("pusher keygen: --keys-file needs a path")
-    key_id = argv[0] if argv else f"key-{uuid.uuid4().hex[:8]}"
-    scopes = argv[1].split(",") if len(argv) > 1 else ["commands:write", "commands:read"]
-    secret, entry = new_key(key_id, scopes)
-    print(f"API key (shown once; store it now):\n\n  {secret}\n")
-    if keys_file is None:
-        print(f"Add to API_KEYS_FILE:\n\n{entry}")
-        return
-    fd = os.open(keys_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    with os.fdopen(fd, "a") as file:
-        file.write(("\n" if file.tell() else "") + entry)
-    print(f"Added key {key_id!r} to {keys_file}; a running service reads it on SIGHUP (kill -HUP PID).")
-
-
 def main() -> None:
-    """Run the service with uvicorn (uvloop, httptools with head limits) on API_HOST:API_PORT."""
-    if sys.argv[1:2] == ["keygen"]:
-        keygen(sys.argv[2:])
-        return
-    settings = _settings_or_exit()
-    # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a stuck process stands.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    try:
-        app = create_app(settings)
-    except ValueError as exc:  # an unreadable API_KEYS_FILE
-        print(f"pusher: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    config = uvicorn.Config(
-        app,
-        host=settings.api_host,
-        port=settings.api_port,
-        loop="uvloop",
-        http=http_protocol(settings.header_timeout, settings.max_header_bytes),
-        timeout_keep_alive=settings.keepalive_timeout,  # typed int; a float works (call_later)
-        server_header=False,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
-        limit_concurrency=None,  # the app's Admission counts requests and waiters apart (uvicorn counts both)
-        h11_max_incomplete_event_size=16 * 1024,
-    )
-    DrainingServer(config, app, settings.shutdown_drain).run()
+    """Run the service as a process (server.main): `python -m pusher`, the `pusher-server` command."""
+    import server  # the process sits above the app: imported only when a process is started
+
+    server.main()
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn with the shutdown this service promises. The first SIGTERM/SIGINT stops taking commands (503,
-    /ready false) for SHUTDOWN_DRAIN seconds, so load balancers move away, then shuts down gracefully:
-    in-flight requests finish and the producer is flushed within SHUTDOWN_TIMEOUT. A second signal exits at
-    once — safe, because everything answered 2xx is in Kafka or in the journal already."""
+def __getattr__(name: str) -> Starlette:
+    """`pusher.app`, built from the environment on first use (`uvicorn pusher:app`), so that importing this module
+    builds nothing and a bad setting stops that start with its one line (exit 2)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import server
 
-    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float) -> None:
-        super().__init__(config)
-        self.app_state = app.state
-        self.drain = drain
-        self.draining = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: list | None = None) -> None:
-        """Note the event loop, which the signal handler hands its work to."""
-        self.loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        """First signal: drain, then stop; second: stop now.
-
-        This runs as a signal handler, in the middle of whatever the event loop was doing; that may be
-        writing a log line under the log writer's (non-reentrant) lock. So it takes no lock itself: no
-        logging, no threads here. It sets flags and hands the rest to the loop."""
-        if self.draining:
-            self.force_exit = self.should_exit = True
-            self._on_loop(log.warning, "second signal: exiting now")
-            return
-        self.draining = True
-        self.app_state.accepting = False
-        if self.loop is None:  # before startup: nothing to drain
-            self.should_exit = True
-            return
-        self._on_loop(self._drain_then_exit)
-
-    def _on_loop(self, call: Any, *args: Any) -> None:
-        if self.loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed already
-                self.loop.call_soon_threadsafe(call, *args)
-
-    def _drain_then_exit(self) -> None:
-        log.info("signal received: refusing new commands", drain_seconds=self.drain)
-        if self.drain > 0:
-            self.loop.call_later(self.drain, self._exit)
-        else:
-            self._exit()
-
-    def _exit(self) -> None:
-        self.should_exit = True
-        watchers = getattr(self.app_state, "watchers", None)
-        if watchers is not None:  # long polls and event streams answer now instead of holding the shutdown
-            watchers.close()
+    app = globals()["app"] = server.app_or_exit(server.settings_or_exit())
+    return app
 
 
 if __name__ == "__main__":
     main()
-else:
-    app = create_app(_settings_or_exit())

@@ -27,14 +27,19 @@ import msgspec
 import structlog
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import FieldProblem, Forbidden, RateLimited, RateLimiterUnavailable, Unauthorized, ValidationFailed
 
 log = structlog.get_logger("security")
 
-Scope_ = Literal["commands:write", "commands:read", "admin"]
+# What a storage that does not answer raises: redis-py's errors, limits' wrapper, and the socket's own.
+_STORAGE_ERRORS = (RedisError, StorageError, OSError)
+
+KeyScope = Literal["commands:write", "commands:read", "admin"]  # what a key may do
 KEY_PREFIX = "ppk_"
 
 
@@ -43,7 +48,7 @@ class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-    scopes: list[Scope_]
+    scopes: list[KeyScope]
     devices: list[Annotated[str, msgspec.Meta(min_length=1, max_length=255)]] | None = None
 
     def allows(self, scope: str) -> bool:
@@ -168,8 +173,8 @@ class RateLimiter:
             {"implementation": "redispy", "socket_connect_timeout": 1, "socket_timeout": 1} if "redis" in uri else {}
         )
         self.storage = storage_from_string(uri, **options)
-        # Sliding window counter: two counters per key, O(1) per hit at any limit; the moving window kept one
-        # timestamp per unit, so a generous limit made every request scan thousands of entries.
+        # Sliding window counter: two counters per key, O(1) per hit at any limit; a moving window keeps one
+        # timestamp per unit, so a generous limit would make every request scan thousands of entries.
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
 
     async def close(self) -> None:
@@ -190,7 +195,7 @@ class RateLimiter:
                 if not await self.limiter.test(item, who, cost=cost):
                     stats = await self.limiter.get_window_stats(item, who)
                     reset = max(0.0, stats.reset_time - time.time())
-                    headers = _headers(item.amount, stats.remaining, reset) | {
+                    headers = _ratelimit_headers(item.amount, stats.remaining, reset) | {
                         "Retry-After": str(math.ceil(reset) or 1)
                     }
                     raise RateLimited(f"Rate limit {item} exceeded", headers=headers)
@@ -200,15 +205,14 @@ class RateLimiter:
                 stats = await self.limiter.get_window_stats(item, who)
                 if tightest is None or stats.remaining < tightest[1]:
                     tightest = (item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
-        except (RateLimited, ValidationFailed):
-            raise
-        except Exception as exc:  # the storage (Redis) is unreachable: refuse, retriably, rather than 500
+        except _STORAGE_ERRORS as exc:  # the storage (Redis) is unreachable: refuse, retriably, rather than 500
             log.warning("rate limit storage unavailable", error=type(exc).__name__)
             raise RateLimiterUnavailable("The rate limiter's storage does not answer") from None
-        return _headers(*tightest) if tightest else {}
+        return _ratelimit_headers(*tightest) if tightest else {}
 
 
-def _headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
+def _ratelimit_headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
+    """The RateLimit-Limit, -Remaining and -Reset headers of one limit."""
     return {
         "RateLimit-Limit": str(limit),
         "RateLimit-Remaining": str(remaining),

@@ -180,8 +180,8 @@ def test_revoking_a_key_ends_its_streams_and_long_polls(tmp_path):
 
 
 def test_event_stream_ends_at_published_without_a_status_topic(service):
-    """Without KAFKA_STATUS_TOPIC nothing follows `published`: the stream sends it and ends (it used to stay
-    open with keep-alives for ever); a reconnect that has it all gets 204."""
+    """Without KAFKA_STATUS_TOPIC nothing follows `published`: the stream sends it and ends rather than staying
+    open with keep-alives for ever; a reconnect that has it all gets 204."""
     response = httpx.post(service.url + "/api/v1/commands", json=command())
     assert response.status_code == 200 and response.json()["status"] == "published"
     request_id = response.json()["request_id"]

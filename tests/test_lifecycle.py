@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
 import uvicorn
-from helpers import ServiceProcess, command, status_of, wait_for
-from kafka_local import free_port
+from helpers import ROOT, ServiceProcess, command, status_of, wait_for
+from kafka_local import free_port, stop_process
 from structlog._output import _get_lock_for_file
 from structlog.testing import capture_logs
 
-from pusher import DrainingServer, create_app
+from pusher import create_app
+from server import DrainingServer
 from settings import load_settings
 
 
@@ -90,8 +96,8 @@ def test_sigterm_under_load_keeps_every_answered_command(tmp_path):
 
 def test_the_signal_handler_takes_no_lock(tmp_path):
     """A SIGTERM can land while the event loop is writing a log line, inside the log writer's non-reentrant
-    lock; a handler that logged there would wait for that lock forever (it happened: a service that never
-    exited). The handler must return with that lock held, and the loop then logs and stops."""
+    lock; a handler that logged there would wait for that lock forever, and the service would never exit. The
+    handler must return with that lock held, and the loop then logs and stops."""
     settings = load_settings({"JOURNAL_PATH": str(tmp_path / "j.db")}, env_file="/nonexistent")
     server = DrainingServer(uvicorn.Config(create_app(settings)), create_app(settings), drain=0)
     server.loop = asyncio.new_event_loop()
@@ -108,3 +114,109 @@ def test_the_signal_handler_takes_no_lock(tmp_path):
         assert [e["event"] for e in logs] == ["signal received: refusing new commands"]
     finally:
         server.loop.close()
+
+
+def _invalid_request(port: int) -> None:
+    """A request line uvicorn cannot parse: uvicorn itself logs a warning about it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"NOT HTTP\r\n\r\n")
+        sock.recv(4096)
+
+
+def _uvicorn(tmp_path, port: int, **env: str) -> subprocess.Popen:
+    """`uvicorn pusher:app` as a process of its own, stdout and stderr each into a file."""
+    env = {
+        **os.environ,
+        "LOG_FORMAT": "json",
+        "ENV_FILE": "/nonexistent",
+        "JOURNAL_PATH": str(tmp_path / "journal.db"),
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        **env,
+    }
+    with open(tmp_path / "stdout", "wb") as out, open(tmp_path / "stderr", "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "pusher:app", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def _answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _json_lines(text: str) -> list[dict]:
+    """Every line of `text` as JSON (a line that is not fails the test, naming it)."""
+    events = []
+    for line in text.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    return events
+
+
+def test_every_line_is_json_under_python_m_pusher(tmp_path):
+    """With LOG_FORMAT=json, `python -m pusher` prints nothing but JSON lines, uvicorn's own among them."""
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start(wait_ready=False)
+    httpx.post(service.url + "/api/v1/commands", json=command())
+    _invalid_request(service.port)
+    assert service.stop() == 0
+    events = [event["event"] for event in _json_lines(service.log())]
+    assert "Application startup complete." in events and "Invalid HTTP request received." in events
+    assert "stopped" in events and "request" in events
+
+
+def test_every_line_is_json_under_uvicorn_pusher_app(tmp_path):
+    """With LOG_FORMAT=json, `uvicorn pusher:app` prints nothing but JSON lines too, on stdout: its start-up, its
+    warnings and its access lines come out in the service's format, not in uvicorn's text on stderr."""
+    port = free_port()
+    process = _uvicorn(tmp_path, port)
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(f"http://127.0.0.1:{port}/health"), timeout=30)
+        assert process.poll() is None, (tmp_path / "stderr").read_text()
+        httpx.post(f"http://127.0.0.1:{port}/api/v1/commands", json=command())
+        _invalid_request(port)
+    finally:
+        assert stop_process(process, signal.SIGINT, 30) == 0
+    assert (tmp_path / "stderr").read_text() == ""
+    events = [event["event"] for event in _json_lines((tmp_path / "stdout").read_text())]
+    assert any(event.startswith("Started server process") for event in events)
+    assert "Invalid HTTP request received." in events and "stopped" in events and "request" in events
+
+
+@pytest.mark.parametrize("command_line", [["-m", "pusher"], ["-m", "uvicorn", "pusher:app"]])
+def test_a_bad_setting_stops_the_start_with_its_one_line(tmp_path, command_line):
+    """A bad value stops `python -m pusher` and `uvicorn pusher:app` at start with one line naming it, exit 2."""
+    env = {**os.environ, "ENV_FILE": "/nonexistent", "API_PORT": "eighty", "JOURNAL_PATH": str(tmp_path / "j.db")}
+    result = subprocess.run(
+        [sys.executable, *command_line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["pusher: API_PORT='eighty' is invalid: Expected `int`, got `str`"]
+    assert not (tmp_path / "j.db").exists()
+
+
+def test_importing_the_app_module_builds_nothing(tmp_path):
+    """`import pusher` reads no setting and builds no app (a bad setting does not stop it); `pusher.app` does."""
+    env = {**os.environ, "ENV_FILE": "/nonexistent", "API_PORT": "eighty"}
+    code = "import pusher; print(sorted(name for name in vars(pusher) if name == 'app'))"
+    imported = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (imported.returncode, imported.stdout, imported.stderr) == (0, "[]\n", "")
+    built = subprocess.run(
+        [sys.executable, "-c", "import pusher; pusher.app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 2 and built.stderr.startswith("pusher: API_PORT='eighty' is invalid")

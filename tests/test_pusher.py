@@ -350,3 +350,108 @@ def test_wait_done_returns_when_all_are_done_or_at_the_timeout_and_cancels_nothi
     assert 0.09 <= early < 1
     assert 0.19 <= late < 1
     assert not cancelled and not done
+
+
+def test_a_202_says_where_to_follow_the_command(client):
+    """A command stored for later answers 202 with Location: its status URL, which answers; a replayed 202 says
+    the same; a batch's 202 names no single resource, so it carries no Location."""
+    response = client.post("/api/v1/commands", json=command("located"), headers={"Idempotency-Key": "loc-1"})
+    assert response.status_code == 202
+    request_id = response.json()["request_id"]
+    assert response.headers["location"] == f"/api/v1/commands/{request_id}/status"
+    assert client.get(response.headers["location"]).json()["request_id"] == request_id
+    again = client.post("/api/v1/commands", json=command("located"), headers={"Idempotency-Key": "loc-1"})
+    assert again.status_code == 202 and again.headers["location"] == response.headers["location"]
+    batch = client.post("/api/v1/commands/batch", json={"commands": [command("lb1"), command("lb2")]})
+    assert batch.status_code == 202 and "location" not in batch.headers
+
+
+@pytest.mark.parametrize("media_type", ["application/msgpack", "application/x-msgpack", "application/vnd.msgpack"])
+def test_command_answers_come_in_msgpack_when_asked(client, media_type):
+    """Accept naming a MessagePack type the service reads gets the command, batch, status and list answers in
+    it, with that type; problems stay problem+json."""
+    accept = {"accept": media_type}
+    sent = client.post("/api/v1/commands", json=command("packed"), headers=accept)
+    assert (sent.status_code, sent.headers["content-type"]) == (202, media_type)
+    assert "accept" in sent.headers["vary"].lower()
+    body = msgspec.msgpack.decode(sent.content)
+    assert body["status"] == "accepted" and body["success"] is True
+    status = client.get(f"/api/v1/commands/{body['request_id']}/status", headers=accept)
+    assert status.headers["content-type"] == media_type
+    assert msgspec.msgpack.decode(status.content)["request_id"] == body["request_id"]
+    listed = client.get("/api/v1/commands", params={"device_id": "packed"}, headers=accept)
+    assert listed.headers["content-type"] == media_type
+    assert body["request_id"] in [item["request_id"] for item in msgspec.msgpack.decode(listed.content)["items"]]
+    batch = client.post("/api/v1/commands/batch", json={"commands": [command(), command(protocol="x")]}, headers=accept)
+    assert (batch.status_code, batch.headers["content-type"]) == (207, media_type)
+    assert [r["status"] for r in msgspec.msgpack.decode(batch.content)["results"]] == ["accepted", "rejected"]
+    _problem(client.post("/api/v1/commands", json=command(protocol="x"), headers=accept), 422)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, "application/json"),
+        ("*/*", "application/json"),
+        ("application/json", "application/json"),
+        ("application/json, application/msgpack", "application/json"),
+        ("application/msgpack;q=0.5, application/json", "application/json"),
+        ("application/msgpack;q=0", "application/json"),
+        ("text/html", "application/json"),
+        ("application/msgpack, application/json;q=0.9", "application/msgpack"),
+        ("application/msgpack, */*", "application/msgpack"),
+    ],
+)
+def test_json_stays_the_answer_unless_msgpack_is_preferred(client, accept, expected):
+    """JSON answers unless the Accept header prefers a MessagePack type (by q) to application/json."""
+    headers = {"accept": accept} if accept else {}
+    response = client.post("/api/v1/commands", json=command(), headers=headers)
+    assert response.status_code == 202 and response.headers["content-type"] == expected
+    decoded = response.json() if expected == "application/json" else msgspec.msgpack.decode(response.content)
+    assert decoded["status"] == "accepted"
+
+
+def _samples(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, by name and labels."""
+    samples = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        name, _, labels = metric.partition("{")
+        pairs = tuple(sorted(tuple(pair.split("=", 1)) for pair in labels.rstrip("}").split(",") if pair))
+        samples[(name, tuple((k, v.strip('"')) for k, v in pairs))] = float(value)
+    return samples
+
+
+def _requests(samples: dict, route: str, status: str) -> float:
+    return samples.get(("pusher_http_requests_total", (("method", "POST"), ("route", route), ("status", status))), 0.0)
+
+
+def test_every_refused_command_request_counts_once_under_its_route(client):
+    """A 413 decided by Content-Length counts under its route as a chunked one does; 413, 415, 422, 400 and 409
+    each count one rejected command, a batch refused whole counts one, a batch counts each refused item."""
+    rejected = ("pusher_commands_total", (("outcome", "rejected"),))
+    before = _samples(client)
+    json_type = {"content-type": "application/json"}
+    big = json.dumps(command(payload={"blob": "x" * 5000})).encode()
+
+    def chunks():
+        yield big[:100]
+        yield big[100:]
+
+    client.post("/api/v1/commands", content=big, headers=json_type)  # 413 by Content-Length
+    client.post("/api/v1/commands", content=chunks(), headers=json_type)  # 413 while streaming
+    client.post("/api/v1/commands", content=b"{}", headers={"content-type": "text/plain"})  # 415
+    client.post("/api/v1/commands", json=command(protocol="x"))  # 422
+    client.post("/api/v1/commands", content=b"{", headers=json_type)  # 400
+    client.post("/api/v1/commands", json=command("c1", request_id="counted-once"))
+    client.post("/api/v1/commands", json=command("c2", request_id="counted-once"))  # 409
+    client.post("/api/v1/commands/batch", content=big, headers=json_type)  # 413, the batch whole
+    items = [command(), command(protocol="x"), command("c3", request_id="counted-once")]
+    assert client.post("/api/v1/commands/batch", json={"commands": items}).status_code == 207  # two refused items
+    after = _samples(client)
+    assert _requests(after, "/api/v1/commands", "413") - _requests(before, "/api/v1/commands", "413") == 2
+    assert _requests(after, "unmatched", "413") == _requests(before, "unmatched", "413")
+    assert _requests(after, "/api/v1/commands/batch", "413") - _requests(before, "/api/v1/commands/batch", "413") == 1
+    assert after[rejected] - before.get(rejected, 0.0) == 6 + 1 + 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
 from pusher import create_app
-from security import hash_key
+from security import RateLimiter, hash_key
 from settings import SettingsError, load_settings
 
 
@@ -26,14 +27,14 @@ def auth(key_id: str) -> dict[str, str]:
     return {"X-API-Key": KEYS[key_id][0]}
 
 
-def make_client(tmp_path, **env) -> TestClient:
+def make_client(tmp_path, keys=KEYS, **env) -> TestClient:
     settings = load_settings(
         {
             "JOURNAL_PATH": str(tmp_path / "journal.db"),
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
             "KAFKA_PRODUCER_TIMEOUT": "1",
             "PUBLISH_TIMEOUT": "1",
-            "API_KEYS_FILE": keys_file(tmp_path / "keys.toml"),
+            "API_KEYS_FILE": keys_file(tmp_path / "keys.toml", keys),
             **env,
         },
         env_file="/nonexistent",
@@ -110,6 +111,18 @@ def test_other_keys_commands_do_not_exist(client):
     listed = client.get("/api/v1/commands", params={"device_id": "obj-1"}, headers=auth("site-a")).json()
     assert listed["items"] == []
     assert len(client.get("/api/v1/commands", params={"device_id": "obj-1"}, headers=auth("writer")).json()["items"])
+
+
+@pytest.mark.parametrize("path", ["/api/v1/commands", "/api/v1/commands/some-id/status"])
+def test_authorization_comes_before_the_query_is_read(tmp_path, path):
+    """A key without commands:read gets 403 for a list or a status read, whatever its query: who asks is
+    decided before what is asked, so a refused key learns nothing from a 422."""
+    keys = {"sender": ("ppk_sender-secret", ["commands:write"], None)}
+    with make_client(tmp_path, keys=keys) as sender:
+        response = sender.get(
+            path, params={"limit": "0", "wait_for": "lost"}, headers={"X-API-Key": "ppk_sender-secret"}
+        )
+        assert _problem(response, 403)["type"] == "/problems/forbidden"
 
 
 def test_idempotency_keys_are_per_api_key(client):
@@ -344,6 +357,18 @@ def test_unreachable_redis_is_a_503_not_a_500(tmp_path):
         response = c.post("/api/v1/commands", json=command(), headers=auth("writer"))
         assert _problem(response, 503)["type"] == "/problems/rate-limiter-unavailable"
         assert response.headers["retry-after"]
+
+
+def test_a_bug_in_the_rate_limiter_is_not_blamed_on_its_storage():
+    """Only the storage's own errors become 503 rate-limiter-unavailable: any other error stays the bug it is."""
+    limiter = RateLimiter("10/second", "memory://")
+
+    async def broken(*args, **kwargs):
+        raise KeyError("a bug, not an outage")
+
+    limiter.limiter.test = broken
+    with pytest.raises(KeyError):
+        asyncio.run(limiter.hit("key:writer", 1))
 
 
 def test_ready_shows_figures_only_to_operators(client, tmp_path):
