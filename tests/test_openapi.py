@@ -13,7 +13,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from openapi import PLAN_EXAMPLE
-from pusher import create_app
+from pusher import app_state, create_app
 from schemas import SSE_KEEPALIVE, ListQuery, StatusQuery
 from settings import load_settings
 
@@ -28,7 +28,7 @@ def _settings(tmp_path, **env: str):
 
 
 def _document(app) -> dict:
-    return json.loads(app.state.openapi)
+    return json.loads(app_state(app).openapi)
 
 
 @pytest.fixture(params=["open", "keys", "keys+metrics_public"])
@@ -86,7 +86,7 @@ def test_security_schemes_only_with_keys(app):
     """Without keys the document has no security scheme (Swagger UI shows an Authorize button for an empty one);
     with keys, every path but the open ones may answer 401."""
     doc = _document(app)
-    settings = app.state.settings
+    settings = app_state(app).settings
     if not settings.auth:
         assert "securitySchemes" not in doc["components"] and "security" not in doc
         assert all("401" not in op["responses"] for item in doc["paths"].values() for op in item.values())
