@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 SYSTEM_PYTHON ?= python3
 
-.PHONY: install system-packages run test lint bench keygen kafka-up kafka-down clean
+.PHONY: install system-packages run test check lint bench keygen kafka-up kafka-down clean
 
 install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies
 
@@ -31,6 +31,10 @@ run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then
 
 test: install system-packages  ## the whole suite, against a real Kafka broker it starts itself
 	$(PY) -m pytest
+
+# tests/conftest.py marks `integration` every test that starts a server or the service as a process.
+check: lint  ## the edit loop: lint, then every test that needs no server (no Kafka, Mosquitto, Redis, Chromium)
+	$(PY) -m pytest -q -m "not integration"
 
 bench: $(BENCH_STAMP) system-packages  ## wrk against the service and its ceilings, as ratios; writes bench/RESULTS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
