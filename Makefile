@@ -17,14 +17,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, Mosquitto, wrk), when missing
 	scripts/system-packages.sh
 
-run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service
+run:  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service; a line per step
+	@$(MAKE) -s -q $(STAMP) || { echo "Installing the virtualenv and the pinned dependencies into $(VENV) (once)"; \
+	  $(MAKE) -s install; }
 	@if [ -z "$$KAFKA_BOOTSTRAP_SERVERS" ]; then \
 	  bootstrap=$$($(SYSTEM_PYTHON) scripts/kafka_local.py up) || exit 1; \
 	  echo "Local Kafka at $$bootstrap (stop it with: make kafka-down)"; \
 	  export KAFKA_BOOTSTRAP_SERVERS=$$bootstrap KAFKA_CREATE_TOPIC=$${KAFKA_CREATE_TOPIC:-true}; \
+	else \
+	  echo "Kafka at $$KAFKA_BOOTSTRAP_SERVERS (KAFKA_BOOTSTRAP_SERVERS)"; \
 	fi; \
 	url=http://$${API_HOST:-127.0.0.1}:$${API_PORT:-8000}; \
-	echo "Preservarium Pusher on $$url   API docs: $$url/docs"; \
+	echo "Starting the service: Preservarium Pusher on $$url   API docs: $$url/docs"; \
 	echo "Try: curl -X POST $$url/api/v1/commands -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"device_id\": \"efento_device_001\", \"command_type\": \"config_update\", \"payload\": {\"measurement_interval\": 600}, \"protocol\": \"coap\"}'"; \
 	exec $(PY) -m pusher
