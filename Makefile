@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 SYSTEM_PYTHON ?= python3
 
-.PHONY: install system-packages run test lint bench keygen kafka-up kafka-down clean
+.PHONY: install system-packages run test check lint bench keygen kafka-up kafka-down clean
 
 install: $(STAMP)  ## virtualenv with the pinned runtime and test dependencies, and the client package (`pusher`)
 
@@ -20,20 +20,28 @@ $(STAMP): requirements.txt requirements-dev.txt client/pyproject.toml
 system-packages:  ## Debian packages the tests and the benchmark need (Java, Maven, Chromium, Redis, Mosquitto, wrk), when missing
 	scripts/system-packages.sh
 
-run: install  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service
+run:  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the service; a line per step
+	@$(MAKE) -s -q $(STAMP) || { echo "Installing the virtualenv and the pinned dependencies into $(VENV) (once)"; \
+	  $(MAKE) -s install; }
 	@if [ -z "$$KAFKA_BOOTSTRAP_SERVERS" ]; then \
 	  bootstrap=$$($(SYSTEM_PYTHON) scripts/kafka_local.py up) || exit 1; \
 	  echo "Local Kafka at $$bootstrap (stop it with: make kafka-down)"; \
 	  export KAFKA_BOOTSTRAP_SERVERS=$$bootstrap KAFKA_CREATE_TOPIC=$${KAFKA_CREATE_TOPIC:-true}; \
+	else \
+	  echo "Kafka at $$KAFKA_BOOTSTRAP_SERVERS (KAFKA_BOOTSTRAP_SERVERS)"; \
 	fi; \
 	url=http://$${API_HOST:-127.0.0.1}:$${API_PORT:-8000}; \
-	echo "Preservarium Pusher on $$url   API docs: $$url/docs"; \
+	echo "Starting the service: Preservarium Pusher on $$url   API docs: $$url/docs"; \
 	echo "Try: curl -X POST $$url/api/v1/commands -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"device_id\": \"efento_device_001\", \"command_type\": \"config_update\", \"payload\": {\"measurement_interval\": 600}, \"protocol\": \"coap\"}'"; \
 	exec $(PY) -m pusher
 
 test: install system-packages  ## the whole suite, against a real Kafka broker it starts itself
 	$(PY) -m pytest
+
+# tests/conftest.py marks `integration` every test that starts a server or the service as a process.
+check: lint  ## the edit loop: lint, then every test that needs no server (no Kafka, Mosquitto, Redis, Chromium)
+	$(PY) -m pytest -q -m "not integration"
 
 bench: $(BENCH_STAMP) system-packages  ## wrk against the service and its ceilings, as ratios; writes bench/RESULTS.md
 	$(PY) bench/run.py $(BENCH_ARGS)

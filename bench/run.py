@@ -1,4 +1,4 @@
-"""`make bench`: the service against its ceilings in one run, as ratios; writes bench/RESULTS.md and README's table.
+"""`make bench`: the service against its ceilings in one run, as ratios; writes bench/RESULTS.md, docs/development.md.
 
 Targets, each started in turn on this machine against the same broker:
   noop     a Starlette route that only reads and decodes the body (the HTTP ceiling)
@@ -542,7 +542,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3, help="warm-up seconds before each (3)")
     parser.add_argument("--raw-count", type=int, default=200_000, help="records the raw producer sends (200000)")
     parser.add_argument("--only", help=f"comma-separated targets: {','.join(TARGETS)}")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and README alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
     with tempfile.TemporaryDirectory(prefix="pusher-bench-") as tmp:
@@ -569,7 +569,7 @@ def main() -> None:
     print(table)
     if not args.no_write:
         replace_between_markers(BENCH / "RESULTS.md", table)
-        replace_between_markers(ROOT / "README.md", table)
+        replace_between_markers(ROOT / "docs" / "development.md", table)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The jars are resolved from Maven Central with `mvn` into `.cache/kafka/<version>
 (git-ignored); nothing is downloaded by hand. Stdlib only, so `make` can use it before the
 virtualenv exists.
 
-    python scripts/kafka_local.py up        # start in the background, print the bootstrap address
+    python scripts/kafka_local.py up        # start in the background, print the bootstrap address (progress: stderr)
     python scripts/kafka_local.py down      # stop the broker started by `up`, by PID
     python scripts/kafka_local.py fetch     # only resolve the jars
     python scripts/kafka_local.py smoke     # start and stop one node
@@ -22,9 +22,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +58,9 @@ class KafkaUnavailable(RuntimeError):
     """The local broker could not be resolved or started; the message says why."""
 
 
-def libs_dir(version: str = KAFKA_VERSION) -> Path:
-    """Resolve Kafka and its runtime dependencies into the cache once; return the jar folder."""
+def libs_dir(version: str = KAFKA_VERSION, progress: TextIO | None = None) -> Path:
+    """Resolve Kafka and its runtime dependencies into the cache once; return the jar folder. With `progress`,
+    say so there and write a dot per file Maven downloads or copies."""
     home = CACHE / version
     libs = home / "libs"
     done = home / ".resolved"
@@ -67,16 +70,33 @@ def libs_dir(version: str = KAFKA_VERSION) -> Path:
         raise KafkaUnavailable("mvn is not on PATH: it is needed to resolve Apache Kafka jars")
     home.mkdir(parents=True, exist_ok=True)
     (home / "pom.xml").write_text(POM.format(version=version))
+    _say(progress, f"local Kafka: resolving Apache Kafka {version} jars from Maven Central with mvn (once) ", end="")
     cmd = [
-        "mvn", "-q", "-B", "-f", str(home / "pom.xml"),
+        "mvn", "-B", "-Dstyle.color=never", "-f", str(home / "pom.xml"),
         "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={libs}",
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-        tail = (result.stdout + result.stderr)[-2000:]
+    output: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as mvn:
+        killer = threading.Timer(900, mvn.kill)
+        killer.start()
+        for line in mvn.stdout:
+            output.append(line)
+            if line.startswith(("[INFO] Downloaded from", "[INFO] Copying")):
+                _say(progress, ".", end="")
+        killer.cancel()
+    jars = len(list(libs.glob("*.jar")))
+    _say(progress, f" {jars} jars")
+    if mvn.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+        tail = "".join(output)[-2000:]
         raise KafkaUnavailable(f"resolving org.apache.kafka:kafka_2.13:{version} failed:\n{tail}")
     done.write_text(version)
     return libs
+
+
+def _say(stream: TextIO | None, text: str, end: str = "\n") -> None:
+    """Progress for a person; stdout stays for what scripts read (the bootstrap address)."""
+    if stream is not None:
+        print(text, end=end, file=stream, flush=True)
 
 
 def free_port() -> int:
@@ -365,13 +385,19 @@ def _up() -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     pid_file = RUN_DIR / "pid"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
-        print((RUN_DIR / "bootstrap").read_text())
+        bootstrap = (RUN_DIR / "bootstrap").read_text()
+        _say(sys.stderr, f"local Kafka: already running at {bootstrap}")
+        print(bootstrap)
         return
     shutil.rmtree(RUN_DIR / "data", ignore_errors=True)
     port = int(os.environ.get("KAFKA_LOCAL_PORT", "9092"))
     if port_open(port):
         raise KafkaUnavailable(f"port {port} is taken; set KAFKA_LOCAL_PORT or KAFKA_BOOTSTRAP_SERVERS")
+    libs_dir(progress=sys.stderr)
+    started = time.monotonic()
+    _say(sys.stderr, f"local Kafka: starting Apache Kafka {KAFKA_VERSION} (KRaft, one node) on 127.0.0.1:{port}")
     broker = LocalKafka(RUN_DIR / "data", port=port).start()
+    _say(sys.stderr, f"local Kafka: up in {time.monotonic() - started:.0f} s (log: {broker.log_path})")
     pid_file.write_text(str(broker.process.pid))
     (RUN_DIR / "bootstrap").write_text(broker.bootstrap)
     print(broker.bootstrap)
@@ -410,7 +436,7 @@ def main(argv: list[str]) -> int:
         elif command == "down":
             _down()
         elif command == "fetch":
-            print(libs_dir())
+            print(libs_dir(progress=sys.stderr))
         elif command == "smoke":
             with tempfile.TemporaryDirectory() as tmp:
                 broker = LocalKafka(Path(tmp)).start()
