@@ -361,15 +361,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ reads
 
-    def status(self, request_id: str) -> CommandStatus | None:
+    async def status(self, request_id: str) -> CommandStatus | None:
         """The journal's view of one command."""
-        row = self.journal.get(request_id)
+        row = await self.journal.get(request_id)
         return None if row is None else command_status(row)
 
     def snapshot(self) -> Counters:
         """The counters as JSON, read from the same Prometheus metrics /metrics shows."""
         m = self.metrics
-        oldest = self.journal.oldest_pending_created_at()
+        oldest = self.journal.oldest_pending_created_at
         count = m.value("pusher_publish_latency_seconds_count")
         return Counters(
             commands_accepted=int(m.value("pusher_commands_total", outcome="accepted")),

@@ -10,7 +10,7 @@ command. Both directions tolerate repeats, since a status never moves back to a 
 Trust: anyone who can write the topic could write an event. Instances sign theirs (HMAC-SHA256 of the
 record's value under STATUS_TOPIC_SECRET, hex, in the header `pusher-signature`); an event whose signature
 does not verify is ignored, and an unsigned one (a connector's) is applied only as far as the journal
-lets a connector speak (journal.Journal._apply_event).
+lets a connector speak (status_store.apply_event).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import kafka.errors as kerr
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from journal import Journal, Received
+from journal import Journal
 from kafka_sink import Backoff, security_options
 from metrics import Metrics
 from schemas import STATUS_EVENT_DECODER, StatusEvent
 from settings import Secret, Settings
+from status_store import Received
 
 log = structlog.get_logger("status_feed")
 _TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the status topic
