@@ -1,5 +1,5 @@
-"""The journal's read side: queries on the reader thread, a schema that upgrades in place, figures the
-metrics read without SQL, and an app whose event loop never runs a statement."""
+"""The journal's read side: queries on the reader thread, indexes for every list, a schema that upgrades in
+place, figures the metrics read without SQL, and an app whose event loop never runs a statement."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kafka_local import free_port
 from starlette.testclient import TestClient
 
 from journal import Journal, NewCommand
+from journal_reads import fetch_recent
 from pusher import create_app
 from settings import load_settings
 
@@ -124,6 +125,26 @@ def test_every_list_filter_returns_the_matching_rows_newest_first(journal):
         assert got == [next(r for r in rows if r.request_id == rid) for rid in expected]
 
 
+def test_every_list_query_reads_an_index_in_seq_order(journal):
+    """No filter combination the list offers scans the table or sorts it: each page comes straight from an
+    index ending in seq, however many finished rows the journal holds."""
+    _fill(journal)
+    conn = sqlite3.connect(journal.path)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        for f in _combinations():
+            statements.clear()
+            fetch_recent(conn, f["device_id"], f["status"], 50, f["before"], f["key_id"])
+            [sql] = statements
+            plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            if any(f[n] is not None for n in ("key_id", "device_id", "status")):
+                assert "USING INDEX" in plan and "SCAN" not in plan, (f, plan)
+            assert "TEMP B-TREE" not in plan, (f, plan)
+    finally:
+        conn.close()
+
+
 _OLD_SCHEMA = """
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, idem_key TEXT UNIQUE,
@@ -140,7 +161,7 @@ CREATE INDEX commands_device ON commands(device_id, seq);
 
 def test_a_journal_of_an_early_version_opens_in_place_and_gets_the_indexes(tmp_path):
     """A file without the columns and indexes added since (nor the status outbox) is upgraded when it opens:
-    its rows stay, its pending command is still pending, and its indexes are there."""
+    its rows stay, its pending command is still pending, and the lists have their indexes."""
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.executescript(_OLD_SCHEMA)
@@ -166,7 +187,8 @@ def test_a_journal_of_an_early_version_opens_in_place_and_gets_the_indexes(tmp_p
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         conn.close()
         assert {"key_id", "origin", "result"} <= columns and "status_outbox" in tables
-        assert {"commands_pending", "commands_device", "commands_finished"} <= indexes
+        assert {"commands_status", "commands_device", "commands_key", "commands_key_device"} <= indexes
+        assert "commands_pending" not in indexes  # commands_status serves what it served
         listed = asyncio.run(j.recent("dev", None, 10))
         assert [(r.request_id, r.key_id, r.origin) for r in listed] == [
             ("old-pending", None, None),
