@@ -35,7 +35,7 @@ import structlog
 
 import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from journal_reads import Reader, fetch_row
+from journal_reads import Reader, fetch_recent, fetch_row
 from journal_schema import ROW_COLUMNS, JournalRow, Sync, row_from
 from status_store import Events, OutboxSent, Received, apply_feed, emit, forget_sent, outbox_after, read_positions
 from threadbridge import Outbox, outbox_for, resolve
@@ -570,7 +570,7 @@ class Journal:
 
     async def get(self, request_id: str) -> JournalRow | None:
         """One command by request id (read on the reader thread)."""
-        return await self.reads.get(request_id)
+        return await self.reads.submit(fetch_row, request_id)
 
     async def recent(
         self,
@@ -582,7 +582,8 @@ class Journal:
     ) -> list[JournalRow]:
         """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq); read on
         the reader thread."""
-        return await self.reads.recent(device_id, status, limit, before, key_id)
+        equal = {"device_id": device_id, "status": status, "key_id": key_id}
+        return await self.reads.submit(fetch_recent, limit, before, equal)
 
     def status_positions(self) -> dict[int, int]:
         """Where the status feed stopped reading, per status topic partition (from the status feed's thread)."""

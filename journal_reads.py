@@ -12,7 +12,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ Query = Callable[..., Any]  # (connection, *arguments) -> result, run on the rea
 
 
 class Reader:
-    """One thread and its connection, answering the queries the event loop queues, in order."""
+    """One thread and its connection, running the queries the event loop submits, in order."""
 
     def __init__(self, path: Path, sync: Sync) -> None:
         self.path = path
@@ -54,21 +54,6 @@ class Reader:
             if job is not _STOP:
                 _, _, outbox, future = job
                 outbox.put(resolve, future, None, JournalUnavailable("The journal is closed"))
-
-    def get(self, request_id: str) -> asyncio.Future[JournalRow | None]:
-        """One command by request id (call on the event loop)."""
-        return self.submit(fetch_row, request_id)
-
-    def recent(
-        self,
-        device_id: str | None,
-        status: str | None,
-        limit: int,
-        before: int | None = None,
-        key_id: str | None = None,
-    ) -> asyncio.Future[list[JournalRow]]:
-        """Newest first, optionally for one device, status and/or API key, paged by `before` (call on the loop)."""
-        return self.submit(fetch_recent, device_id, status, limit, before, key_id)
 
     def submit(self, query: Query, *args: Any) -> asyncio.Future[Any]:
         """Run `query(connection, *args)` on the reader's thread; the future resolves on the calling loop."""
@@ -100,17 +85,18 @@ def fetch_row(conn: sqlite3.Connection, request_id: str) -> JournalRow | None:
     return row_from(found) if found else None
 
 
+# The command list's equality filters: only these columns are ever named in its SQL.
+LIST_FILTERS = ("key_id", "device_id", "status")
+
+
 def fetch_recent(
-    conn: sqlite3.Connection,
-    device_id: str | None,
-    status: str | None,
-    limit: int,
-    before: int | None = None,
-    key_id: str | None = None,
+    conn: sqlite3.Connection, limit: int, before: int | None, equal: Mapping[str, str | None]
 ) -> list[JournalRow]:
-    """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq)."""
-    filters = [("key_id = ?", key_id), ("device_id = ?", device_id), ("status = ?", status), ("seq < ?", before)]
-    used = [(condition, value) for condition, value in filters if value is not None]
+    """Newest first, up to `limit` rows whose LIST_FILTERS columns equal `equal`'s values (None or absent: any),
+    with seq below `before` when given."""
+    used = [(f"{column} = ?", equal[column]) for column in LIST_FILTERS if equal.get(column) is not None]
+    if before is not None:
+        used.append(("seq < ?", before))
     clause = f"WHERE {' AND '.join(c for c, _ in used)}" if used else ""
     rows = conn.execute(
         f"SELECT {ROW_COLUMNS} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*(v for _, v in used), limit)

@@ -135,7 +135,7 @@ def test_every_list_query_reads_an_index_in_seq_order(journal):
     try:
         for f in _combinations():
             statements.clear()
-            fetch_recent(conn, f["device_id"], f["status"], 50, f["before"], f["key_id"])
+            fetch_recent(conn, 50, f["before"], f)
             [sql] = statements
             plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
             if any(f[n] is not None for n in ("key_id", "device_id", "status")):
