@@ -94,7 +94,10 @@ def fetch_recent(
 ) -> list[JournalRow]:
     """Newest first, up to `limit` rows whose LIST_FILTERS columns equal `equal`'s values (None or absent: any),
     with seq below `before` when given."""
-    used = [(f"{column} = ?", equal[column]) for column in LIST_FILTERS if equal.get(column) is not None]
+    named = [column for column in LIST_FILTERS if equal.get(column) is not None]
+    # A device's commands are few beside a key's: with both, the device's index is the one to read. SQLite has no
+    # statistics to tell, and the unary + keeps it from reading the key's index instead.
+    used = [(f"+{c} = ?" if c == "key_id" and "device_id" in named else f"{c} = ?", equal[c]) for c in named]
     if before is not None:
         used.append(("seq < ?", before))
     clause = f"WHERE {' AND '.join(c for c, _ in used)}" if used else ""
