@@ -212,7 +212,8 @@ def test_disk_full_is_a_clear_error_and_recovers(small_disk):
     j.open()
     try:
         filler = small_disk / "filler"
-        with open(filler, "wb") as f:
+        # Unbuffered: no bytes are left to flush at close, where a full disk would raise again.
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
