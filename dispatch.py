@@ -361,11 +361,6 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ reads
 
-    async def status(self, request_id: str) -> CommandStatus | None:
-        """The journal's view of one command."""
-        row = await self.journal.get(request_id)
-        return None if row is None else command_status(row)
-
     def snapshot(self) -> Counters:
         """The counters as JSON, read from the same Prometheus metrics /metrics shows."""
         m = self.metrics
