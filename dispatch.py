@@ -369,7 +369,7 @@ class Dispatcher:
     def snapshot(self) -> Counters:
         """The counters as JSON, read from the same Prometheus metrics /metrics shows."""
         m = self.metrics
-        oldest = self.journal.oldest_pending_created_at()
+        oldest = self.journal.oldest_pending_created_at
         count = m.value("pusher_publish_latency_seconds_count")
         return Counters(
             commands_accepted=int(m.value("pusher_commands_total", outcome="accepted")),

@@ -3,12 +3,15 @@
 One writer thread owns the writing connection and does group commit: whatever inserts and
 status updates are queued when it wakes go into one transaction, so many concurrent requests
 share one fsync. Handlers await their insert through an asyncio future; the event loop never
-waits on the disk. Reads (status, lists) use a second connection; WAL lets them run beside
-the writer.
+waits on the disk. Reads (status, lists) run on a reader thread with a second connection
+(journal_reads.py); WAL lets them run beside the writer. The figures the metrics show (backlog,
+oldest pending command, status outbox) are kept by the writer as it commits, so reading them
+runs no SQL.
 
 Idempotency lives here too, because only the writer sees every insert in order: a repeated
 Idempotency-Key or client request_id finds the earlier row in the same transaction stream,
-so even concurrent duplicates resolve to one row.
+so even concurrent duplicates resolve to one row. Status-topic events are applied by the same
+writer, in the same order (status_store.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,58 +33,19 @@ from typing import Literal
 import msgspec
 import structlog
 
+import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from schemas import CONNECTOR_STAGES, STAGE_RANK, Status, StatusEvent, from_epoch
-from threadbridge import Outbox, outbox_for
+from journal_reads import Reader, fetch_recent, fetch_row
+from journal_schema import ROW_COLUMNS, JournalRow, Sync, row_from
+from status_store import Events, OutboxSent, Received, apply_feed, emit, forget_sent, outbox_after, read_positions
+from threadbridge import Outbox, outbox_for, resolve
 
 log = structlog.get_logger("journal")
 
-FINAL = ("published", "expired", "failed")
-_SYNC = {"full": 2, "normal": 1}
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id     TEXT NOT NULL UNIQUE,
-    idem_key       TEXT UNIQUE,
-    body_hash      BLOB NOT NULL,
-    device_id      TEXT NOT NULL,
-    command_type   TEXT NOT NULL,
-    status         TEXT NOT NULL,
-    created_at     REAL NOT NULL,
-    updated_at     REAL NOT NULL,
-    expires_at     REAL,
-    record_key     BLOB NOT NULL,
-    record_value   BLOB,
-    record_headers BLOB,
-    topic          TEXT,
-    partition      INTEGER,
-    "offset"       INTEGER,
-    error          TEXT,
-    history        TEXT NOT NULL,
-    key_id         TEXT,
-    origin         TEXT,
-    result         TEXT
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE IF NOT EXISTS status_outbox (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL,
-    event      BLOB NOT NULL
-);
-INSERT OR IGNORE INTO meta VALUES ('probe', 0);
-CREATE INDEX IF NOT EXISTS commands_pending ON commands(seq) WHERE status = 'accepted';
-CREATE INDEX IF NOT EXISTS commands_device ON commands(device_id, seq);
-CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE status != 'accepted';
-"""
-_ROW = (
-    'seq, request_id, device_id, command_type, status, created_at, updated_at, expires_at, topic, partition, "offset", '
-    "error, history, body_hash, key_id, origin, result"
-)
-_HEADERS = msgspec.msgpack.Encoder()
-_HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
-_EVENT_ENCODER = msgspec.json.Encoder()
+FINAL = ("published", "expired", "failed")  # the statuses a command accepted here ends in
+HEADERS_ENCODER = msgspec.msgpack.Encoder()
+HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
-_ADDED_COLUMNS = ("key_id", "origin", "result")  # journals written by earlier versions lack them
 
 
 class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,38 +65,6 @@ class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str | None = None
 
 
-class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
-    """A command as the journal knows it (without the record bytes)."""
-
-    seq: int
-    request_id: str
-    device_id: str
-    command_type: str
-    status: Status
-    created_at: float
-    updated_at: float
-    expires_at: float | None
-    topic: str | None
-    partition: int | None
-    offset: int | None
-    error: str | None
-    history: list[tuple[str, float, str | None]]
-    body_hash: bytes
-    key_id: str | None = None
-    origin: str | None = None  # the instance or connector that told us of it; None: accepted here
-    result: dict | None = None  # what the device answered
-
-    @property
-    def stage(self) -> str:
-        """The furthest stage reached: of the highest rank, the first one received."""
-        return furthest(self.status, self.history)
-
-    @property
-    def was_published(self) -> bool:
-        """Whether the command reached Kafka (it may have failed later, at the device)."""
-        return self.partition is not None or self.stage in ("published", "delivered", "succeeded")
-
-
 class Pending(msgspec.Struct, kw_only=True):
     """A command still to be published: what the forwarder hands to Kafka."""
 
@@ -144,15 +77,6 @@ class Pending(msgspec.Struct, kw_only=True):
     value: bytes
     headers: list[tuple[str, bytes]]
     handed_at: float | None = None  # when this process first gave it to the producer
-
-
-def furthest(status: str, history: list) -> str:
-    """Of `status` and the stages in `history` (in the order received), the first of the highest rank."""
-    best = status
-    for step in history:
-        if STAGE_RANK.get(step[0], 0) > STAGE_RANK.get(best, 0):
-            best = step[0]
-    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,24 +106,6 @@ class _Mark:
     error: str | None = None
 
 
-# A status-topic event and whether its signature was verified (an instance's) or it had none (a connector's).
-Received = tuple[StatusEvent, bool]
-
-
-@dataclass(slots=True)
-class _Events:
-    events: list[Received]
-    positions: dict[int, int]  # status topic partition -> next offset to read
-    done: threading.Event = field(default_factory=threading.Event)
-    committed: bool = False
-    skipped: int = 0  # events not applied, as untrusted or unstorable (logged; the feed goes on)
-
-
-@dataclass(slots=True)
-class _OutboxSent:
-    up_to: int
-
-
 @dataclass(slots=True)
 class _Flush:
     event: threading.Event = field(default_factory=threading.Event)
@@ -208,30 +114,6 @@ class _Flush:
 
 
 _STOP = object()
-
-
-def _row(values: tuple) -> JournalRow:
-    (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id, origin,
-     result) = values  # fmt: skip
-    return JournalRow(
-        seq=seq,
-        request_id=rid,
-        device_id=device,
-        command_type=ctype,
-        status=status,
-        created_at=created,
-        updated_at=updated,
-        expires_at=expires,
-        topic=topic,
-        partition=part,
-        offset=off,
-        error=err,
-        history=[tuple(h) for h in json.loads(hist)],
-        body_hash=body_hash,
-        key_id=key_id,
-        origin=origin,
-        result=json.loads(result) if result else None,
-    )
 
 
 def describe(exc: sqlite3.Error) -> JournalUnavailable:
@@ -245,12 +127,12 @@ def describe(exc: sqlite3.Error) -> JournalUnavailable:
 
 
 class Journal:
-    """The SQLite journal: group-committed inserts and status marks, point reads, retention."""
+    """The SQLite journal: group-committed inserts and status marks, reads on their own thread, retention."""
 
     def __init__(
         self,
         path: str | Path,
-        sync: Literal["full", "normal"] = "full",
+        sync: Sync = "full",
         max_pending: int = 100_000,
         max_bytes: int = 256 * 1024 * 1024,
         retention: float = 7 * 86400,
@@ -263,26 +145,35 @@ class Journal:
         self.max_bytes = max_bytes
         self.retention = retention
         self.housekeeping_interval = housekeeping_interval
-        self.pending_count = 0
         self.commits = 0
         self.journal_id: str | None = None  # made when the file is created: tells this journal's records apart
         self.writable = True
         self.last_error: str | None = None
+        self.reads = Reader(self.path, sync)
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: Outbox | None = None
         self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
         self._feed_reader: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._retry_marks: list[_Mark] = []
-        self._txn_delta = 0  # pending-count change of the transaction being built
-        self.pending_bytes = 0  # record bytes of the commands waiting for Kafka
-        self._pending_sizes: dict[int, int] = {}
-        self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-) by the transaction
-        self._txn_bytes = 0  # their sum, kept as it changes (summing per insert made big batches quadratic)
+        # What waits for Kafka, kept by the writer as it commits (the metrics read these, never SQL):
+        self.pending_count = 0
+        self.pending_bytes = 0  # their record bytes
+        self.oldest_pending_created_at: float | None = None
+        self._pending_sizes: dict[int, int] = {}  # seq -> record bytes
+        # (seq, created_at) oldest first; a finished one leaves when it reaches the head, so each leaves once
+        self._pending_order: deque[tuple[int, float]] = deque()
+        # The transaction being built: what it changes in the figures above, applied once it commits.
+        self._txn_delta = 0  # pending-count change
+        self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-)
+        self._txn_bytes = 0  # their sum, kept as it changes so that a big batch is not summed again per insert
+        self._txn_inserted: list[tuple[int, float]] = []  # (seq, created_at) of its inserts
+        self._txn_emitted = 0  # status events it writes to the outbox
+        self._txn_forgotten = 0  # and those it deletes from it, acknowledged by the status topic
         # With a status topic: every transition is also written to status_outbox, in the same transaction,
         # for the status feed to publish (so a transition is never lost between the journal and Kafka).
         self.status_source = status_source
+        self.outbox_size = 0  # status events not yet acknowledged by the status topic
         self.outbox_written = threading.Event()
         # Request ids someone waits on (long polls, event streams), owned by the event loop and only read
         # here: commits that change them are reported to `on_change` on that loop (see watch_changes).
@@ -290,35 +181,23 @@ class Journal:
         self.on_change: Callable[[list[str]], None] | None = None
         self._watch_outbox: Outbox | None = None
         self._changed: list[str] = []
-        self._emitted = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={_SYNC[self.sync]}")
-        conn.execute("PRAGMA journal_size_limit=67108864")
-        got = conn.execute("PRAGMA synchronous").fetchone()[0]
-        if got != _SYNC[self.sync]:
-            raise JournalError(f"SQLite refused PRAGMA synchronous={self.sync.upper()} (reads back {got})")
-        return conn
+        return journal_schema.connect(self.path, self.sync)
 
     def open(self) -> list[Pending]:
-        """Open (creating if needed), start the writer thread, and return the commands still to publish."""
+        """Open (creating or upgrading the file if needed), start the writer and reader threads, and return the
+        commands still to publish."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for place in (self.path.parent, self.path):
             if place.exists() and not os.access(place, os.W_OK):
                 raise JournalError(f"{place} is not writable (read-only file system or permissions)")
         self._writer = self._connect()
-        self._writer.executescript(_SCHEMA)
-        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(commands)")}
-        for column in _ADDED_COLUMNS:
-            if column not in columns:
-                self._writer.execute(f"ALTER TABLE commands ADD COLUMN {column} TEXT")
+        journal_schema.migrate(self._writer)
         self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
         self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
-        self._reader = self._connect()
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
             "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
@@ -332,28 +211,33 @@ class Journal:
                 expires_at=expires,
                 key=key,
                 value=value,
-                headers=_HEADERS_DECODER.decode(headers),
+                headers=HEADERS_DECODER.decode(headers),
             )
             for seq, rid, device, created, expires, key, value, headers in rows
         ]
         self.pending_count = len(pending)
         self._pending_sizes = {p.seq: len(p.value) for p in pending}
         self.pending_bytes = sum(self._pending_sizes.values())
+        self._pending_order = deque((p.seq, p.created_at) for p in pending)
+        self.oldest_pending_created_at = pending[0].created_at if pending else None
+        self.outbox_size = self._writer.execute("SELECT count(*) FROM status_outbox").fetchone()[0]
+        self.reads.start()
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
         log.info("journal open", path=str(self.path), sync=self.sync, pending=len(pending))
         return pending
 
     def close(self) -> None:
-        """Commit what is queued, checkpoint, and close both connections."""
+        """Commit what is queued, checkpoint, and close every connection."""
+        self.reads.close()
         if self._thread is not None:
             self._ops.put(_STOP)
             self._thread.join(30)
             self._thread = None
-        for conn in (self._reader, self._feed_reader, self._writer):
+        for conn in (self._feed_reader, self._writer):
             if conn is not None:
                 conn.close()
-        self._reader = self._feed_reader = self._writer = None
+        self._feed_reader = self._writer = None
 
     # ------------------------------------------------------------------ writes
 
@@ -387,7 +271,7 @@ class Journal:
         """Apply status-topic events and store the read positions in one transaction; blocks until committed.
 
         Returns how many events were not applied (untrusted or unstorable), or None when nothing was committed."""
-        op = _Events(events, positions)
+        op = Events(events, positions)
         self._ops.put(op)
         if not op.done.wait(timeout) or not op.committed:
             return None
@@ -395,7 +279,7 @@ class Journal:
 
     def outbox_sent(self, up_to: int) -> None:
         """Forget the status outbox up to id `up_to`: the status topic has it."""
-        self._ops.put(_OutboxSent(up_to))
+        self._ops.put(OutboxSent(up_to))
 
     def watch_changes(self, on_change: Callable[[list[str]], None], watched: Mapping[str, object]) -> None:
         """Report each commit's changes to request ids in `watched` to `on_change`, on the calling event loop
@@ -437,22 +321,21 @@ class Journal:
         inserts = [op for op in ops if isinstance(op, _Insert)]
         marks = self._retry_marks + [op for op in ops if isinstance(op, _Mark)]
         flushes = [op for op in ops if isinstance(op, _Flush)]
-        feed = [op for op in ops if isinstance(op, _Events | _OutboxSent)]
+        feed = [op for op in ops if isinstance(op, Events | OutboxSent)]
         self._retry_marks = []
         if inserts or marks or feed:
             conn = self._writer
-            self._txn_delta = 0
-            self._txn_sizes = {}
-            self._txn_bytes = 0
-            self._changed = []
-            self._emitted = False
+            self._start_txn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._insert_all(conn, op.items) for op in inserts]
                 for mark in marks:
                     self._apply_mark(conn, mark)
                 for op in feed:
-                    self._apply_feed(conn, op)
+                    if isinstance(op, OutboxSent):
+                        self._txn_forgotten += forget_sent(conn, op.up_to)
+                    else:
+                        apply_feed(conn, op, self._changed)
                 conn.execute("COMMIT")
                 self.commits += 1
             except Exception as exc:  # sqlite3.Error, or a bug: the writer thread must live on either way
@@ -466,30 +349,49 @@ class Journal:
                 log.error("journal write failed", error=error.detail, sqlite_error=str(exc), exc_info=True)
                 self._retry_marks = marks
                 results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
-                self._changed = []
-                self._emitted = False
+                self._start_txn()  # nothing of it happened
             else:
-                self.pending_count += self._txn_delta
-                for seq, size in self._txn_sizes.items():
-                    if size > 0:
-                        self._pending_sizes[seq] = size
-                    else:
-                        self._pending_sizes.pop(seq, None)
-                    self.pending_bytes += size
+                self._count_txn()
                 if not self.writable:
                     log.info("journal writable again")
                 self.writable, self.last_error = True, None
             for op, result in zip(inserts, results, strict=True):
-                op.outbox.put(_settle, op.future, result)
+                op.outbox.put(resolve, op.future, result)
             for op in feed:
-                if isinstance(op, _Events):
+                if isinstance(op, Events):
                     op.committed = self.writable
                     op.done.set()  # after a failed write too: the consumer reads the events again from Kafka
             self._report_changes()
         for flush in flushes:
             flush.event.set()
             if flush.outbox is not None:
-                flush.outbox.put(_settle, flush.future, None)
+                flush.outbox.put(resolve, flush.future, None)
+
+    def _start_txn(self) -> None:
+        """Forget what the transaction being built would change: a new one starts (or the last rolled back)."""
+        self._txn_delta = 0
+        self._txn_sizes = {}
+        self._txn_bytes = 0
+        self._txn_inserted = []
+        self._txn_emitted = 0
+        self._txn_forgotten = 0
+        self._changed = []
+
+    def _count_txn(self) -> None:
+        """The transaction committed: move the backlog figures by what it changed."""
+        self.pending_count += self._txn_delta
+        for seq, size in self._txn_sizes.items():
+            if size > 0:
+                self._pending_sizes[seq] = size
+            else:
+                self._pending_sizes.pop(seq, None)
+            self.pending_bytes += size
+        order = self._pending_order
+        order.extend(self._txn_inserted)
+        while order and order[0][0] not in self._pending_sizes:
+            order.popleft()
+        self.oldest_pending_created_at = order[0][1] if order else None
+        self.outbox_size += self._txn_emitted - self._txn_forgotten
 
     def _insert_all(self, conn: sqlite3.Connection, items: list[NewCommand]) -> list[Accepted]:
         results = []
@@ -524,7 +426,7 @@ class Journal:
                     item.expires_at,
                     item.key,
                     item.value,
-                    _HEADERS.encode(item.headers),
+                    HEADERS_ENCODER.encode(item.headers),
                     history,
                     item.key_id,
                 ),
@@ -532,9 +434,12 @@ class Journal:
             self._txn_delta += 1
             self._txn_sizes[cursor.lastrowid] = len(item.value)
             self._txn_bytes += len(item.value)
+            self._txn_inserted.append((cursor.lastrowid, item.created_at))
             if self.status_source is not None:
-                self._emit(
+                self._txn_emitted += 1
+                emit(
                     conn,
+                    self.status_source,
                     ("accepted", item.created_at),
                     (item.request_id, item.device_id, item.command_type, item.created_at, item.expires_at, item.key_id),
                     idempotency_key=item.idem_key,
@@ -562,13 +467,11 @@ class Journal:
 
     def _find_twin(self, conn: sqlite3.Connection, item: NewCommand) -> JournalRow | None:
         if item.idem_key is not None:
-            found = conn.execute(f"SELECT {_ROW} FROM commands WHERE idem_key = ?", (item.idem_key,)).fetchone()
+            found = conn.execute(f"SELECT {ROW_COLUMNS} FROM commands WHERE idem_key = ?", (item.idem_key,)).fetchone()
             if found:
-                return _row(found)
+                return row_from(found)
         if item.client_request_id:
-            found = conn.execute(f"SELECT {_ROW} FROM commands WHERE request_id = ?", (item.request_id,)).fetchone()
-            if found:
-                return _row(found)
+            return fetch_row(conn, item.request_id)
         return None
 
     def _apply_mark(self, conn: sqlite3.Connection, mark: _Mark) -> None:
@@ -579,7 +482,7 @@ class Journal:
             "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
             'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
             "history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
-            "record_value = CASE WHEN ? IN ('published', 'expired', 'failed') THEN NULL ELSE record_value END "
+            "record_value = CASE WHEN ? THEN NULL ELSE record_value END "
             "WHERE seq = ? AND status = 'accepted' "
             "RETURNING request_id, device_id, command_type, created_at, expires_at, key_id",
             (
@@ -592,15 +495,17 @@ class Journal:
                 mark.status,
                 mark.at,
                 detail,
-                mark.status,
+                mark.status in FINAL,  # its record is in Kafka or never will be: the bytes can go
                 mark.seq,
             ),
         ).fetchone()
         if updated:
             self._changed.append(updated[0])
         if updated and self.status_source is not None:
-            self._emit(
+            self._txn_emitted += 1
+            emit(
                 conn,
+                self.status_source,
                 (mark.status, mark.at),
                 updated,
                 topic=mark.topic,
@@ -616,149 +521,8 @@ class Journal:
                 self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
                 self._txn_bytes += self._txn_sizes[mark.seq]
 
-    def _emit(self, conn: sqlite3.Connection, step: tuple[str, float], command: tuple, **details: object) -> None:
-        """Write this instance's transition `step` (status, when) of `command` (request_id, device_id,
-        command_type, created_at, expires_at, key_id) to the status outbox, in the transaction under way."""
-        request_id, device_id, command_type, created_at, expires_at, key_id = command
-        event = StatusEvent(
-            request_id=request_id,
-            status=step[0],
-            at=from_epoch(step[1]),
-            source=self.status_source,
-            device_id=device_id,
-            command_type=command_type,
-            created_at=from_epoch(created_at),
-            expires_at=from_epoch(expires_at),
-            owner=key_id,
-            **details,
-        )
-        conn.execute(
-            "INSERT INTO status_outbox (request_id, event) VALUES (?, ?)", (request_id, _EVENT_ENCODER.encode(event))
-        )
-        self._emitted = True
-
-    def _apply_feed(self, conn: sqlite3.Connection, op: _Events | _OutboxSent) -> None:
-        if isinstance(op, _OutboxSent):
-            conn.execute("DELETE FROM status_outbox WHERE id <= ?", (op.up_to,))
-            return
-        for event, signed in op.events:
-            # One event that cannot be applied (absurd values) is skipped, not the whole batch, and never
-            # the writer thread: a savepoint undoes what it half did.
-            conn.execute("SAVEPOINT event")
-            try:
-                refused = self._apply_event(conn, event, signed)
-            except (sqlite3.Error, ValueError, OverflowError, RecursionError, TypeError) as exc:
-                conn.execute("ROLLBACK TO event")
-                op.skipped += 1
-                log.warning("status event skipped", request_id=event.request_id, error=f"{type(exc).__name__}: {exc}")
-            else:
-                if refused is not None:
-                    op.skipped += 1
-                    log.debug("status event ignored", request_id=event.request_id, status=event.status, reason=refused)
-            conn.execute("RELEASE event")
-        conn.executemany(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"status_pos:{p}", o) for p, o in op.positions.items()]
-        )
-
-    def _apply_event(self, conn: sqlite3.Connection, event: StatusEvent, signed: bool) -> str | None:
-        """One status-topic event: a new row for a command accepted elsewhere, or a step on a known one.
-        Returns why it was ignored, or None.
-
-        Only a signed event (an instance's) may make a row or carry a key id, an Idempotency-Key or a body
-        hash: anyone who can write the topic could otherwise plant a row that turns a victim's request into a
-        replay of a command never sent. An unsigned one (a connector's) may only take a known command of the
-        same device to a stage after `published`, with its error and result.
-
-        Repeats change nothing and a status never moves to a lower stage, so events may come late, twice
-        or out of order. A row accepted here keeps status 'accepted' until the forwarder marks it (that
-        is what the forwarder and the backlog count go by); its API status comes from its history."""
-        if not signed:
-            if event.status not in CONNECTOR_STAGES:
-                return "unsigned, and not a connector's stage"
-            event = msgspec.structs.replace(
-                event, owner=None, idempotency_key=None, body_hash=None, command_type=None, created_at=None,
-                expires_at=None, topic=None, partition=None, offset=None,
-            )  # fmt: skip
-        at = event.at.timestamp()
-        detail = event.error
-        if event.status == "published" and event.offset is not None:
-            detail = f"{event.topic}/{event.partition}@{event.offset}"
-        result = json.dumps(event.result) if event.result is not None else None
-        found = conn.execute(
-            "SELECT seq, status, history, origin, device_id FROM commands WHERE request_id = ?", (event.request_id,)
-        ).fetchone()
-        if found is None:
-            if not signed:
-                return "unsigned, for a command not known here"
-            idem = event.idempotency_key
-            if idem is not None and conn.execute("SELECT 1 FROM commands WHERE idem_key = ?", (idem,)).fetchone():
-                idem = None
-            conn.execute(
-                "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
-                'updated_at, expires_at, record_key, topic, partition, "offset", error, history, key_id, origin, '
-                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, x'', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.request_id,
-                    idem,
-                    _unhex(event.body_hash),
-                    event.device_id,
-                    event.command_type or "",
-                    event.status,
-                    event.created_at.timestamp() if event.created_at else at,
-                    at,
-                    event.expires_at.timestamp() if event.expires_at else None,
-                    event.topic,
-                    event.partition,
-                    event.offset,
-                    event.error,
-                    json.dumps([[event.status, at, detail]]),
-                    event.owner,
-                    event.source,
-                    result,
-                ),
-            )
-        else:
-            seq, status, history, origin, device_id = found
-            if not signed and event.device_id != device_id:
-                return "unsigned, naming another device"
-            steps = json.loads(history)
-            if any(step[0] == event.status for step in steps):
-                return None  # a repeat (our own events come back this way too)
-            advance = STAGE_RANK[event.status] > STAGE_RANK.get(furthest(status, steps), 0)
-            steps.append([event.status, at, detail])
-            steps.sort(key=lambda step: STAGE_RANK.get(step[0], 0))  # stable: within a rank, as received
-            forward = STAGE_RANK[event.status] > STAGE_RANK.get(status, 0)
-            if origin is None and status == "accepted":
-                forward = False  # the forwarder's own mark moves it on
-            conn.execute(
-                "UPDATE commands SET status = ?, updated_at = max(updated_at, ?), history = ?, "
-                'topic = coalesce(topic, ?), partition = coalesce(partition, ?), "offset" = coalesce("offset", ?), '
-                "error = CASE WHEN ? THEN coalesce(?, error) ELSE error END, "
-                "result = CASE WHEN ? THEN coalesce(?, result) ELSE result END, "
-                "command_type = CASE WHEN command_type = '' THEN coalesce(?, '') ELSE command_type END, "
-                "device_id = CASE WHEN device_id = '' THEN coalesce(?, '') ELSE device_id END "
-                "WHERE seq = ?",
-                (
-                    event.status if forward else status,
-                    at,
-                    json.dumps(steps),
-                    event.topic,
-                    event.partition,
-                    event.offset,
-                    advance,
-                    event.error,
-                    advance,
-                    result,
-                    event.command_type,
-                    event.device_id,
-                    seq,
-                ),
-            )
-        self._changed.append(event.request_id)
-        return None
-
     def _report_changes(self) -> None:
-        if self._emitted:
+        if self._txn_emitted:
             self.outbox_written.set()
         # Filtered only now, after the commit: a wait registered after that would have read the change itself.
         watched = [rid for rid in self._changed if rid in self.watched] if self.watched else None
@@ -797,18 +561,18 @@ class Journal:
             )
             if self.status_source is None:  # nobody will publish what an earlier run left there
                 conn.execute("DELETE FROM status_outbox")
+                self.outbox_size = 0
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("journal housekeeping failed", sqlite_error=str(exc))
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, request_id: str) -> JournalRow | None:
-        """One command by request id."""
-        found = self._reader.execute(f"SELECT {_ROW} FROM commands WHERE request_id = ?", (request_id,)).fetchone()
-        return _row(found) if found else None
+    async def get(self, request_id: str) -> JournalRow | None:
+        """One command by request id (read on the reader thread)."""
+        return await self.reads.submit(fetch_row, request_id)
 
-    def recent(
+    async def recent(
         self,
         device_id: str | None,
         status: str | None,
@@ -816,34 +580,18 @@ class Journal:
         before: int | None = None,
         key_id: str | None = None,
     ) -> list[JournalRow]:
-        """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq)."""
-        filters = [("key_id = ?", key_id), ("device_id = ?", device_id), ("status = ?", status), ("seq < ?", before)]
-        used = [(condition, value) for condition, value in filters if value is not None]
-        clause = f"WHERE {' AND '.join(c for c, _ in used)}" if used else ""
-        rows = self._reader.execute(
-            f"SELECT {_ROW} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*(v for _, v in used), limit)
-        ).fetchall()
-        return [_row(r) for r in rows]
-
-    def oldest_pending_created_at(self) -> float | None:
-        """When the oldest command still waiting for Kafka was accepted."""
-        found = self._reader.execute(
-            "SELECT created_at FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq LIMIT 1"
-        ).fetchone()
-        return found[0] if found else None
-
-    def outbox_size(self) -> int:
-        """Status events not yet acknowledged by the status topic."""
-        return self._reader.execute("SELECT count(*) FROM status_outbox").fetchone()[0]
+        """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq); read on
+        the reader thread."""
+        equal = {"device_id": device_id, "status": status, "key_id": key_id}
+        return await self.reads.submit(fetch_recent, limit, before, equal)
 
     def status_positions(self) -> dict[int, int]:
         """Where the status feed stopped reading, per status topic partition (from the status feed's thread)."""
-        conn = self._connect()  # not the event loop's reader: SQLite connections are not shared across threads
+        conn = self._connect()  # a connection of the calling thread's own
         try:
-            rows = conn.execute("SELECT key, value FROM meta WHERE key LIKE 'status_pos:%'").fetchall()
+            return read_positions(conn)
         finally:
             conn.close()
-        return {int(key.split(":")[1]): int(value) for key, value in rows}
 
     def outbox_batch(self, after: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         """Status events written after outbox id `after`, oldest first (for the status feed's thread only)."""
@@ -851,23 +599,9 @@ class Journal:
             return []
         if self._feed_reader is None:
             self._feed_reader = self._connect()
-        return self._feed_reader.execute(
-            "SELECT id, request_id, event FROM status_outbox WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
-        ).fetchall()
-
-
-def _unhex(text: str | None) -> bytes:
-    try:
-        return bytes.fromhex(text) if text else b""
-    except ValueError:
-        return b""
+        return outbox_after(self._feed_reader, after, limit)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
-
-
-def _settle(future: asyncio.Future, result: list[Accepted]) -> None:
-    if not future.done():
-        future.set_result(result)

@@ -33,7 +33,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from errors import MessageRejected, SinkError, SinkTimeout, SinkUnavailable
 from journal import Pending
 from settings import Settings
-from threadbridge import Outbox, outbox_for
+from threadbridge import Outbox, outbox_for, resolve
 
 log = structlog.get_logger("kafka_sink")
 
@@ -308,7 +308,7 @@ class KafkaSink:
 
     def _send(self, job: _Job) -> None:
         if self._holding.is_set():
-            job.outbox.put(_settle, job.future, None, SinkUnavailable("Held after a failed send"))
+            job.outbox.put(resolve, job.future, None, SinkUnavailable("Held after a failed send"))
             return
         job.generation = self._generation
         try:
@@ -317,14 +317,14 @@ class KafkaSink:
             error = translate(exc, sent=False)
             if not isinstance(error, MessageRejected):  # a refused record leaves the order of the rest intact
                 self._holding.set()
-            job.outbox.put(_settle, job.future, None, error)
+            job.outbox.put(resolve, job.future, None, error)
             return
         record.add_callback(self._on_ack, job)
         record.add_errback(self._on_error, job)
 
     def _on_ack(self, job: _Job, metadata) -> None:
         delivery = Delivery(metadata.topic, metadata.partition, metadata.offset)
-        job.outbox.put(_settle, job.future, delivery, None)
+        job.outbox.put(resolve, job.future, delivery, None)
 
     def _on_error(self, job: _Job, exc: BaseException) -> None:
         with self._lock:
@@ -335,7 +335,7 @@ class KafkaSink:
         else:
             # The producer was already retired: this record may only have failed along with another.
             error = SinkUnavailable("The producer was replaced; outcome unknown", uncertain=True)
-        job.outbox.put(_settle, job.future, None, error)
+        job.outbox.put(resolve, job.future, None, error)
 
     def _fail_queued(self, error: SinkError) -> None:
         while True:
@@ -345,7 +345,7 @@ class KafkaSink:
                 return
             if job is not _STOP and job is not _WAKE:  # a wake-up has no future to fail
                 self._holding.set()
-                job.outbox.put(_settle, job.future, None, error)
+                job.outbox.put(resolve, job.future, None, error)
 
     # ------------------------------------------------------------------ reconciliation
 
@@ -492,16 +492,6 @@ class KafkaSink:
         if health.connected != self._health.connected or health.reason != self._health.reason:
             log.info("kafka readiness changed", ready=health.connected, reason=health.reason)
         self._health = health
-
-
-def _settle(future: asyncio.Future[Delivery], delivery: Delivery | None, error: BaseException | None) -> None:
-    """Resolve a handler's future on the event loop, unless the handler stopped waiting."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(delivery)
 
 
 def security_options(settings: Settings) -> dict[str, object]:

@@ -104,7 +104,8 @@ class Metrics:
         in_flight: Callable[[], int],
         status_outbox: Callable[[], int] | None = None,
     ) -> None:
-        """Gauges read at scrape time from the journal, the sink and the forwarder."""
+        """Gauges read at scrape time from the journal, the sink and the forwarder: each callable returns a figure
+        its owner keeps in memory, since a scrape runs on the event loop (no SQL, no waiting)."""
         self.backlog.set_function(backlog)
         self.oldest_pending.set_function(lambda: max(0.0, time.time() - (oldest_pending_created_at() or time.time())))
         self.kafka_connected.set_function(lambda: 1.0 if kafka_connected() else 0.0)

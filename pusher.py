@@ -265,7 +265,7 @@ async def _readable_row(request: Request) -> JournalRow:
     key = require(request.scope["state"], "commands:read")
     await _rate_limit(request, key, 1)
     request_id = request.path_params["request_id"]
-    row = _dispatcher(request).journal.get(request_id)
+    row = await _dispatcher(request).journal.get(request_id)
     # Another key's command does not exist for this key (object-level authorization).
     if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
         raise NotFound(f"No command with request_id {request_id!r} is known")
@@ -298,7 +298,7 @@ async def get_command_status(request: Request) -> Response:
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
     with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
         waiter.wake = changed
-        row = journal.get(row.request_id) or row  # read again once watched: no change slips in between
+        row = await journal.get(row.request_id) or row  # read again once watched: no change slips in between
         while not reached(row, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -306,7 +306,7 @@ async def get_command_status(request: Request) -> Response:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
             changed.clear()
-            row = journal.get(row.request_id) or row
+            row = await journal.get(row.request_id) or row
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
     return _answer(request, command_status(row))
@@ -371,7 +371,7 @@ async def command_events(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
             waiter.wake = changed
-            current = journal.get(row.request_id) or row  # read again once watched: no change slips in between
+            current = await journal.get(row.request_id) or row  # read again once watched: no change slips in between
             while True:
                 for change in _unsent(current, sent):
                     sent.add(change.status)
@@ -385,7 +385,7 @@ async def command_events(request: Request) -> Response:
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                 changed.clear()
-                current = journal.get(current.request_id) or current
+                current = await journal.get(current.request_id) or current
 
     return StreamingResponse(
         stream(),
@@ -404,7 +404,7 @@ async def list_commands(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    rows = dispatcher.journal.recent(
+    rows = await dispatcher.journal.recent(
         _or_none(query.device_id), _or_none(query.status), query.limit + 1, _or_none(query.before), owner
     )
     more = len(rows) > query.limit
@@ -684,10 +684,10 @@ async def _lifespan(shared: AppState) -> AsyncIterator[None]:
     forwarder.start(recovered)
     metrics.watch(
         backlog=lambda: journal.pending_count,
-        oldest_pending_created_at=journal.oldest_pending_created_at,
+        oldest_pending_created_at=lambda: journal.oldest_pending_created_at,
         kafka_connected=lambda: sink.connected,
         in_flight=lambda: forwarder.in_flight,
-        status_outbox=journal.outbox_size if settings.kafka_status_topic else None,
+        status_outbox=(lambda: journal.outbox_size) if settings.kafka_status_topic else None,
     )
     status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
     if status_feed is not None:

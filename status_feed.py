@@ -10,7 +10,7 @@ command. Both directions tolerate repeats, since a status never moves back to a 
 Trust: anyone who can write the topic could write an event. Instances sign theirs (HMAC-SHA256 of the
 record's value under STATUS_TOPIC_SECRET, hex, in the header `pusher-signature`); an event whose signature
 does not verify is ignored, and an unsigned one (a connector's) is applied only as far as the journal
-lets a connector speak (journal.Journal._apply_event).
+lets a connector speak (status_store.apply_event).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import kafka.errors as kerr
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from journal import Journal, Received
+from journal import Journal
 from kafka_sink import Backoff, security_options
 from metrics import Metrics
 from schemas import STATUS_EVENT_DECODER, StatusEvent
 from settings import Secret, Settings
+from status_store import Received
 
 log = structlog.get_logger("status_feed")
 _TOPIC_CHECK = 30.0  # how often the consumer looks for new partitions of the status topic
@@ -73,7 +74,7 @@ _SKEW = 3600.0  # clocks of hosts writing the topic may disagree, but not by mor
 class StatusFeed:
     """Publishes the journal's status outbox to KAFKA_STATUS_TOPIC and applies the topic back to it."""
 
-    def __init__(self, settings: Settings, journal: Journal, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, journal: Journal, metrics: Metrics) -> None:
         self.settings = settings
         self.journal = journal
         self.metrics = metrics
@@ -81,12 +82,27 @@ class StatusFeed:
         self._secrets = [s for s in (settings.status_topic_secret, settings.status_topic_secret_previous) if s]
         if settings.status_topic_secret is None:  # load_settings refuses this; a Settings built by hand might not
             raise ValueError("KAFKA_STATUS_TOPIC needs STATUS_TOPIC_SECRET")
-        self.published = 0
-        self.applied = 0
-        self.ignored = 0
         self.consuming = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    @property
+    def published(self) -> int:
+        """Events this instance put on the status topic (as the metrics count them)."""
+        return self._counted("out")
+
+    @property
+    def applied(self) -> int:
+        """Events read from the status topic and applied to the journal."""
+        return self._counted("in")
+
+    @property
+    def ignored(self) -> int:
+        """Events read from the status topic and not applied (bad signature, undecodable, untrusted)."""
+        return self._counted("ignored")
+
+    def _counted(self, direction: str) -> int:
+        return int(self.metrics.value("pusher_status_events_total", direction=direction))
 
     def start(self) -> None:
         """Start the publishing and the consuming thread."""
@@ -155,7 +171,6 @@ class StatusFeed:
                 continue
             backoff.reset()
             sent_up_to = batch[-1][0]
-            self.published += len(batch)
             self._count("out", len(batch))
             self.journal.outbox_sent(sent_up_to)
         if producer is not None:
@@ -229,7 +244,7 @@ class StatusFeed:
                 positions[tp.partition] = record.offset + 1
                 signed = signature(record.headers, record.value, self._secrets)
                 if signed == "bad":
-                    self._ignore(1)
+                    self._count("ignored", 1)
                     log.warning(
                         "status event with a bad signature ignored", partition=tp.partition, offset=record.offset
                     )
@@ -237,7 +252,7 @@ class StatusFeed:
                 try:
                     events.append((_checked(STATUS_EVENT_DECODER.decode(record.value)), signed == "valid"))
                 except Exception as exc:  # whatever is in there (tombstones, absurd nesting), the feed goes on
-                    self._ignore(1)
+                    self._count("ignored", 1)
                     log.warning(
                         "status event ignored",
                         partition=tp.partition,
@@ -247,17 +262,12 @@ class StatusFeed:
         skipped = self.journal.apply_events(events, positions)
         if skipped is None:
             return False
-        self._ignore(skipped)
-        self.applied += len(events) - skipped
+        self._count("ignored", skipped)
         self._count("in", len(events) - skipped)
         return True
 
-    def _ignore(self, n: int) -> None:
-        self.ignored += n
-        self._count("ignored", n)
-
     def _count(self, direction: str, n: int) -> None:
-        if self.metrics is not None and n:
+        if n:
             self.metrics.status_events[direction].inc(n)
 
     def _create_topic(self) -> None:

@@ -1,7 +1,8 @@
-"""Results from worker threads (the journal writer, Kafka's callbacks) handed to the event loop in bursts.
+"""Results from worker threads (the journal's writer and reader, Kafka's callbacks) handed to the event loop
+in bursts.
 
 `loop.call_soon_threadsafe` per result wakes the loop once per result (a write to its self-pipe, a GIL
-hand-over, a pass of the loop). Under load that was a large share of the service's CPU. An Outbox
+hand-over, a pass of the loop), which under load costs a large share of the service's CPU. An Outbox
 wakes the loop once for everything that arrived since its last pass.
 """
 
@@ -48,3 +49,13 @@ def outbox_for(current: Outbox | None) -> Outbox:
     """`current` when it serves the running loop, else a new Outbox for it."""
     loop = asyncio.get_running_loop()
     return current if current is not None and current.loop is loop else Outbox(loop)
+
+
+def resolve(future: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Give `future` its result (or `error`), on its loop via an Outbox, unless its waiter stopped waiting."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,6 +1,7 @@
 -- wrk script for every scenario; the environment chooses it:
 --   BENCH_MODE    single (one command per request), batch (BENCH_BATCH commands per request),
---                 mixed (single, with every 20th request a status read of an earlier command: 5 %)
+--                 mixed (single, with every 20th request a status read of an earlier command: 5 %; with
+--                 BENCH_LISTS=1 also one request in 100 a page of a device's commands: 1 %)
 --   BENCH_API_KEY sent as X-API-Key when set; BENCH_PREFER sent as Prefer when set
 --   BENCH_RUN     makes request ids unique across runs (mixed mode chooses its own ids to read back)
 -- Device ids vary over 1,000 devices. done() prints one line: BENCH {json}.
@@ -8,6 +9,7 @@
 local mode = os.getenv("BENCH_MODE") or "single"
 local batch_size = tonumber(os.getenv("BENCH_BATCH") or "100")
 local run = os.getenv("BENCH_RUN") or "0"
+local lists = os.getenv("BENCH_LISTS") == "1"
 thread_id = 0  -- a global: setup() gives each thread its own with thread:set()
 local counter = 0
 
@@ -44,6 +46,11 @@ function request()
     return wrk.format("POST", "/api/v1/commands/batch", nil, '{"commands":[' .. table.concat(items, ",") .. "]}")
   end
   if mode == "mixed" then
+    -- 50 in every 100: never a multiple of 20, so the status reads stay 5 %
+    if lists and counter % 100 == 50 then
+      reads = reads + 1
+      return wrk.format("GET", string.format("/api/v1/commands?device_id=device_%03d&limit=20", counter % 1000))
+    end
     -- 201 back: a command (not a read), answered long ago even with hundreds of connections per thread
     if counter % 20 == 0 and counter > 201 then
       reads = reads + 1

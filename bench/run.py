@@ -6,6 +6,8 @@ Targets, each started in turn on this machine against the same broker:
   floor    Starlette + msgspec + kafka-python answering 200 after Kafka's ack, with nothing else (no journal,
            keys, limits, metrics or logs): a bound on what any 200-after-ack service on this stack can reach
   service  this service as users run it: journal FULL, API keys and a generous rate limit on, metrics on
+  prefilled  the same over a journal of --prefill finished commands (bench/prefill.py), single commands
+           with 5 % status reads and 1 % list reads: what reads cost beside the writer on a full journal
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
 Load comes from wrk in its own process (bench/load.lua). Every figure is the median of --runs rounds.
 """
@@ -19,6 +21,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,7 +46,10 @@ from kafka_local import KAFKA_VERSION, LocalKafka, free_port, stop_process  # no
 
 API_KEY = KEYS["writer"][0]
 FLOOR = "floor: Starlette + kafka-python, 200 after ack"
-TARGETS = ("noop", "raw", "floor", "service", "multicore", "seed")
+TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed")
+SINGLE = "pusher (200 after Kafka ack)"
+PREFILLED_LOAD = "single + 5 % status, 1 % list reads"
+SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed")  # --rows chooses among them
 RUNTIME = ROOT / ".cache" / "bench-runtime"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -174,6 +180,7 @@ class Row:
     p99: list[float] = field(default_factory=list)
     p999: list[float] = field(default_factory=list)
     non2xx: list[int] = field(default_factory=list)
+    read_shares: list[float] = field(default_factory=list)  # of the 2xx answers, the share that were reads
     rss: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
@@ -185,6 +192,7 @@ class Row:
         self.p99.append(load.p99_ms)
         self.p999.append(load.p999_ms)
         self.non2xx.append(load.non2xx + load.socket_errors)
+        self.read_shares.append(load.reads / load.ok if load.ok else 0.0)
         if sampler is not None:
             self.rss.append(sampler.peak_rss_mb)
             self.cpu.append(sampler.cpu_cores)
@@ -197,8 +205,8 @@ class Row:
 
     @property
     def commands(self) -> float:
-        """Median commands/s."""
-        return self.rate * self.per_request
+        """Median commands/s (reads, in a mixed load, are not commands)."""
+        return self.rate * self.per_request * (1 - (median(self.read_shares) or 0.0))
 
 
 def median(values: list[float]) -> float | None:
@@ -304,8 +312,12 @@ def delivery_check(bootstrap: str, topic: str, before: int, service: ServiceProc
 class Bench:
     """Every target in turn, `runs` rounds, on one broker."""
 
-    def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path) -> None:
+    def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path,
+                 service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000) -> None:  # fmt: skip
         self.bootstrap = bootstrap
+        self.service_rows = service_rows
+        self.prefill = prefill
+        self._prefilled: Path | None = None  # the filled journal, made once and copied for each round
         self.seconds = seconds
         self.warmup = warmup
         self.raw_count = raw_count
@@ -367,7 +379,8 @@ class Bench:
                          topic=topic)  # fmt: skip
 
     def service(self) -> None:
-        """This service: single at 16 and 64, respond-async, batch of 100, mixed reads; start and idle figures."""
+        """This service: single at 16 and 64, respond-async, batch of 100, mixed reads (those of --rows); start and
+        idle figures."""
         topic = new_topic(self.bootstrap)
         started = time.monotonic()
         env = service_env(self.bootstrap, topic, self.log_dir)
@@ -379,14 +392,43 @@ class Bench:
             pid, url = service.process.pid, service.url
             common = {"service": service, "topic": topic, "BENCH_API_KEY": API_KEY}
             for connections in (16, 64):
-                self.measure(self.row("pusher (200 after Kafka ack)", "single", connections), url, pid, connections,
-                             **common)  # fmt: skip
-            self.measure(self.row("pusher, Prefer: respond-async (202)", "single", 64), url, pid, 64,
-                         BENCH_PREFER="respond-async", **common)  # fmt: skip
-            self.measure(self.row("pusher", "batch of 100", 16, per_request=100), url, pid, 16, "batch", **common)
-            self.measure(self.row("pusher", "mixed, 5 % status reads", 64), url, pid, 64, "mixed", **common)
+                if f"single-{connections}" in self.service_rows:
+                    self.measure(self.row(SINGLE, "single", connections), url, pid, connections, **common)
+            if "async" in self.service_rows:
+                self.measure(self.row("pusher, Prefer: respond-async (202)", "single", 64), url, pid, 64,
+                             BENCH_PREFER="respond-async", **common)  # fmt: skip
+            if "batch" in self.service_rows:
+                self.measure(self.row("pusher", "batch of 100", 16, per_request=100), url, pid, 16, "batch", **common)
+            if "mixed" in self.service_rows:
+                self.measure(self.row("pusher", "mixed, 5 % status reads", 64), url, pid, 64, "mixed", **common)
         finally:
             service.stop()
+
+    @property
+    def prefilled_target(self) -> str:
+        """The prefilled row's name."""
+        return f"pusher over {self.prefill:,} finished commands"
+
+    def prefilled(self) -> None:
+        """This service over a journal of --prefill finished commands (the writer key's, over the 1,000 devices
+        the load uses): single commands with 5 % status reads and 1 % reads of a device's list, 64 conns."""
+        if self._prefilled is None:
+            self._prefilled = self.log_dir / "prefilled-template.db"
+            subprocess.run([self.python, str(BENCH / "prefill.py"), str(self._prefilled), "--count", str(self.prefill)],
+                           check=True, timeout=1800)  # fmt: skip
+        journal = self.log_dir / f"prefilled-{uuid.uuid4().hex[:8]}.db"
+        shutil.copyfile(self._prefilled, journal)  # each round starts from the same file
+        topic = new_topic(self.bootstrap)
+        env = service_env(self.bootstrap, topic, self.log_dir) | {"JOURNAL_PATH": str(journal)}
+        service = ServiceProcess(self.log_dir, self.python, **env).start()
+        try:
+            row = self.row(self.prefilled_target, PREFILLED_LOAD, 64)
+            self.measure(row, service.url, service.process.pid, 64, "mixed", service=service, topic=topic,
+                         BENCH_API_KEY=API_KEY, BENCH_LISTS="1")  # fmt: skip
+        finally:
+            service.stop()
+            for leftover in self.log_dir.glob(f"{journal.name}*"):
+                leftover.unlink()
 
     def multicore(self) -> None:
         """Two processes (one per core), each its own journal, 32 connections each: summed."""
@@ -452,8 +494,7 @@ def report(bench: Bench, runs: int) -> str:
         elif row.load.startswith("batch"):
             ratio, against = row.commands / raw, "producer"
         elif "2 processes" in row.target:
-            single = rows[("pusher (200 after Kafka ack)", "single", 64)].rate
-            ratio, against = row.rate / single, "1 process"
+            ratio, against = row.rate / rows[(SINGLE, "single", 64)].rate, "1 process"
         else:
             ratio, against = row.rate / noop[row.connections or 64], "no-op"
         checks = sorted(set(row.checks))
@@ -463,7 +504,8 @@ def report(bench: Bench, runs: int) -> str:
             f"| {_fmt(median(row.p999), 1)} | {_fmt(median(row.non2xx))} | {_fmt(median(row.rss))} "
             f"| {_fmt(median(row.cpu), 2)} | {', '.join(checks)} |"
         )
-    single = rows[("pusher (200 after Kafka ack)", "single", 64)]
+    single = rows[(SINGLE, "single", 64)]
+    prefilled = rows[(bench.prefilled_target, PREFILLED_LOAD, 64)].rate
     seed_get = rows[("seed plan: FastAPI + .get()", "single", 64)].rate
     seed_ff = rows[("seed plan without .get()", "single", 64)].rate
     asynchronous = rows[("pusher, Prefer: respond-async (202)", "single", 64)].rate
@@ -484,6 +526,7 @@ def report(bench: Bench, runs: int) -> str:
         ("RSS under 64-connection load ≤ 100 MB", median(single.rss) or 0, 100, "MB≤"),
         ("start to /ready ≤ 1 s", ready or 0, 1, "s≤"),
         ("2 processes ≥ 1.6× one", multi / single.rate, 1.6, "×"),
+        (f"reads over {bench.prefill:,} finished commands ≥ 0.90× single", prefilled / single.rate, 0.90, "×"),
     ]
     lines += ["", "| goal | measured | met |", "| --- | ---: | :---: |"]
     for name, value, target, unit in goals:
@@ -542,9 +585,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3, help="warm-up seconds before each (3)")
     parser.add_argument("--raw-count", type=int, default=200_000, help="records the raw producer sends (200000)")
     parser.add_argument("--only", help=f"comma-separated targets: {','.join(TARGETS)}")
+    parser.add_argument("--rows", help=f"with the service target, only these rows: {','.join(SERVICE_ROWS)}")
+    parser.add_argument("--prefill", type=int, default=1_000_000, help="finished commands in the prefilled journal")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
+    service_rows = tuple(args.rows.split(",")) if args.rows else SERVICE_ROWS
+    if unknown := set(targets) - set(TARGETS) or set(service_rows) - set(SERVICE_ROWS):
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory(prefix="pusher-bench-") as tmp:
         log_dir = Path(tmp)
         broker = None
@@ -553,7 +601,7 @@ def main() -> None:
             broker = LocalKafka(log_dir / "kafka").start()
             bootstrap = broker.bootstrap
         try:
-            bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir)
+            bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill)
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
@@ -561,9 +609,12 @@ def main() -> None:
         finally:
             if broker is not None:
                 broker.stop()
-    if set(targets) != set(TARGETS):
+    if set(targets) != set(TARGETS) or service_rows != SERVICE_ROWS:
         for row in bench.rows.values():
-            print(row.target, row.load, row.connections, f"{row.rate:,.0f}/s", f"p99 {median(row.p99)}", row.checks)
+            rounds, checks = ", ".join(f"{r:,.0f}" for r in row.rates), ", ".join(sorted(set(row.checks)))
+            print(f"{row.target} | {row.load} | {row.connections} | {row.rate:,.0f} req/s {row.commands:,.0f} cmd/s "
+                  f"| p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms | non-2xx {row.non2xx} "
+                  f"| CPU {_fmt(median(row.cpu), 2)} | rounds {rounds} | {checks}")  # fmt: skip
         return
     table = report(bench, args.runs)
     print(table)

@@ -18,9 +18,10 @@ from helpers import ROOT
 from kafka_local import free_port
 
 from errors import JournalError
-from journal import Journal, NewCommand, Received
+from journal import Journal, NewCommand
 from kafka_sink import Backoff
 from schemas import StatusEvent
+from status_store import Received
 
 
 def new(request_id: str, device: str = "d1", body: bytes = b"h", idem_key: str | None = None, **extra) -> NewCommand:
@@ -57,6 +58,16 @@ async def _accepted(journal: Journal, items: list[NewCommand]):
     return await journal.accept(items)
 
 
+def get(journal: Journal, request_id: str):
+    """One row, read as the service reads it: on the journal's reader thread, awaited on an event loop."""
+    return asyncio.run(journal.get(request_id))
+
+
+def recent(journal: Journal, *args, **kwargs):
+    """A list page, read on the journal's reader thread."""
+    return asyncio.run(journal.recent(*args, **kwargs))
+
+
 def test_synchronous_full_is_set_and_checked(tmp_path):
     """FULL by default and NORMAL on request, each read back from SQLite; WAL mode on."""
     for sync, code in (("full", 2), ("normal", 1)):
@@ -80,7 +91,7 @@ def test_accepted_commands_survive_reopening_and_come_back_as_pending(tmp_path):
         assert [p.request_id for p in pending] == ["b"]
         assert pending[0].key == b"d2" and pending[0].headers == [("request_id", b"b")]
         assert j.pending_count == 1
-        row = j.get("a")
+        row = get(j, "a")
         assert (row.status, row.partition, row.offset) == ("published", 0, 7)
         assert [h[0] for h in row.history] == ["accepted", "published"]
     finally:
@@ -165,10 +176,10 @@ def test_marks_are_final_and_purged_after_retention(tmp_path):
         j.mark(done.row.seq, "expired", error="ttl")
         j.mark(done.row.seq, "published", topic="t", partition=0, offset=1)  # ignored: already final
         assert j.flush()
-        row = j.get("done")
+        row = get(j, "done")
         assert row.status == "expired" and row.error == "ttl"
         j._housekeeping()
-        assert j.get("done") is None and j.get("waiting") is not None
+        assert get(j, "done") is None and get(j, "waiting") is not None
     finally:
         j.close()
 
@@ -178,10 +189,10 @@ def test_recent_lists_newest_first_with_paging(journal):
     for i in range(5):
         accept(journal, new(f"r{i}", device="dev"))
     accept(journal, new("other", device="else"))
-    page = journal.recent("dev", None, 3)
+    page = recent(journal, "dev", None, 3)
     assert [r.request_id for r in page] == ["r4", "r3", "r2"]
-    assert [r.request_id for r in journal.recent("dev", None, 3, before=page[-1].seq)] == ["r1", "r0"]
-    assert journal.recent(None, "accepted", 10)[0].request_id == "other"
+    assert [r.request_id for r in recent(journal, "dev", None, 3, before=page[-1].seq)] == ["r1", "r0"]
+    assert recent(journal, None, "accepted", 10)[0].request_id == "other"
 
 
 @pytest.fixture
@@ -201,7 +212,8 @@ def test_disk_full_is_a_clear_error_and_recovers(small_disk):
     j.open()
     try:
         filler = small_disk / "filler"
-        with open(filler, "wb") as f:
+        # Unbuffered: no bytes are left to flush at close, where a full disk would raise again.
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
@@ -351,13 +363,13 @@ def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_
         assert (
             j.apply_events([connector("r1", "delivered", now + 3), instance("r1", "published", now + 1)], {0: 8}) == 0
         )
-        row = j.get("r1")
+        row = get(j, "r1")
         assert row.status == row.stage == "delivered" and row.origin == "pusher@other"
         assert [step[0] for step in row.history] == ["accepted", "published", "delivered"]
         assert row.created_at == pytest.approx(now, abs=1e-3) and row.command_type == "reboot"
         assert j.apply_events([connector("r1", "succeeded", now + 4, result={"ok": 1})], {1: 2}) == 0
         assert j.apply_events([connector("r1", "failed", now + 5, error="late")], {1: 3}) == 0  # a second end: late
-        row = j.get("r1")
+        row = get(j, "r1")
         assert row.stage == "succeeded" and row.result == {"ok": 1} and row.error is None
         assert j.status_positions() == {0: 8, 1: 3}
         assert j.pending_count == 0  # a command accepted elsewhere is never ours to send
@@ -377,11 +389,11 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
         [accepted] = accept(j, new("own-1"))
         seq = accepted.row.seq
         assert j.apply_events([connector("own-1", "delivered", time.time())], {0: 1}) == 0
-        row = j.get("own-1")
+        row = get(j, "own-1")
         assert row.status == "accepted" and row.stage == "delivered" and j.pending_count == 1
         j.mark(seq, "published", topic="t", partition=0, offset=7)
         assert j.flush()
-        row = j.get("own-1")
+        row = get(j, "own-1")
         assert row.status == "published" and row.stage == "delivered" and j.pending_count == 0
         events = [msgspec.json.decode(e, type=StatusEvent) for _, _, e in j.outbox_batch(0)]
         assert [(e.status, e.source, e.offset) for e in events] == [
@@ -421,7 +433,9 @@ def test_an_event_that_cannot_be_stored_is_skipped_and_the_writer_lives_on(journ
         instance("good-1", "published", now),
     ]
     assert journal.apply_events(batch, {0: 3}) == 2
-    assert journal.get("bad-1") is None and journal.get("bad-2") is None and journal.get("good-1").stage == "published"
+    assert (
+        get(journal, "bad-1") is None and get(journal, "bad-2") is None and get(journal, "good-1").stage == "published"
+    )
     assert journal.status_positions() == {0: 3}
     [accepted] = accept(journal, new("after-1"))
     assert accepted.outcome == "inserted"
@@ -439,7 +453,7 @@ def test_an_unsigned_event_can_neither_make_a_row_nor_plant_an_idempotency_key(j
         connector("forged-3", "delivered", now, **forged),
     ]
     assert journal.apply_events(batch, {0: 3}) == 3
-    assert [journal.get(f"forged-{i}") for i in (1, 2, 3)] == [None, None, None]
+    assert [get(journal, f"forged-{i}") for i in (1, 2, 3)] == [None, None, None]
     [fresh] = accept(journal, new("real-1", idem_key="k1\x1fabc"))
     assert fresh.outcome == "inserted" and fresh.row.request_id == "real-1"
 
@@ -460,12 +474,12 @@ def test_a_connector_event_only_moves_a_known_command_of_its_own_device_forward(
         connector("r2", "published", now, device_id="device-b", partition=1, offset=9, topic="t"),
     ]
     assert journal.apply_events(refused, {0: 5}) == len(refused)
-    c1, r2 = journal.get("c1"), journal.get("r2")
+    c1, r2 = get(journal, "c1"), get(journal, "r2")
     assert (c1.stage, c1.result, len(c1.history)) == ("published", None, 2)
     assert (r2.stage, r2.error, r2.partition, len(r2.history)) == ("accepted", None, None, 1)
     moved = connector("c1", "succeeded", now, device_id="device-a", result={"ok": True}, offset=99, owner="k2")
     assert journal.apply_events([moved], {0: 6}) == 0
-    c1 = journal.get("c1")
+    c1 = get(journal, "c1")
     assert (c1.stage, c1.result, c1.offset, c1.key_id) == ("succeeded", {"ok": True}, 7, "k1")
 
 

@@ -431,7 +431,8 @@ def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topi
         url = service.url + "/api/v1/commands"
         assert httpx.post(url, json=command("disk")).status_code == 200
         filler = disk / "filler"
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
+        # Unbuffered: no bytes are left to flush at close, where a full disk would raise again.
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
