@@ -55,14 +55,18 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def runtime_python() -> str:
-    """An interpreter with only requirements.txt installed, as users install the service: the development
-    tools (rich, pygments, …) would be imported by structlog and counted in the service's memory."""
+    """An interpreter with only requirements.txt and the client package (whose wire types the service imports)
+    installed, as the image has them: the development tools (rich, pygments, …) would be imported by structlog
+    and counted in the service's memory."""
     stamp = RUNTIME / "requirements.sha256"
-    wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()
+    wanted = hashlib.sha256(
+        (ROOT / "requirements.txt").read_bytes() + (ROOT / "client" / "pyproject.toml").read_bytes()
+    ).hexdigest()
     if not stamp.exists() or stamp.read_text() != wanted:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(RUNTIME)], check=True)
         pip = [str(RUNTIME / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
+        subprocess.run([*pip, "--no-deps", "-e", str(ROOT / "client")], check=True)
         stamp.write_text(wanted)
     return str(RUNTIME / "bin" / "python")
 

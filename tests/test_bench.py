@@ -20,7 +20,7 @@ def test_bench_runs_and_checks_kafka(kafka_bootstrap):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.strip()]
     service_rows = [line for line in rows if line.startswith("pusher")]
-    assert len(service_rows) == 5 and all(line.endswith("['ok']") for line in service_rows), rows
-    assert any(line.startswith("no-op Starlette route single 64") for line in rows), rows
+    assert len(service_rows) == 5 and all(line.endswith("| ok") for line in service_rows), rows
+    assert any(line.startswith("no-op Starlette route | single | 64 |") for line in rows), rows
     floor_rows = [line for line in rows if line.startswith("floor")]
-    assert len(floor_rows) == 2 and all(line.endswith("['ok']") for line in floor_rows), rows
+    assert len(floor_rows) == 2 and all(line.endswith("| ok") for line in floor_rows), rows
