@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from errors import Overloaded, TooManyWaiters
 
-_UNCOUNTED = frozenset({"/health", "/ready"})  # probes answer at once and must answer under any load
+PROBES = frozenset({"/health", "/ready"})  # answer at once, under any load and while shutting down
 
 
 class Waiter:
@@ -49,7 +49,7 @@ class Admission:
 
     def admit(self, state: dict, path: str) -> None:
         """Take a request slot for this request (none for the probes), or refuse it with 503."""
-        if path in _UNCOUNTED:
+        if path in PROBES:
             return
         if self.in_flight >= self.limit_concurrency:
             raise Overloaded(f"{self.limit_concurrency} requests are in flight (LIMIT_CONCURRENCY); retry shortly")

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from admission import Admission
+from admission import PROBES, Admission
 from errors import BodyTooLarge, HeadersTooLarge, PusherError, RequestError, RequestTimeout, ShuttingDown
 from metrics import Metrics
 from schemas import JSON_ENCODER
@@ -28,7 +28,6 @@ from validation import problem_for
 log = structlog.get_logger("pusher")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ALWAYS_OPEN = ("/health", "/ready")  # the probes answer while shutting down too
 
 
 def problem_response(error: BaseException, request_id: str | None, instance: str | None) -> Response:
@@ -105,7 +104,7 @@ class RequestContextMiddleware:
                 raise HeadersTooLarge(f"Request headers exceed MAX_HEADER_BYTES ({self.max_header_bytes} bytes)")
             self.admission.admit(state, scope["path"])
             length = headers.get(b"content-length")
-            if not self.accepting() and scope["path"] not in _ALWAYS_OPEN:
+            if not self.accepting() and scope["path"] not in PROBES:
                 raise ShuttingDown("This instance is shutting down; send the request again (here or elsewhere)")
             # A very long digit string is over any limit; never hand it to int() (it caps digits).
             if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_body_bytes):

@@ -16,6 +16,7 @@ import msgspec
 from starlette.convertors import FloatConvertor, IntegerConvertor
 from starlette.routing import BaseRoute, Route
 
+from admission import PROBES
 from schemas import (
     SSE_KEEPALIVE,
     STAGE_RANK,
@@ -338,7 +339,7 @@ def openapi_document(routes: Iterable[BaseRoute], settings: Settings, open_paths
             responses = operation["responses"]
             responses.setdefault("500", _problem("Unexpected error; fixed body, details in the log"))
             responses.setdefault("431", _problem("Request headers over MAX_HEADER_BYTES"))
-            if path not in ("/health", "/ready"):  # the probes are never refused for load
+            if path not in PROBES:  # the probes are never refused for load
                 responses.setdefault(
                     "503", {**_problem("LIMIT_CONCURRENCY requests are in flight"), "headers": _RETRY_AFTER}
                 )

@@ -245,8 +245,12 @@ async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[s
     limiter = state(request).limiter
     if limiter is None:
         return {}
-    who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
-    return await limiter.hit(who, cost)
+    return await limiter.hit(_caller(request, key), cost)
+
+
+def _caller(request: Request, key: ApiKey | None) -> str:
+    """Whom a limit counts: the key ("key:ID"), or without keys the client address ("addr:HOST")."""
+    return f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
 
 
 def _check(cmd: CommandRequest, settings: Settings, prefix: str = "$") -> None:
@@ -332,8 +336,7 @@ def _ends_on_disconnect(request: Request, waiter: Waiter) -> Iterator[None]:
 def _wait(request: Request) -> Waiter:
     """Make this request a waiter of its key (or, without keys, of its client address)."""
     key: ApiKey | None = request.scope["state"].get("principal")
-    who = f"key:{key.id}" if key else f"addr:{request.client.host if request.client else 'unknown'}"
-    return state(request).admission.wait(request.scope["state"], who)
+    return state(request).admission.wait(request.scope["state"], _caller(request, key))
 
 
 def _unsent(row: JournalRow, sent: set[str]) -> list[StatusChange]:
