@@ -15,15 +15,15 @@ import hashlib
 import os
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import structlog
 
-from errors import IdempotencyConflict, MessageRejected, PusherError
+from errors import IdempotencyConflict, MessageRejected, NotCancellable, PusherError
 from forwarder import Forwarder, Outcome
-from journal import Accepted, Journal, JournalRow, NewCommand, Pending
+from journal import Accepted, FanoutAccepted, Journal, JournalRow, NewCommand, NewFanout, Pending
 from logs import lines_together
 from metrics import Metrics
 from schemas import (
@@ -36,6 +36,8 @@ from schemas import (
     CommandResponse,
     CommandStatus,
     Counters,
+    FanoutRequest,
+    FanoutResponse,
     Transition,
     from_epoch,
 )
@@ -92,8 +94,15 @@ async def wait_done(futures: Collection[asyncio.Future], timeout: float) -> None
             future.remove_done_callback(one_done)
 
 
-# A journaled command: the journal's verdict, its outcome future, and whether it went to Kafka at once.
-Stored = tuple[Accepted, "asyncio.Future[Outcome] | None", bool]
+@dataclass(slots=True)
+class Stored:
+    """A journaled command: the journal's verdict, its outcome future, whether it went to Kafka at once, and the
+    request ids of the earlier commands it superseded."""
+
+    accepted: Accepted
+    future: asyncio.Future[Outcome] | None = None
+    handed_over: bool = False
+    superseded: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +138,20 @@ class Dispatcher:
     # ------------------------------------------------------------------ building records
 
     def _new_command(
-        self, cmd: CommandRequest, idem_key: str | None, traceparent: str | None, now: datetime, key_id: str | None
+        self,
+        cmd: CommandRequest,
+        idem_key: str | None,
+        traceparent: str | None,
+        now: datetime,
+        key_id: str | None,
+        fanout_id: str | None = None,
     ) -> NewCommand:
         request_id = cmd.request_id or new_request_id()
         expires_at = cmd.expires_at.astimezone(UTC) if cmd.expires_at else None
+        not_before = cmd.not_before.astimezone(UTC) if cmd.not_before else None
         ttl = cmd.ttl_seconds or (self.settings.default_ttl or None)
-        if expires_at is None and ttl:
-            expires_at = now + timedelta(seconds=ttl)
+        if expires_at is None and ttl:  # a TTL counts from when the command is due
+            expires_at = max(now, not_before or now) + timedelta(seconds=ttl)
         message = CommandMessage(
             request_id=request_id,
             device_id=cmd.device_id,
@@ -146,6 +162,7 @@ class Dispatcher:
             metadata=merged_metadata(cmd),
             timestamp=now,
             expires_at=expires_at,
+            fanout_id=fanout_id or msgspec.UNSET,
         )
         value = JSON_ENCODER.encode(message)
         headers = [
@@ -158,6 +175,8 @@ class Dispatcher:
             headers.append(("traceparent", traceparent.encode()))
         if expires_at is not None:
             headers.append(("expires_at", JSON_ENCODER.encode(expires_at)[1:-1]))
+        if fanout_id is not None:
+            headers.append(("fanout_id", fanout_id.encode()))
         return NewCommand(
             request_id=request_id,
             # Keys are per API key: one client's key can neither replay nor block another's.
@@ -172,6 +191,9 @@ class Dispatcher:
             key=cmd.device_id.encode(),
             value=value,
             headers=headers,
+            not_before=not_before.timestamp() if not_before else None,
+            coalesce_key=cmd.coalesce_key,
+            fanout_id=fanout_id,
         )
 
     # ------------------------------------------------------------------ the send path
@@ -190,11 +212,13 @@ class Dispatcher:
 
         The command's log fields go into `note` when given (the request's line), else into a line of their own."""
         new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
-        [(accepted, future, handed_over)] = await self._store([new])
-        if handed_over and not prefer_async:
-            await wait_done((future,), self.settings.publish_timeout)
-        answer = self._answer(new, accepted, future)
-        if accepted.outcome == "inserted" and answer.response.status in ("failed", "expired"):
+        [stored] = await self._store([new])
+        if stored.handed_over and not prefer_async:
+            await wait_done((stored.future,), self.settings.publish_timeout)
+        answer = self._answer(new, stored)
+        if stored.superseded or (
+            stored.accepted.outcome == "inserted" and answer.response.status in ("failed", "expired")
+        ):
             await self._settled()
         self._log(cmd, answer.response, traceparent, note)
         if answer.error is not None:
@@ -218,18 +242,19 @@ class Dispatcher:
             if not isinstance(item, PusherError)
         }
         stored = dict(zip(news, await self._store(list(news.values())), strict=True)) if news else {}
-        accepted = {i: a for i, (a, _, _) in stored.items()}
-        futures = {i: future for i, (_, future, _) in stored.items()}
-        waiting = {future for _, future, handed_over in stored.values() if handed_over}
+        accepted = {i: one.accepted for i, one in stored.items()}
+        waiting = {one.future for one in stored.values() if one.handed_over}
         if waiting and not prefer_async:
             await wait_done(waiting, self.settings.publish_timeout)
         results = [
             failed_result(None, item, "rejected")
             if isinstance(item, PusherError)
-            else self._answer(news[i], accepted[i], futures[i]).response
+            else self._answer(news[i], stored[i]).response
             for i, item in enumerate(items)
         ]
-        if any(r.status in ("failed", "expired") for i, r in enumerate(results) if i in news):
+        if any(one.superseded for one in stored.values()) or any(
+            r.status in ("failed", "expired") for i, r in enumerate(results) if i in news
+        ):
             await self._settled()
         with lines_together():
             for item, result in zip(items, results, strict=True):
@@ -259,7 +284,7 @@ class Dispatcher:
 
         def journaled(done: asyncio.Future[list[Accepted]]) -> None:
             try:
-                result = [(a, *self._submit(n, a)) for n, a in zip(news, done.result(), strict=True)]
+                result = [self._submit(n, a) for n, a in zip(news, done.result(), strict=True)]
             except BaseException as exc:  # never leave the request waiting (what is journaled goes at restart)
                 if not stored.done():
                     stored.set_exception(exc)
@@ -270,15 +295,121 @@ class Dispatcher:
         self.journal.accept(news).add_done_callback(journaled)
         return stored
 
+    async def push_fanout(
+        self,
+        request: FanoutRequest,
+        children: list[CommandRequest],
+        idem_key: str | None = None,
+        traceparent: str | None = None,
+        key_id: str | None = None,
+        note: dict | None = None,
+    ) -> tuple[FanoutResponse, bool]:
+        """Journal a fan-out's commands (`children`, one per device, in order) in one transaction, all or none, and
+        hand them over; answers at once (never waits for Kafka). Returns the answer and whether it is a replay; raises
+        409 for a reused fanout_id or Idempotency-Key with another body, 503 when it cannot be journaled whole."""
+        now = utc_now()
+        fanout = NewFanout(
+            fanout_id=request.fanout_id or new_request_id(),
+            idem_key=f"{key_id}\x1f{idem_key}" if idem_key and key_id else idem_key,
+            client_fanout_id=request.fanout_id is not None,
+            body_hash=hashlib.sha256(_HASH_ENCODER.encode(request)).digest(),
+            key_id=key_id,
+            command_type=request.command_type,
+            created_at=now.timestamp(),
+        )
+        news = [self._new_command(child, None, traceparent, now, key_id, fanout.fanout_id) for child in children]
+        journaled, stored = await self._store_fanout(fanout, news)
+        if journaled.outcome in ("replayed", "conflict") and journaled.fanout.key_id != key_id:
+            raise IdempotencyConflict("This fanout_id is already used")  # another key's: say nothing of it
+        if journaled.outcome == "conflict":
+            raise IdempotencyConflict(
+                f"This key was used for fanout_id {journaled.fanout.fanout_id!r} with a different body"
+            )
+        if journaled.outcome in ("full", "unavailable"):
+            self.metrics.failures.labels(f"journal_{journaled.outcome}").inc()
+            self._note_error(journaled.error.detail)
+            raise journaled.error
+        superseded = [rid for one in stored for rid in one.superseded]
+        if superseded:
+            await self._settled()
+        first = journaled.rows[0] if journaled.rows else None
+        replayed = journaled.outcome == "replayed"
+        response = FanoutResponse(
+            fanout_id=journaled.fanout.fanout_id,
+            total=journaled.fanout.total,
+            status="accepted",
+            message="Fan-out stored: one command per device, each published when Kafka acknowledges it",
+            timestamp=from_epoch(journaled.fanout.created_at),
+            not_before=from_epoch(first.not_before) if first else None,
+            expires_at=from_epoch(first.expires_at) if first else None,
+            replayed=replayed,
+            superseded=superseded,
+        )
+        fields = {
+            "fanout_id": response.fanout_id,
+            "command_type": request.command_type,
+            "devices": response.total,
+            "outcome": "replayed" if replayed else "accepted",
+            "traceparent": traceparent,
+        }
+        if note is not None:
+            note.update(fields)
+        else:
+            log.info("fanout", **fields)
+        if replayed:
+            self.metrics.outcomes["replayed"].inc()
+        return response, replayed
+
+    def _store_fanout(
+        self, fanout: NewFanout, news: list[NewCommand]
+    ) -> asyncio.Future[tuple[FanoutAccepted, list[Stored]]]:
+        """Journal a fan-out whole, then hand its commands to the forwarder (in the journal's completion callback,
+        like _store, so a cancelled request cannot strand them)."""
+        stored: asyncio.Future[tuple[FanoutAccepted, list[Stored]]] = asyncio.get_running_loop().create_future()
+
+        def journaled(done: asyncio.Future[FanoutAccepted]) -> None:
+            try:
+                accepted = done.result()
+                result = [
+                    self._submit(new, Accepted("inserted", row)) for new, row in zip(news, accepted.rows, strict=False)
+                ]
+            except BaseException as exc:  # never leave the request waiting (what is journaled goes at restart)
+                if not stored.done():
+                    stored.set_exception(exc)
+                raise
+            if not stored.done():
+                stored.set_result((accepted, result))
+
+        self.journal.accept_fanout(fanout, news).add_done_callback(journaled)
+        return stored
+
+    async def cancel(self, row: JournalRow) -> JournalRow:
+        """Cancel a command still waiting here (never handed to Kafka): its row, now `cancelled` (also when it was
+        already); raises NotCancellable (409) naming its status otherwise."""
+        if row.origin is None and row.status == "accepted":
+            self.forwarder.withdraw(row.seq)  # on the loop, like every hand-over: it is one or the other
+        await self._settled()  # the cancellation, or whatever happened to it instead, is in the journal
+        current = await self.journal.get(row.request_id) or row
+        stage = current.stage
+        if stage == "cancelled":
+            return current
+        if stage in TERMINAL and not current.was_published:
+            why = f"it already ended {stage}"
+        elif current.origin is not None and stage == "accepted":
+            why = "it was accepted by another instance, which holds it"
+        else:
+            why = "it was already handed to Kafka"
+        raise NotCancellable(f"Command {row.request_id!r} cannot be cancelled: {why} (status: {stage})")
+
     async def _settled(self) -> None:
         """Before answering that a command ended failed or expired, wait until the journal says so too: a retry
         that reads the journal must not find it still `accepted` (and answer 202)."""
         await wait_done((self.journal.committed(),), self.settings.publish_timeout)
 
-    def _submit(self, new: NewCommand, accepted: Accepted) -> tuple[asyncio.Future[Outcome] | None, bool]:
-        """Give a freshly journaled command to the forwarder: its outcome future, and whether it went to Kafka."""
+    def _submit(self, new: NewCommand, accepted: Accepted) -> Stored:
+        """Give a freshly journaled command to the forwarder."""
         if accepted.outcome != "inserted":
-            return None, False
+            return Stored(accepted)
         self.metrics.outcomes["accepted"].inc()
         pending = Pending(
             seq=accepted.row.seq,
@@ -289,11 +420,14 @@ class Dispatcher:
             key=new.key,
             value=new.value,
             headers=new.headers,
+            not_before=new.not_before,
+            coalesce_key=new.coalesce_key,
         )
-        return self.forwarder.submit(pending)
+        return Stored(accepted, *self.forwarder.submit(pending))
 
-    def _answer(self, new: NewCommand, accepted: Accepted, future: asyncio.Future[Outcome] | None) -> Answer:
+    def _answer(self, new: NewCommand, stored: Stored) -> Answer:
         """What became of a journaled command: stored, published, replayed, or failed with its error."""
+        accepted, future = stored.accepted, stored.future
         if accepted.outcome in ("replayed", "conflict") and accepted.row.key_id != new.key_id:
             # Another API key's command: say nothing about it.
             return _failed(None, IdempotencyConflict("This request_id is already used"), "rejected")
@@ -312,7 +446,8 @@ class Dispatcher:
         expires = from_epoch(new.expires_at)
         created = from_epoch(new.created_at)
         if future is None or not future.done():
-            return Answer(_accepted(new.request_id, created, expires))
+            response = _accepted(new.request_id, created, expires, from_epoch(new.not_before))
+            return Answer(msgspec.structs.replace(response, superseded=stored.superseded))
         outcome = future.result()
         if outcome.status == "published":
             d = outcome.delivery
@@ -326,6 +461,7 @@ class Dispatcher:
                 partition=d.partition,
                 offset=d.offset,
                 expires_at=expires,
+                superseded=stored.superseded,
             )
             return Answer(response)
         self._note_error(outcome.error)
@@ -378,6 +514,8 @@ class Dispatcher:
             commands_expired=int(m.value("pusher_commands_total", outcome="expired")),
             commands_rejected=int(m.value("pusher_commands_total", outcome="rejected")),
             commands_replayed=int(m.value("pusher_commands_total", outcome="replayed")),
+            commands_cancelled=int(m.value("pusher_commands_total", outcome="cancelled")),
+            commands_superseded=int(m.value("pusher_commands_total", outcome="superseded")),
             backlog=self.journal.pending_count,
             oldest_pending_age_seconds=None if oldest is None else round(max(0.0, time.time() - oldest), 3),
             publish_latency_ms_avg=round(m.value("pusher_publish_latency_seconds_sum") / count * 1000, 3)
@@ -451,17 +589,27 @@ def command_status(row: JournalRow) -> CommandStatus:
         error=row.error,
         history=[Transition(status=s, at=from_epoch(at), detail=detail) for s, at, detail in row.history],
         result=row.result,
+        not_before=from_epoch(row.not_before),
+        coalesce_key=row.coalesce_key,
+        superseded_by=row.superseded_by,
+        fanout_id=row.fanout_id,
     )
 
 
-def _accepted(request_id: str, created: datetime, expires: datetime | None) -> CommandResponse:
+def _accepted(
+    request_id: str, created: datetime, expires: datetime | None, not_before: datetime | None = None
+) -> CommandResponse:
+    held = not_before is not None and not_before > utc_now()
     return CommandResponse(
         success=True,
         request_id=request_id,
         status="accepted",
-        message="Command stored; it will be published when Kafka acknowledges it",
+        message="Command stored; it is held until not_before, then published"
+        if held
+        else "Command stored; it will be published when Kafka acknowledges it",
         timestamp=created,
         expires_at=expires,
+        not_before=not_before,
     )
 
 
@@ -470,7 +618,7 @@ def _replay(row: JournalRow) -> Answer:
     created, expires = from_epoch(row.created_at), from_epoch(row.expires_at)
     stage = row.stage
     if stage == "accepted":
-        response = _accepted(row.request_id, created, expires)
+        response = _accepted(row.request_id, created, expires, from_epoch(row.not_before))
         return Answer(msgspec.structs.replace(response, replayed=True))
     # The request's own job was to get the command into Kafka: a command that got there and then failed
     # at the device was still sent (its status says what became of it).
@@ -496,6 +644,8 @@ _REPLAY_MESSAGES = {
     "rejected": "The connector rejected the command: {error}",
     "expired": "Command expired before it could be delivered",
     "failed": "Command failed: {error}",
+    "cancelled": "Command cancelled before it was sent",
+    "superseded": "Command superseded by a newer one before it was sent",
 }
 
 

@@ -9,6 +9,7 @@
     │   ├── NotFound                 404: no such route, or no such command for this key
     │   ├── MethodNotAllowed         405: the route exists, not with this method
     │   ├── IdempotencyConflict      409: the key was used before with another body
+    │   ├── NotCancellable           409: the command was handed to Kafka (or ended) before it could be cancelled
     │   ├── Unauthorized             401: no valid API key (with WWW-Authenticate)
     │   ├── Forbidden                403: the key lacks the scope, or the device is not its own
     │   ├── RateLimited              429: over RATE_LIMIT (with Retry-After and RateLimit-*)
@@ -159,6 +160,14 @@ class IdempotencyConflict(RequestError):
     status = 409
     slug = "idempotency-conflict"
     title = "Idempotency key reused with a different request"
+
+
+class NotCancellable(RequestError):
+    """The command was already handed to Kafka, or already ended: it can no longer be cancelled."""
+
+    status = 409
+    slug = "not-cancellable"
+    title = "Command can no longer be cancelled"
 
 
 class JournalError(PusherError):

@@ -11,6 +11,14 @@ reported an error after sending) is looked up in Kafka before it is sent again, 
 not publish it twice. Only the same record counts (key, value bytes and every header of ours, the
 `pusher-instance` of this journal among them): request ids are unique per journal, not per topic.
 
+Deliver at: a command with `not_before` ahead waits in a heap until it is due; it then joins the queue, so the
+queue is in release order (due time, then acceptance) and a device's commands reach Kafka in that order.
+
+Latest wins and cancel: a command still queued here (never handed to the producer, not uncertain) can be taken
+back: superseded by a newer command of its device with the same `coalesce_key`, or cancelled by its sender. Both
+happen on the event loop, where hand-overs happen too, so a command is either taken back or handed over, never
+both. Commands recovered at start-up whose fate is unknown are only superseded once reconciled (at hand-over).
+
 Expiry: a command still in the queue when its `expires_at` passes is marked expired and never
 sent. A command already inside the producer when Kafka goes away cannot be called back; it
 carries `expires_at` (body and header) so connectors refuse it if it arrives late. The sink
@@ -45,9 +53,23 @@ RECONCILE_MARGIN = 300.0  # seconds before a record's acceptance to start lookin
 class Outcome:
     """How a handed-over command ended."""
 
-    status: Literal["published", "expired", "failed"]
+    status: Literal["published", "expired", "failed", "cancelled", "superseded"]
     delivery: Delivery | None = None
     error: str | None = None
+    superseded_by: str | None = None  # the request id of the command that replaced it
+
+
+@dataclass(slots=True)
+class _Group:
+    """The queued commands of one device and coalesce_key, and the newest command known with them."""
+
+    latest: Pending
+    queued: dict[int, Pending]  # seq -> command, still queued here
+
+
+def _due(pending: Pending) -> float:
+    """When a command is due: its not_before, or its acceptance."""
+    return max(pending.created_at, pending.not_before or 0.0)
 
 
 class Forwarder:
@@ -61,11 +83,16 @@ class Forwarder:
         self.sink = sink
         self.stall_after = stall_after
         self.backoff = Backoff(cap=backoff_cap)
+        # Every command queued here: due ones in _ready (release order), the others in _held until due. An entry of
+        # _ready whose command left _waiting (expired, cancelled, superseded, reconciled) is skipped when reached.
+        self._waiting: dict[int, Pending] = {}
         self._ready: deque[Pending] = deque()
+        self._held: list[tuple[float, int]] = []  # (not_before, seq), soonest first
+        self._released = 0  # how many commands joined _ready: the next one's `order`
+        self._groups: dict[tuple[str, str], _Group] = {}  # (device_id, coalesce_key) -> its queued commands
         self._in_flight: dict[int, Pending] = {}
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._expiries: list[tuple[float, int]] = []
-        self._expired: set[int] = set()
         self._uncertain: dict[int, Pending] = {}
         self._recovering = False
         self._probing = False
@@ -79,10 +106,22 @@ class Forwarder:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, recovered: list[Pending]) -> None:
-        """Take the journal's unfinished commands (their fate unknown) and start forwarding."""
+        """Take the journal's unfinished commands and start forwarding. Those due may have reached Kafka before
+        the restart (their fate is unknown until reconciled); those held for later cannot have."""
+        now = time.time()
+        due = []
         for pending in recovered:
-            self._queue(pending)
-            self._uncertain[pending.seq] = pending
+            if pending.expires_at is not None:
+                heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
+            if pending.not_before is not None and pending.not_before > now:
+                self._enqueue(pending, now)
+            else:
+                due.append(pending)
+                self._uncertain[pending.seq] = pending
+        for pending in sorted(due, key=lambda p: (_due(p), p.seq)):
+            self._enqueue(pending, now)
+        for group in list(self._groups.values()):  # latest wins among the held ones already
+            self._supersede_older(group.latest)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="forwarder")
         self._task.add_done_callback(self._ended)
 
@@ -125,26 +164,105 @@ class Forwarder:
 
     # ------------------------------------------------------------------ the send path
 
-    def submit(self, pending: Pending) -> tuple[asyncio.Future[Outcome], bool]:
-        """Queue a freshly journaled command; returns its outcome future and whether it went to Kafka at once."""
+    def submit(self, pending: Pending) -> tuple[asyncio.Future[Outcome], bool, list[str]]:
+        """Queue a freshly journaled command; returns its outcome future, whether it went to Kafka at once, and the
+        request ids of the earlier commands it superseded (its coalesce_key)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[pending.seq] = future
+        superseded = self._supersede_older(pending) if pending.coalesce_key is not None else []
+        now = time.time()
         if pending.expires_at is not None:
-            if pending.expires_at <= time.time():  # it expired while being journaled
+            if pending.expires_at <= now:  # it expired while being journaled
                 self._finish(pending, Outcome("expired", error="expired before it could be published"))
-                return future, False
+                return future, False, superseded
             heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
-        if not self._ready and self.can_hand_over():
+        if _due(pending) <= now and self._ready_head() is None and self.can_hand_over():
             self._hand_over(pending)
-            return future, True
-        self._ready.append(pending)
+            return future, True, superseded
+        self._enqueue(pending, now)
         self._wake.set()
-        return future, False
+        return future, False, superseded
 
-    def _queue(self, pending: Pending) -> None:
+    def withdraw(self, seq: int) -> bool:
+        """Cancel command `seq` if it is still queued here (never handed to the producer): True if it was."""
+        pending = self._waiting.get(seq)
+        if pending is None or not self._touchable(pending):
+            return False
+        self._drop(pending, Outcome("cancelled"))
+        return True
+
+    # ------------------------------------------------------------------ the queue
+
+    def _enqueue(self, pending: Pending, now: float) -> None:
+        """Queue a command: released at once when due, else held until then."""
+        self._waiting[pending.seq] = pending
+        if pending.coalesce_key is not None:
+            key = (pending.device_id, pending.coalesce_key)
+            group = self._groups.get(key)
+            if group is None:
+                self._groups[key] = _Group(pending, {pending.seq: pending})
+            else:
+                group.queued[pending.seq] = pending
+                if pending.seq > group.latest.seq:
+                    group.latest = pending
+        if pending.not_before is not None and pending.not_before > now:
+            heapq.heappush(self._held, (pending.not_before, pending.seq))
+        else:
+            self._release(pending)
+
+    def _release(self, pending: Pending) -> None:
+        pending.order = self._released
+        self._released += 1
         self._ready.append(pending)
-        if pending.expires_at is not None:
-            heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
+
+    def _release_due(self) -> None:
+        """Move the held commands that are due to the queue, soonest first (then in acceptance order)."""
+        now = time.time()
+        while self._held and self._held[0][0] <= now:
+            pending = self._waiting.get(heapq.heappop(self._held)[1])
+            if pending is not None:  # else it left meanwhile (cancelled, superseded, expired)
+                self._release(pending)
+
+    def _ready_head(self) -> Pending | None:
+        """The first command of the queue still waiting (entries of commands that left are dropped on the way)."""
+        while self._ready and self._waiting.get(self._ready[0].seq) is not self._ready[0]:
+            self._ready.popleft()
+        return self._ready[0] if self._ready else None
+
+    def _leave(self, pending: Pending) -> None:
+        """The command is no longer queued here (handed over or finished)."""
+        self._waiting.pop(pending.seq, None)
+        if pending.coalesce_key is not None:
+            key = (pending.device_id, pending.coalesce_key)
+            group = self._groups.get(key)
+            if group is not None:
+                group.queued.pop(pending.seq, None)
+                if not group.queued:
+                    del self._groups[key]
+
+    def _drop(self, pending: Pending, outcome: Outcome) -> None:
+        """Finish a queued command without sending it."""
+        self._leave(pending)
+        self._finish(pending, outcome)
+
+    def _touchable(self, pending: Pending) -> bool:
+        """Whether a queued command may be taken back: never handed to a producer, and not of unknown fate."""
+        return pending.handed_at is None and pending.seq not in self._uncertain
+
+    def _supersede_older(self, newer: Pending) -> list[str]:
+        """Latest wins: every older command queued here with newer's device and coalesce_key that may still be
+        taken back ends superseded by `newer`. Returns their request ids."""
+        group = self._groups.get((newer.device_id, newer.coalesce_key))
+        if group is None:
+            return []
+        superseded = []
+        for older in [p for p in group.queued.values() if p.seq < newer.seq and self._touchable(p)]:
+            self._drop(older, Outcome("superseded", superseded_by=newer.request_id))
+            superseded.append(older.request_id)
+        group = self._groups.get((newer.device_id, newer.coalesce_key))
+        if group is not None and newer.seq > group.latest.seq:  # older ones of unknown fate are left: see _drain
+            group.latest = newer
+        return superseded
 
     def _hand_over(self, pending: Pending) -> None:
         if not self._in_flight:
@@ -163,8 +281,8 @@ class Forwarder:
             self._on_done(pending, future)
         except Exception:
             log.exception("handling a kafka outcome failed", command_id=pending.request_id)
-            if pending.seq not in {p.seq for p in self._ready}:
-                bisect.insort(self._ready, pending, key=lambda p: p.seq)
+            if pending.seq not in self._waiting:
+                self._requeue(pending)
             self._uncertain[pending.seq] = pending
             self._recovering = True
             self._wake.set()
@@ -183,8 +301,8 @@ class Forwarder:
             self._last_progress = time.monotonic()
             self._finish(pending, Outcome("failed", error=error.detail))
         else:
-            # Back to the head of the queue, in seq order; nothing newer is handed over until we take stock.
-            bisect.insort(self._ready, pending, key=lambda p: p.seq)
+            # Back to the head of the queue, in release order; nothing newer is handed over until we take stock.
+            self._requeue(pending)
             if isinstance(error, SinkError) and (error.uncertain or error.sent):
                 self._uncertain[pending.seq] = pending
                 # A refusal after sending may have hit a whole batch: retry one record at a time until one
@@ -196,6 +314,12 @@ class Forwarder:
                 self._retry_at = time.monotonic() + self.backoff.next()
         self._wake.set()
 
+    def _requeue(self, pending: Pending) -> None:
+        """A command the producer gave back goes back to its place in the queue (it was handed over: it is never
+        taken back now, so it joins no coalesce group)."""
+        self._waiting[pending.seq] = pending
+        bisect.insort(self._ready, pending, key=lambda p: p.order)
+
     def _published(self, pending: Pending, delivery: Delivery) -> None:
         self.journal.mark(
             pending.seq, "published", topic=delivery.topic, partition=delivery.partition, offset=delivery.offset
@@ -204,7 +328,7 @@ class Forwarder:
 
     def _finish(self, pending: Pending, outcome: Outcome, journal: bool = True) -> None:
         if journal:
-            self.journal.mark(pending.seq, outcome.status, error=outcome.error)
+            self.journal.mark(pending.seq, outcome.status, error=outcome.error, superseded_by=outcome.superseded_by)
         self.metrics.outcomes[outcome.status].inc()
         if outcome.status == "published":
             self.metrics.publish_latency.observe(max(0.0, time.time() - pending.created_at))
@@ -213,7 +337,14 @@ class Forwarder:
         waiter = self._waiters.pop(pending.seq, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(outcome)
-        if outcome.status != "published":
+        if outcome.status in ("cancelled", "superseded"):
+            log.info(
+                f"command {outcome.status}",
+                command_id=pending.request_id,
+                device_id=pending.device_id,
+                superseded_by=outcome.superseded_by,
+            )
+        elif outcome.status != "published":
             log.warning(
                 f"command {outcome.status}",
                 command_id=pending.request_id,
@@ -243,6 +374,7 @@ class Forwarder:
     async def _step(self) -> None:
         """One pass: expire what is due, then (Kafka permitting) reconcile, resume and drain, in that order."""
         self._expire_due()
+        self._release_due()
         if self.stalled and not self._recovering:
             # Kafka stopped acknowledging: abort what is in the producer, so that nothing stays there past
             # its expiry; those records are looked up in Kafka and sent again (or expired) when it returns.
@@ -265,15 +397,24 @@ class Forwarder:
 
     def _drain(self) -> None:
         now = time.time()
-        while self._ready and self.can_hand_over():
-            pending = self._ready.popleft()
-            if pending.seq in self._expired:
-                self._expired.discard(pending.seq)
-                continue
+        while self.can_hand_over() and (pending := self._ready_head()) is not None:
+            self._ready.popleft()
             if pending.expires_at is not None and pending.expires_at <= now:
-                self._finish(pending, Outcome("expired", error="expired before it could be published"))
+                self._drop(pending, Outcome("expired", error="expired before it could be published"))
                 continue
+            newer = self._newer(pending)
+            if newer is not None:  # a command recovered at start-up, replaced since (or meanwhile)
+                self._drop(pending, Outcome("superseded", superseded_by=newer.request_id))
+                continue
+            self._leave(pending)
             self._hand_over(pending)
+
+    def _newer(self, pending: Pending) -> Pending | None:
+        """A newer command with pending's device and coalesce_key, if pending may still be taken back."""
+        if pending.coalesce_key is None or not self._touchable(pending):
+            return None
+        group = self._groups.get((pending.device_id, pending.coalesce_key))
+        return group.latest if group is not None and group.latest.seq > pending.seq else None
 
     def _expire_due(self) -> None:
         """Mark queued commands whose expires_at passed; they stay skipped when the queue drains."""
@@ -283,14 +424,12 @@ class Forwarder:
             due.append(heapq.heappop(self._expiries)[1])
         if not due:
             return
-        queued = {p.seq: p for p in self._ready}
         for seq in due:
-            pending = queued.get(seq)
+            pending = self._waiting.get(seq)
             # In flight: too late to call back. Uncertain: may be in Kafka already; settled after reconciling.
-            if pending is None or seq in self._expired or seq in self._uncertain:
+            if pending is None or seq in self._uncertain:
                 continue
-            self._expired.add(seq)
-            self._finish(pending, Outcome("expired", error="expired before it could be published"))
+            self._drop(pending, Outcome("expired", error="expired before it could be published"))
 
     async def _reconcile(self) -> None:
         """Look the uncertain records up in Kafka; mark the ones found, keep the rest for sending."""
@@ -304,7 +443,7 @@ class Forwarder:
             return
         for seq, delivery in found.items():
             pending = uncertain[seq]
-            self._ready.remove(pending)
+            self._leave(pending)
             self._published(pending, delivery)
         for seq in uncertain:
             self._uncertain.pop(seq, None)

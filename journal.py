@@ -35,14 +35,16 @@ import structlog
 
 import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from journal_reads import Reader, fetch_recent, fetch_row
-from journal_schema import ROW_COLUMNS, JournalRow, Sync, row_from
+from journal_reads import Reader, fetch_fanout, fetch_recent, fetch_row
+from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
+from schemas import from_epoch
 from status_store import Events, OutboxSent, Received, apply_feed, emit, forget_sent, outbox_after, read_positions
 from threadbridge import Outbox, outbox_for, resolve
 
 log = structlog.get_logger("journal")
 
-FINAL = ("published", "expired", "failed")  # the statuses a command accepted here ends in
+# The statuses a command accepted here ends in; the last two are never sent.
+FINAL = ("published", "expired", "failed", "cancelled", "superseded")
 HEADERS_ENCODER = msgspec.msgpack.Encoder()
 HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
@@ -63,6 +65,21 @@ class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
     value: bytes
     headers: list[tuple[str, bytes]]
     key_id: str | None = None
+    not_before: float | None = None
+    coalesce_key: str | None = None
+    fanout_id: str | None = None
+
+
+class NewFanout(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated fan-out: its own row, journaled with its commands, all or none."""
+
+    fanout_id: str
+    idem_key: str | None
+    client_fanout_id: bool
+    body_hash: bytes
+    key_id: str | None
+    command_type: str
+    created_at: float
 
 
 class Pending(msgspec.Struct, kw_only=True):
@@ -77,6 +94,9 @@ class Pending(msgspec.Struct, kw_only=True):
     value: bytes
     headers: list[tuple[str, bytes]]
     handed_at: float | None = None  # when this process first gave it to the producer
+    not_before: float | None = None  # held until then
+    coalesce_key: str | None = None
+    order: int = 0  # the forwarder's release order: due time, then acceptance
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +108,22 @@ class Accepted:
     error: JournalError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FanoutAccepted:
+    """The journal's answer to a fan-out: its commands journaled (all of them), replayed, or refused whole."""
+
+    outcome: Literal["inserted", "replayed", "conflict", "full", "unavailable"]
+    fanout: FanoutRow | None = None
+    rows: list[JournalRow] = field(default_factory=list)  # the commands, in device order, when inserted
+    error: JournalError | None = None
+
+
 @dataclass(slots=True)
 class _Insert:
     outbox: Outbox
     future: asyncio.Future[list[Accepted]]
     items: list[NewCommand]
+    fanout: NewFanout | None = None  # with it, `future` resolves to one FanoutAccepted
 
 
 @dataclass(slots=True)
@@ -104,6 +135,7 @@ class _Mark:
     partition: int | None = None
     offset: int | None = None
     error: str | None = None
+    superseded_by: str | None = None
 
 
 @dataclass(slots=True)
@@ -199,8 +231,8 @@ class Journal:
         self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
         self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
         rows = self._writer.execute(
-            "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers "
-            "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
+            "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers, "
+            "not_before, coalesce_key FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         ).fetchall()
         pending = [
             Pending(
@@ -212,8 +244,10 @@ class Journal:
                 key=key,
                 value=value,
                 headers=HEADERS_DECODER.decode(headers),
+                not_before=not_before,
+                coalesce_key=coalesce_key,
             )
-            for seq, rid, device, created, expires, key, value, headers in rows
+            for seq, rid, device, created, expires, key, value, headers, not_before, coalesce_key in rows
         ]
         self.pending_count = len(pending)
         self._pending_sizes = {p.seq: len(p.value) for p in pending}
@@ -248,6 +282,14 @@ class Journal:
         self._ops.put(_Insert(self._outbox, future, items))
         return future
 
+    def accept_fanout(self, fanout: NewFanout, items: list[NewCommand]) -> asyncio.Future[FanoutAccepted]:
+        """Insert a fan-out and all its commands in one transaction, or none of them (an earlier fan-out with the
+        same Idempotency-Key or fanout_id is found instead); resolves after the commit's fsync."""
+        self._outbox = outbox_for(self._outbox)
+        future: asyncio.Future[FanoutAccepted] = self._outbox.loop.create_future()
+        self._ops.put(_Insert(self._outbox, future, items, fanout))
+        return future
+
     def mark(
         self,
         seq: int,
@@ -256,9 +298,10 @@ class Journal:
         partition: int | None = None,
         offset: int | None = None,
         error: str | None = None,
+        superseded_by: str | None = None,
     ) -> None:
         """Queue a status transition; it is committed with the writer's next transaction."""
-        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error))
+        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by))
 
     def committed(self) -> asyncio.Future[None]:
         """Resolves once everything queued so far (status marks included) is committed."""
@@ -328,7 +371,10 @@ class Journal:
             self._start_txn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                results = [self._insert_all(conn, op.items) for op in inserts]
+                results = [
+                    self._insert_all(conn, op.items) if op.fanout is None else self._insert_fanout(conn, op)
+                    for op in inserts
+                ]
                 for mark in marks:
                     self._apply_mark(conn, mark)
                 for op in feed:
@@ -348,7 +394,12 @@ class Journal:
                 self.writable, self.last_error = False, error.detail
                 log.error("journal write failed", error=error.detail, sqlite_error=str(exc), exc_info=True)
                 self._retry_marks = marks
-                results = [[Accepted("unavailable", error=error) for _ in op.items] for op in inserts]
+                results = [
+                    [Accepted("unavailable", error=error) for _ in op.items]
+                    if op.fanout is None
+                    else FanoutAccepted("unavailable", error=error)
+                    for op in inserts
+                ]
                 self._start_txn()  # nothing of it happened
             else:
                 self._count_txn()
@@ -410,60 +461,125 @@ class Journal:
                 error = JournalFull(f"{self.max_bytes} bytes of commands are waiting for Kafka")
                 results.append(Accepted("full", error=error))
                 continue
-            history = json.dumps([["accepted", item.created_at, None]])
-            cursor = conn.execute(
-                "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
-                "updated_at, expires_at, record_key, record_value, record_headers, history, key_id) "
-                "VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.request_id,
-                    item.idem_key,
-                    item.body_hash,
-                    item.device_id,
-                    item.command_type,
-                    item.created_at,
-                    item.created_at,
-                    item.expires_at,
-                    item.key,
-                    item.value,
-                    HEADERS_ENCODER.encode(item.headers),
-                    history,
-                    item.key_id,
-                ),
-            )
-            self._txn_delta += 1
-            self._txn_sizes[cursor.lastrowid] = len(item.value)
-            self._txn_bytes += len(item.value)
-            self._txn_inserted.append((cursor.lastrowid, item.created_at))
-            if self.status_source is not None:
-                self._txn_emitted += 1
-                emit(
-                    conn,
-                    self.status_source,
-                    ("accepted", item.created_at),
-                    (item.request_id, item.device_id, item.command_type, item.created_at, item.expires_at, item.key_id),
-                    idempotency_key=item.idem_key,
-                    body_hash=item.body_hash.hex(),
-                )
-            row = JournalRow(
-                seq=cursor.lastrowid,
-                request_id=item.request_id,
-                device_id=item.device_id,
-                command_type=item.command_type,
-                status="accepted",
-                created_at=item.created_at,
-                updated_at=item.created_at,
-                expires_at=item.expires_at,
-                topic=None,
-                partition=None,
-                offset=None,
-                error=None,
-                history=[("accepted", item.created_at, None)],
-                body_hash=item.body_hash,
-                key_id=item.key_id,
-            )
-            results.append(Accepted("inserted", row))
+            results.append(Accepted("inserted", self._insert(conn, item)))
         return results
+
+    def _insert_fanout(self, conn: sqlite3.Connection, op: _Insert) -> FanoutAccepted:
+        """A fan-out's row and every one of its commands, or (full, or a twin found) none of them."""
+        fanout, items = op.fanout, op.items
+        twin = self._find_fanout_twin(conn, fanout)
+        if twin is not None:
+            return FanoutAccepted("replayed" if twin.body_hash == fanout.body_hash else "conflict", twin)
+        if self.pending_count + self._txn_delta + len(items) > self.max_pending:
+            error = JournalFull(f"{self.max_pending} commands are waiting for Kafka; a fan-out is journaled whole")
+            return FanoutAccepted("full", error=error)
+        size = sum(len(item.value) for item in items)
+        if self.pending_bytes + self._txn_bytes + size > self.max_bytes:
+            error = JournalFull(
+                f"{self.max_bytes} bytes of commands are waiting for Kafka; a fan-out is journaled whole"
+            )
+            return FanoutAccepted("full", error=error)
+        conn.execute(
+            "INSERT INTO fanouts (fanout_id, idem_key, body_hash, key_id, command_type, total, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                fanout.fanout_id,
+                fanout.idem_key,
+                fanout.body_hash,
+                fanout.key_id,
+                fanout.command_type,
+                len(items),
+                fanout.created_at,
+            ),
+        )
+        row = FanoutRow(
+            fanout_id=fanout.fanout_id,
+            body_hash=fanout.body_hash,
+            key_id=fanout.key_id,
+            command_type=fanout.command_type,
+            total=len(items),
+            created_at=fanout.created_at,
+        )
+        return FanoutAccepted("inserted", row, [self._insert(conn, item) for item in items])
+
+    def _find_fanout_twin(self, conn: sqlite3.Connection, fanout: NewFanout) -> FanoutRow | None:
+        if fanout.idem_key is not None:
+            found = conn.execute(
+                f"SELECT {FANOUT_COLUMNS} FROM fanouts WHERE idem_key = ?", (fanout.idem_key,)
+            ).fetchone()
+            if found:
+                return fanout_from(found)
+        if fanout.client_fanout_id:
+            found = conn.execute(
+                f"SELECT {FANOUT_COLUMNS} FROM fanouts WHERE fanout_id = ?", (fanout.fanout_id,)
+            ).fetchone()
+            if found:
+                return fanout_from(found)
+        return None
+
+    def _insert(self, conn: sqlite3.Connection, item: NewCommand) -> JournalRow:
+        """One new command row, its backlog figures and its `accepted` status event, in the transaction under way."""
+        history = json.dumps([["accepted", item.created_at, None]])
+        cursor = conn.execute(
+            "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
+            "updated_at, expires_at, record_key, record_value, record_headers, history, key_id, not_before, "
+            "coalesce_key, fanout_id) VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.request_id,
+                item.idem_key,
+                item.body_hash,
+                item.device_id,
+                item.command_type,
+                item.created_at,
+                item.created_at,
+                item.expires_at,
+                item.key,
+                item.value,
+                HEADERS_ENCODER.encode(item.headers),
+                history,
+                item.key_id,
+                item.not_before,
+                item.coalesce_key,
+                item.fanout_id,
+            ),
+        )
+        self._txn_delta += 1
+        self._txn_sizes[cursor.lastrowid] = len(item.value)
+        self._txn_bytes += len(item.value)
+        self._txn_inserted.append((cursor.lastrowid, item.created_at))
+        if self.status_source is not None:
+            self._txn_emitted += 1
+            emit(
+                conn,
+                self.status_source,
+                ("accepted", item.created_at),
+                (item.request_id, item.device_id, item.command_type, item.created_at, item.expires_at, item.key_id),
+                idempotency_key=item.idem_key,
+                body_hash=item.body_hash.hex(),
+                not_before=from_epoch(item.not_before),
+                fanout_id=item.fanout_id,
+            )
+        row = JournalRow(
+            seq=cursor.lastrowid,
+            request_id=item.request_id,
+            device_id=item.device_id,
+            command_type=item.command_type,
+            status="accepted",
+            created_at=item.created_at,
+            updated_at=item.created_at,
+            expires_at=item.expires_at,
+            topic=None,
+            partition=None,
+            offset=None,
+            error=None,
+            history=[("accepted", item.created_at, None)],
+            body_hash=item.body_hash,
+            key_id=item.key_id,
+            not_before=item.not_before,
+            coalesce_key=item.coalesce_key,
+            fanout_id=item.fanout_id,
+        )
+        return row
 
     def _find_twin(self, conn: sqlite3.Connection, item: NewCommand) -> JournalRow | None:
         if item.idem_key is not None:
@@ -478,10 +594,12 @@ class Journal:
         detail = mark.error
         if mark.status == "published":
             detail = f"{mark.topic}/{mark.partition}@{mark.offset}"
+        elif mark.status == "superseded":
+            detail = mark.superseded_by
         updated = conn.execute(
             "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
             'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
-            "history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
+            "superseded_by = coalesce(?, superseded_by), history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
             "record_value = CASE WHEN ? THEN NULL ELSE record_value END "
             "WHERE seq = ? AND status = 'accepted' "
             "RETURNING request_id, device_id, command_type, created_at, expires_at, key_id",
@@ -492,6 +610,7 @@ class Journal:
                 mark.partition,
                 mark.offset,
                 mark.error,
+                mark.superseded_by,
                 mark.status,
                 mark.at,
                 detail,
@@ -512,6 +631,7 @@ class Journal:
                 partition=mark.partition,
                 offset=mark.offset,
                 error=mark.error[:2000] if mark.error else None,  # the contract's limit
+                superseded_by=mark.superseded_by,
             )
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
@@ -555,6 +675,11 @@ class Journal:
                 ).rowcount
                 if deleted < 5000:
                     break
+            conn.execute(  # fan-outs none of whose commands is left
+                "DELETE FROM fanouts WHERE created_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM commands WHERE commands.fanout_id = fanouts.fanout_id)",
+                (cutoff,),
+            )
             # Commands accepted by other instances that we never heard more of.
             conn.execute(
                 "DELETE FROM commands WHERE status = 'accepted' AND origin IS NOT NULL AND updated_at < ?", (cutoff,)
@@ -579,11 +704,16 @@ class Journal:
         limit: int,
         before: int | None = None,
         key_id: str | None = None,
+        fanout_id: str | None = None,
     ) -> list[JournalRow]:
         """Newest first, optionally for one device, status and/or API key, paged by `before` (a seq); read on
         the reader thread."""
-        equal = {"device_id": device_id, "status": status, "key_id": key_id}
+        equal = {"device_id": device_id, "status": status, "key_id": key_id, "fanout_id": fanout_id}
         return await self.reads.submit(fetch_recent, limit, before, equal)
+
+    async def fanout(self, fanout_id: str) -> tuple[FanoutRow, dict[str, int]] | None:
+        """A fan-out and how many of its commands are in each status (read on the reader thread)."""
+        return await self.reads.submit(fetch_fanout, fanout_id)
 
     def status_positions(self) -> dict[int, int]:
         """Where the status feed stopped reading, per status topic partition (from the status feed's thread)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import JournalUnavailable
-from journal_schema import ROW_COLUMNS, JournalRow, Sync, connect, row_from
+from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, connect, fanout_from, row_from
 from threadbridge import Outbox, outbox_for, resolve
 
 _STOP = object()
@@ -86,7 +86,7 @@ def fetch_row(conn: sqlite3.Connection, request_id: str) -> JournalRow | None:
 
 
 # The command list's equality filters: only these columns are ever named in its SQL.
-LIST_FILTERS = ("key_id", "device_id", "status")
+LIST_FILTERS = ("key_id", "device_id", "status", "fanout_id")
 
 
 def fetch_recent(
@@ -95,9 +95,10 @@ def fetch_recent(
     """Newest first, up to `limit` rows whose LIST_FILTERS columns equal `equal`'s values (None or absent: any),
     with seq below `before` when given."""
     named = [column for column in LIST_FILTERS if equal.get(column) is not None]
-    # A device's commands are few beside a key's: with both, the device's index is the one to read. SQLite has no
-    # statistics to tell, and the unary + keeps it from reading the key's index instead.
-    used = [(f"+{c} = ?" if c == "key_id" and "device_id" in named else f"{c} = ?", equal[c]) for c in named]
+    # A device's or a fan-out's commands are few beside a key's or a status's: with one of those, its index is the
+    # one to read. SQLite has no statistics to tell; the unary + keeps it from reading the other index instead.
+    narrow = "device_id" in named or "fanout_id" in named
+    used = [(f"+{c} = ?" if c in ("key_id", "status") and narrow else f"{c} = ?", equal[c]) for c in named]
     if before is not None:
         used.append(("seq < ?", before))
     clause = f"WHERE {' AND '.join(c for c, _ in used)}" if used else ""
@@ -105,3 +106,14 @@ def fetch_recent(
         f"SELECT {ROW_COLUMNS} FROM commands {clause} ORDER BY seq DESC LIMIT ?", (*(v for _, v in used), limit)
     ).fetchall()
     return [row_from(r) for r in rows]
+
+
+def fetch_fanout(conn: sqlite3.Connection, fanout_id: str) -> tuple[FanoutRow, dict[str, int]] | None:
+    """A fan-out and how many of its commands are in each status (its index holds them together)."""
+    found = conn.execute(f"SELECT {FANOUT_COLUMNS} FROM fanouts WHERE fanout_id = ?", (fanout_id,)).fetchone()
+    if found is None:
+        return None
+    counts = conn.execute(
+        "SELECT status, count(*) FROM commands WHERE fanout_id = ? GROUP BY status", (fanout_id,)
+    ).fetchall()
+    return fanout_from(found), dict(counts)

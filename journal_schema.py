@@ -46,6 +46,15 @@ _TABLES = (
     result         TEXT
 )""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+    """CREATE TABLE IF NOT EXISTS fanouts (
+    fanout_id    TEXT PRIMARY KEY,
+    idem_key     TEXT UNIQUE,
+    body_hash    BLOB NOT NULL,
+    key_id       TEXT,
+    command_type TEXT NOT NULL,
+    total        INTEGER NOT NULL,
+    created_at   REAL NOT NULL
+)""",
     """CREATE TABLE IF NOT EXISTS status_outbox (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL,
@@ -54,7 +63,15 @@ _TABLES = (
     "INSERT OR IGNORE INTO meta VALUES ('probe', 0)",
 )
 # Columns of `commands` that a journal of an early version lacks: added (NULL in its rows) when it opens.
-_ADDED_COLUMNS = ("key_id", "origin", "result")
+_ADDED_COLUMNS = (
+    ("key_id", "TEXT"),
+    ("origin", "TEXT"),
+    ("result", "TEXT"),
+    ("not_before", "REAL"),  # deliver at: held until then
+    ("coalesce_key", "TEXT"),
+    ("superseded_by", "TEXT"),  # the request id of the command that replaced it
+    ("fanout_id", "TEXT"),
+)
 # The command list (journal_reads.fetch_recent) filters by equality on key, device and status and pages newest
 # first by seq. Each of them has an index ending in seq, so a page is read from an index however many finished
 # rows the file holds; the other filters are checked on the rows it gives. commands_status also finds the
@@ -66,6 +83,7 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS commands_device ON commands(device_id, seq)",
     "CREATE INDEX IF NOT EXISTS commands_key ON commands(key_id, seq) WHERE key_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS commands_finished ON commands(updated_at) WHERE status != 'accepted'",
+    "CREATE INDEX IF NOT EXISTS commands_fanout ON commands(fanout_id, seq) WHERE fanout_id IS NOT NULL",
 )
 
 
@@ -88,9 +106,9 @@ def migrate(conn: sqlite3.Connection) -> None:
         for statement in _TABLES:
             conn.execute(statement)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(commands)")}
-        for column in _ADDED_COLUMNS:
+        for column, kind in _ADDED_COLUMNS:
             if column not in columns:
-                conn.execute(f"ALTER TABLE commands ADD COLUMN {column} TEXT")
+                conn.execute(f"ALTER TABLE commands ADD COLUMN {column} {kind}")
         for statement in _INDEXES:
             conn.execute(statement)
         conn.execute("COMMIT")
@@ -120,6 +138,10 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str | None = None
     origin: str | None = None  # the instance or connector that told us of it; None: accepted here
     result: dict | None = None  # what the device answered
+    not_before: float | None = None
+    coalesce_key: str | None = None
+    superseded_by: str | None = None
+    fanout_id: str | None = None
 
     @property
     def stage(self) -> str:
@@ -144,14 +166,14 @@ def furthest(status: str, history: list) -> str:
 # The columns a JournalRow is read from, in the order `row_from` takes them.
 ROW_COLUMNS = (
     'seq, request_id, device_id, command_type, status, created_at, updated_at, expires_at, topic, partition, "offset", '
-    "error, history, body_hash, key_id, origin, result"
+    "error, history, body_hash, key_id, origin, result, not_before, coalesce_key, superseded_by, fanout_id"
 )
 
 
 def row_from(values: tuple) -> JournalRow:
     """The JournalRow of one result row of `SELECT {ROW_COLUMNS}`."""
     (seq, rid, device, ctype, status, created, updated, expires, topic, part, off, err, hist, body_hash, key_id, origin,
-     result) = values  # fmt: skip
+     result, not_before, coalesce_key, superseded_by, fanout_id) = values  # fmt: skip
     return JournalRow(
         seq=seq,
         request_id=rid,
@@ -170,4 +192,35 @@ def row_from(values: tuple) -> JournalRow:
         key_id=key_id,
         origin=origin,
         result=json.loads(result) if result else None,
+        not_before=not_before,
+        coalesce_key=coalesce_key,
+        superseded_by=superseded_by,
+        fanout_id=fanout_id,
+    )
+
+
+class FanoutRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A fan-out as the journal knows it: what it was, for whom, how many commands."""
+
+    fanout_id: str
+    body_hash: bytes
+    key_id: str | None
+    command_type: str
+    total: int
+    created_at: float
+
+
+FANOUT_COLUMNS = "fanout_id, body_hash, key_id, command_type, total, created_at"
+
+
+def fanout_from(values: tuple) -> FanoutRow:
+    """The FanoutRow of one result row of `SELECT {FANOUT_COLUMNS}`."""
+    fanout_id, body_hash, key_id, command_type, total, created_at = values
+    return FanoutRow(
+        fanout_id=fanout_id,
+        body_hash=body_hash,
+        key_id=key_id,
+        command_type=command_type,
+        total=total,
+        created_at=created_at,
     )

@@ -78,7 +78,17 @@ class Metrics:
         # Children bound once: labels() takes a lock and a lookup on every call, and these count every command.
         self.outcomes = {
             outcome: self.commands.labels(outcome)
-            for outcome in ("accepted", "published", "expired", "failed", "replayed", "rejected", "reconciled")
+            for outcome in (
+                "accepted",
+                "published",
+                "expired",
+                "failed",
+                "cancelled",
+                "superseded",
+                "replayed",
+                "rejected",
+                "reconciled",
+            )
         }
         self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for reason in ("kafka_rejected", "journal_full", "journal_unavailable"):

@@ -29,6 +29,9 @@ from schemas import (
     CommandResponse,
     CommandStatus,
     Counters,
+    FanoutRequest,
+    FanoutResponse,
+    FanoutStatus,
     Health,
     ListQuery,
     Problem,
@@ -68,9 +71,20 @@ PLAN_BATCH_EXAMPLE = {
     ]
 }
 
+PLAN_FANOUT_EXAMPLE = {
+    "device_ids": ["thermostat_001", "thermostat_002", "thermostat_003"],
+    "command_type": "set_temperature",
+    "payload": {"setpoint": 21.5},
+    "protocol": "mqtt",
+    "coalesce_key": "setpoint",
+}
+
 _SCHEMA_TYPES = (
     CommandRequest,
     BatchCommandRequest,
+    FanoutRequest,
+    FanoutResponse,
+    FanoutStatus,
     CommandResponse,
     BatchCommandResponse,
     CommandStatus,
@@ -210,6 +224,47 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             "503": _UNAVAILABLE,
         },
     },
+    "push_fanout": {
+        "operationId": "pushFanout",
+        "summary": "Push one command to many devices: one command each, journaled together, all or none",
+        "description": "Each device gets an ordinary command of its own (its own request_id; its Kafka record "
+        "carries the `fanout_id`). The answer comes once all are journaled, never waiting for Kafka; follow it at "
+        "the Location (GET /api/v1/fanouts/{fanout_id}) or list its commands with `?fanout_id=`. The key must be "
+        "allowed every device (403 names the refused ones, nothing is stored); RATE_LIMIT counts one unit per device.",
+        "tags": ["commands"],
+        "parameters": _SEND_PARAMETERS[:1],
+        "requestBody": _body("FanoutRequest", PLAN_FANOUT_EXAMPLE),
+        "responses": {
+            "202": {
+                **_json(
+                    "FanoutResponse", "Every command stored in the journal (fsynced); each published when Kafka acks"
+                ),
+                "headers": _REPLAYED
+                | {"Location": {"description": "Where the fan-out is followed", "schema": {"type": "string"}}},
+            },
+            **_BODY_ERRORS,
+            "409": _problem("The Idempotency-Key or fanout_id was used with a different body"),
+            "503": _UNAVAILABLE,
+        },
+    },
+    "get_fanout": {
+        "operationId": "getFanout",
+        "summary": "A fan-out: how many of its commands are in each status, and whether every one has ended",
+        "tags": ["commands"],
+        "responses": {"200": _json("FanoutStatus", "Known fan-out"), "404": _problem("Unknown fanout_id")},
+    },
+    "cancel_command": {
+        "operationId": "cancelCommand",
+        "summary": "Cancel a command still waiting in the journal (never sent)",
+        "description": "200 with status `cancelled` if it had not been handed to Kafka yet; a repeat answers the "
+        "same. 409 names its status once it was handed to Kafka (or ended otherwise: expired, superseded).",
+        "tags": ["commands"],
+        "responses": {
+            "200": _json("CommandStatus", "Cancelled: it will never be sent"),
+            "404": _problem("Unknown request id"),
+            "409": _problem("Already handed to Kafka, or already ended; `detail` names its status"),
+        },
+    },
     "get_command_status": {
         "operationId": "getCommandStatus",
         "summary": "A command's current status and every transition; with `wait_for`, a long poll",
@@ -329,6 +384,8 @@ def openapi_document(routes: Iterable[BaseRoute], settings: Settings, open_paths
     _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     components["CommandRequest"]["properties"]["protocol"] = {"enum": list(settings.allowed_protocols)}
     components["BatchCommandRequest"]["properties"]["commands"] |= {"minItems": 1, "maxItems": settings.max_batch}
+    components["FanoutRequest"]["properties"]["protocol"] = {"enum": list(settings.allowed_protocols)}
+    components["FanoutRequest"]["properties"]["device_ids"] |= {"maxItems": settings.max_fanout, "uniqueItems": True}
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route):  # the docs' static files

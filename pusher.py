@@ -58,6 +58,7 @@ from schemas import (
     VERSION,
     CommandList,
     CommandRequest,
+    FanoutStatus,
     Health,
     ListQuery,
     Readiness,
@@ -70,7 +71,16 @@ from schemas import (
 from security import ApiKey, ApiKeyMiddleware, Keyring, RateLimiter, require
 from settings import Settings, load_settings
 from status_feed import StatusFeed
-from validation import check_command, decode_batch, decode_batch_item, decode_command, field_problem
+from validation import (
+    check_command,
+    check_fanout,
+    decode_batch,
+    decode_batch_item,
+    decode_command,
+    decode_fanout,
+    fanout_children,
+    field_problem,
+)
 
 log = structlog.get_logger("pusher")
 
@@ -240,12 +250,86 @@ async def push_commands_batch(request: Request) -> Response:
     return _answer(request, body, status, headers)
 
 
-async def _rate_limit(request: Request, key: ApiKey | None, cost: int) -> dict[str, str]:
+async def push_fanout(request: Request) -> Response:
+    """POST /api/v1/commands/fanout: one command for many devices, journaled whole; 202 with the fan-out's id."""
+    key = require(request.scope["state"], "commands:write")
+    limits = await _rate_limit(request, key, 1)
+    fmt = _body_format(request)
+    dispatcher = _dispatcher(request)
+    settings = dispatcher.settings
+    idem_key = _idempotency_key(request)
+    fanout = decode_fanout(await request.body(), fmt)
+    children = fanout_children(fanout)
+    problems = check_fanout(
+        fanout,
+        children,
+        settings.allowed_protocols,
+        settings.max_payload_depth,
+        settings.max_fanout,
+        settings.mqtt_topic_template,
+    )
+    if problems:
+        raise ValidationFailed(problems)
+    if key is not None:
+        refused = [device_id for device_id in fanout.device_ids if not key.may_command(device_id)]
+        if refused:
+            named = ", ".join(repr(device_id) for device_id in refused[:20])
+            more = f" and {len(refused) - 20} more" if len(refused) > 20 else ""
+            raise Forbidden(f"This API key may not command {len(refused)} of these devices: {named}{more}")
+    if len(fanout.device_ids) > 1:  # one unit per device: the first was charged on arrival
+        limits = await _rate_limit(request, key, len(fanout.device_ids) - 1, "$.device_ids")
+    note = request.scope["state"].setdefault("log", {})
+    body, replayed = await dispatcher.push_fanout(
+        fanout, children, idem_key, _traceparent(request), key.id if key else None, note
+    )
+    headers = _answer_headers(replayed, False) | limits
+    path = request.app.url_path_for("get_fanout", fanout_id=body.fanout_id)
+    headers["Location"] = request.scope.get("root_path", "") + str(path)
+    return _answer(request, body, 202, headers)
+
+
+async def get_fanout(request: Request) -> Response:
+    """GET /api/v1/fanouts/{fanout_id}: how many of its commands are in each status, and whether all have ended."""
+    key = require(request.scope["state"], "commands:read")
+    await _rate_limit(request, key, 1)
+    fanout_id = request.path_params["fanout_id"]
+    found = await _dispatcher(request).journal.fanout(fanout_id)
+    if found is None or (key is not None and not key.allows("admin") and found[0].key_id != key.id):
+        raise NotFound(f"No fan-out with fanout_id {fanout_id!r} is known")
+    fanout, counts = found
+    feedback = bool(state(request).settings.kafka_status_topic)
+    ended = sum(n for status, n in counts.items() if status in TERMINAL or (status == "published" and not feedback))
+    body = FanoutStatus(
+        fanout_id=fanout.fanout_id,
+        command_type=fanout.command_type,
+        created_at=from_epoch(fanout.created_at),
+        total=fanout.total,
+        counts=counts,
+        finished=ended,
+        done=ended >= fanout.total,
+    )
+    return _answer(request, body)
+
+
+async def cancel_command(request: Request) -> Response:
+    """DELETE /api/v1/commands/{request_id}: cancel a command still waiting in the journal; 200 `cancelled`
+    (again on a repeat), 409 once it was handed to Kafka or ended otherwise, 404 unknown or another key's."""
+    key = require(request.scope["state"], "commands:write")
+    await _rate_limit(request, key, 1)
+    request_id = request.path_params["request_id"]
+    dispatcher = _dispatcher(request)
+    row = await dispatcher.journal.get(request_id)
+    if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
+        raise NotFound(f"No command with request_id {request_id!r} is known")
+    return _answer(request, command_status(await dispatcher.cancel(row)))
+
+
+async def _rate_limit(request: Request, key: ApiKey | None, cost: int, counted: str = "$.commands") -> dict[str, str]:
     """Spend `cost` units of RATE_LIMIT for this key (or client address); RateLimit-* headers for the answer."""
     limiter = state(request).limiter
     if limiter is None:
         return {}
-    return await limiter.hit(_caller(request, key), cost)
+    return await limiter.hit(_caller(request, key), cost, counted)
 
 
 def _caller(request: Request, key: ApiKey | None) -> str:
@@ -408,7 +492,12 @@ async def list_commands(request: Request) -> Response:
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
     rows = await dispatcher.journal.recent(
-        _or_none(query.device_id), _or_none(query.status), query.limit + 1, _or_none(query.before), owner
+        _or_none(query.device_id),
+        _or_none(query.status),
+        query.limit + 1,
+        _or_none(query.before),
+        owner,
+        _or_none(query.fanout_id),
     )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
@@ -594,7 +683,9 @@ def state(request: Request) -> AppState:
     return request.app.state.pusher
 
 
-_COMMAND_ROUTES = frozenset({"/api/v1/commands", "/api/v1/commands/batch"})  # where a POST sends commands
+_COMMAND_ROUTES = frozenset(
+    {"/api/v1/commands", "/api/v1/commands/batch", "/api/v1/commands/fanout"}
+)  # where a POST sends commands
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -604,6 +695,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/v1/commands", push_command, methods=["POST"]),
         Route("/api/v1/commands", list_commands, methods=["GET"]),
         Route("/api/v1/commands/batch", push_commands_batch, methods=["POST"]),
+        Route("/api/v1/commands/fanout", push_fanout, methods=["POST"]),
+        Route("/api/v1/commands/{request_id}", cancel_command, methods=["DELETE"]),
+        Route("/api/v1/fanouts/{fanout_id}", get_fanout, methods=["GET"]),
         Route("/api/v1/commands/{request_id}/status", get_command_status, methods=["GET"]),
         Route("/api/v1/commands/{request_id}/events", command_events, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -646,7 +740,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Content-Type", settings.api_key_header, "Authorization", "Idempotency-Key", "Prefer"],
             expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After", "RateLimit-Remaining", "Location"],
         )

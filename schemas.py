@@ -11,6 +11,7 @@ from msgspec import Meta, Struct
 # The wire types the client shares are defined once, in pusher_client.wire; the server's modules import them from
 # here, beside the server's own types below.
 from pusher_client.wire import (
+    MAX_SCHEDULE,  # noqa: F401 (re-exported)
     MAX_TTL,  # noqa: F401 (re-exported)
     STAGE_RANK,
     TERMINAL,  # noqa: F401 (re-exported)
@@ -23,6 +24,9 @@ from pusher_client.wire import (
     CommandStatus,  # noqa: F401 (re-exported)
     CommandType,
     DeviceId,
+    FanoutRequest,  # noqa: F401 (re-exported)
+    FanoutResponse,  # noqa: F401 (re-exported)
+    FanoutStatus,  # noqa: F401 (re-exported)
     FieldError,  # noqa: F401 (re-exported)
     Health,  # noqa: F401 (re-exported)
     Problem,  # noqa: F401 (re-exported)
@@ -91,6 +95,12 @@ class StatusEvent(Struct, kw_only=True, omit_defaults=True, forbid_unknown_field
         Annotated[str, Meta(description="Set by the service, so a retry at another instance replays.")] | None
     ) = None
     body_hash: Annotated[str, Meta(description="Set by the service: hex SHA-256 of the accepted body.")] | None = None
+    not_before: Annotated[datetime, Meta(tz=True, description="Set by the service: when it is due.")] | None = None
+    fanout_id: Annotated[str, Meta(max_length=128, description="Set by the service: its fan-out.")] | None = None
+    superseded_by: (
+        Annotated[str, Meta(max_length=128, description="Set by the service on `superseded`: the replacing command.")]
+        | None
+    ) = None
 
 
 STATUS_EVENT_DECODER = msgspec.json.Decoder(StatusEvent)
@@ -131,6 +141,8 @@ class Counters(Struct, kw_only=True):
     commands_expired: int = 0
     commands_rejected: int = 0
     commands_replayed: int = 0
+    commands_cancelled: int = 0
+    commands_superseded: int = 0
     backlog: int = 0
     oldest_pending_age_seconds: float | None = None
     publish_latency_ms_avg: float = 0.0
@@ -168,7 +180,8 @@ class ServiceStatus(Struct, kw_only=True):
 
 
 class CommandMessage(Struct, kw_only=True):
-    """The Kafka record value the MQTT and CoAP connectors read (every key always present)."""
+    """The Kafka record value the MQTT and CoAP connectors read (every key always present, but `fanout_id`: only in
+    the commands of a fan-out)."""
 
     request_id: str
     device_id: str
@@ -179,6 +192,7 @@ class CommandMessage(Struct, kw_only=True):
     metadata: dict[str, Any]
     timestamp: datetime
     expires_at: datetime | None = None
+    fanout_id: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class StatusQuery(Struct, forbid_unknown_fields=True):
@@ -199,6 +213,10 @@ class ListQuery(Struct, forbid_unknown_fields=True):
     # UNSET, not None: a lax conversion would read the text "null" as None, i.e. as "no filter".
     device_id: DeviceId | msgspec.UnsetType = msgspec.UNSET
     status: Status | msgspec.UnsetType = msgspec.UNSET
+    fanout_id: (
+        Annotated[str, Meta(min_length=1, max_length=128, description="Only the commands of this fan-out.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
     limit: Annotated[int, Meta(ge=1, le=500)] = 50
     before: (
         Annotated[int, Meta(ge=1, le=2**63 - 1, description="`next_before` of the previous page.")] | msgspec.UnsetType

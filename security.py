@@ -183,15 +183,16 @@ class RateLimiter:
         if client is not None:
             await client.aclose()
 
-    async def hit(self, who: str, cost: int) -> dict[str, str]:
+    async def hit(self, who: str, cost: int, counted: str = "$.commands") -> dict[str, str]:
         """Spend `cost` units for `who` in every limit, or in none: a refused request spends nothing.
 
         Raises RateLimited (429) when a limit is exhausted, ValidationFailed when `cost` can never fit a
-        window, RateLimiterUnavailable (503) when the storage does not answer. Returns RateLimit-* headers."""
+        window (naming the field `counted`), RateLimiterUnavailable (503) when the storage does not answer. Returns
+        RateLimit-* headers."""
         try:
             for item in self.items:
                 if cost > item.amount:
-                    raise ValidationFailed([FieldProblem("$.commands", f"More commands than RATE_LIMIT {item} allows")])
+                    raise ValidationFailed([FieldProblem(counted, f"More commands than RATE_LIMIT {item} allows")])
                 if not await self.limiter.test(item, who, cost=cost):
                     stats = await self.limiter.get_window_stats(item, who)
                     reset = max(0.0, stats.reset_time - time.time())

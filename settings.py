@@ -77,6 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     event_stream_max: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     publish_timeout: Positive = 5.0
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    max_fanout: Annotated[int, Meta(ge=1, le=100_000)] = 10_000
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     max_payload_depth: Annotated[int, Meta(ge=1, le=256)] = 32
     mqtt_topic_template: str = mqtt_topics.DEFAULT_TEMPLATE  # checked in load_settings (mqtt_topics)

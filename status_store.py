@@ -114,12 +114,15 @@ def apply_event(conn: sqlite3.Connection, event: StatusEvent, signed: bool, chan
             return "unsigned, and not a connector's stage"
         event = msgspec.structs.replace(
             event, owner=None, idempotency_key=None, body_hash=None, command_type=None, created_at=None,
-            expires_at=None, topic=None, partition=None, offset=None,
+            expires_at=None, topic=None, partition=None, offset=None, not_before=None, fanout_id=None,
+            superseded_by=None,
         )  # fmt: skip
     at = event.at.timestamp()
     detail = event.error
     if event.status == "published" and event.offset is not None:
         detail = f"{event.topic}/{event.partition}@{event.offset}"
+    elif event.status == "superseded":
+        detail = event.superseded_by
     result = json.dumps(event.result) if event.result is not None else None
     found = conn.execute(
         "SELECT seq, status, history, origin, device_id FROM commands WHERE request_id = ?", (event.request_id,)
@@ -133,7 +136,8 @@ def apply_event(conn: sqlite3.Connection, event: StatusEvent, signed: bool, chan
         conn.execute(
             "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
             'updated_at, expires_at, record_key, topic, partition, "offset", error, history, key_id, origin, '
-            "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, x'', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "result, not_before, fanout_id, superseded_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, x'', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 event.request_id,
                 idem,
@@ -152,6 +156,9 @@ def apply_event(conn: sqlite3.Connection, event: StatusEvent, signed: bool, chan
                 event.owner,
                 event.source,
                 result,
+                event.not_before.timestamp() if event.not_before else None,
+                event.fanout_id,
+                event.superseded_by,
             ),
         )
     else:
@@ -173,8 +180,9 @@ def apply_event(conn: sqlite3.Connection, event: StatusEvent, signed: bool, chan
             "error = CASE WHEN ? THEN coalesce(?, error) ELSE error END, "
             "result = CASE WHEN ? THEN coalesce(?, result) ELSE result END, "
             "command_type = CASE WHEN command_type = '' THEN coalesce(?, '') ELSE command_type END, "
-            "device_id = CASE WHEN device_id = '' THEN coalesce(?, '') ELSE device_id END "
-            "WHERE seq = ?",
+            "device_id = CASE WHEN device_id = '' THEN coalesce(?, '') ELSE device_id END, "
+            "superseded_by = coalesce(superseded_by, ?), not_before = coalesce(not_before, ?), "
+            "fanout_id = coalesce(fanout_id, ?) WHERE seq = ?",
             (
                 event.status if forward else status,
                 at,
@@ -188,6 +196,9 @@ def apply_event(conn: sqlite3.Connection, event: StatusEvent, signed: bool, chan
                 result,
                 event.command_type,
                 event.device_id,
+                event.superseded_by,
+                event.not_before.timestamp() if event.not_before else None,
+                event.fanout_id,
                 seq,
             ),
         )

@@ -19,9 +19,11 @@ import msgspec
 import mqtt_topics
 from errors import FieldProblem, MalformedBody, PusherError, ValidationFailed
 from schemas import (
+    MAX_SCHEDULE,
     MAX_TTL,
     PROTOCOL_OPTIONS,
     CommandRequest,
+    FanoutRequest,
     FieldError,
     Problem,
     _BatchEnvelope,
@@ -51,10 +53,12 @@ _DECODERS = {
     "json": {
         CommandRequest: msgspec.json.Decoder(CommandRequest),
         _BatchEnvelope: msgspec.json.Decoder(_BatchEnvelope),
+        FanoutRequest: msgspec.json.Decoder(FanoutRequest),
     },
     "msgpack": {
         CommandRequest: msgspec.msgpack.Decoder(CommandRequest),
         _BatchEnvelope: msgspec.msgpack.Decoder(_BatchEnvelope),
+        FanoutRequest: msgspec.msgpack.Decoder(FanoutRequest),
     },
 }
 
@@ -131,11 +135,8 @@ def check_command(
 ) -> list[FieldProblem]:
     """The rules a Struct cannot express: protocol, per-protocol options, metadata, MQTT topic, depth."""
     problems: list[FieldProblem] = []
-    for field in ("device_id", "command_type"):
-        value = getattr(cmd, field)
-        # Format characters are never ASCII: the common case skips the per-character look-up.
-        if not value.isascii() and any(unicodedata.category(ch) == "Cf" for ch in value):
-            problems.append(FieldProblem(f"{prefix}.{field}", "Must not contain invisible format characters"))
+    if _invisible(cmd.command_type):
+        problems.append(FieldProblem(f"{prefix}.command_type", "Must not contain invisible format characters"))
     if cmd.protocol not in allowed_protocols:
         problems.append(FieldProblem(f"{prefix}.protocol", f"Must be one of: {', '.join(allowed_protocols)}"))
     metadata = cmd.metadata or {}
@@ -149,7 +150,7 @@ def check_command(
             problems.append(
                 FieldProblem(f"{prefix}.{option}", f"Conflicts with metadata.{option}={metadata[option]!r}")
             )
-    problems.extend(_metadata_problems(cmd, topic_template, prefix))
+    problems.extend(device_problems(cmd, topic_template, prefix))
     for field in ("payload", "metadata"):
         value = getattr(cmd, field)
         if value is not None:
@@ -159,6 +160,26 @@ def check_command(
     expiry = expiry_problem(cmd, datetime.now(UTC), prefix)
     if expiry:
         problems.append(expiry)
+    return problems
+
+
+def _invisible(value: str) -> bool:
+    """Whether `value` holds an invisible format character (never ASCII: the common case skips the look-up)."""
+    return not value.isascii() and any(unicodedata.category(ch) == "Cf" for ch in value)
+
+
+def device_problems(
+    cmd: CommandRequest, topic_template: str, prefix: str = "$", device_loc: str | None = None
+) -> list[FieldProblem]:
+    """What depends on the device: its id, metadata's typed keys and the MQTT topic (the device's own or one below
+    it). The device id's problems are told at `device_loc` (default: `{prefix}.device_id`)."""
+    device_loc = device_loc or f"{prefix}.device_id"
+    problems = []
+    if _invisible(cmd.device_id):
+        problems.append(FieldProblem(device_loc, "Must not contain invisible format characters"))
+    for problem in _metadata_problems(cmd, topic_template, prefix):
+        loc = device_loc if problem.loc == f"{prefix}.device_id" else problem.loc
+        problems.append(FieldProblem(loc, problem.msg))
     return problems
 
 
@@ -210,16 +231,79 @@ def _find_unsafe_value(value: Any, max_depth: int, loc: str, depth: int = 1) -> 
     return FieldProblem(loc, f"Not a JSON value ({type(value).__name__})")
 
 
-def expiry_problem(cmd: CommandRequest, now: datetime, prefix: str = "$") -> FieldProblem | None:
-    """ttl_seconds and expires_at exclude each other, and expires_at must lie ahead (at most MAX_TTL)."""
+def expiry_problem(cmd: CommandRequest | FanoutRequest, now: datetime, prefix: str = "$") -> FieldProblem | None:
+    """ttl_seconds and expires_at exclude each other, expires_at must lie ahead (at most MAX_TTL) and not before
+    not_before, and not_before at most MAX_SCHEDULE ahead (one in the past is due at once)."""
     if cmd.ttl_seconds is not None and cmd.expires_at is not None:
         return FieldProblem(f"{prefix}.expires_at", "Give ttl_seconds or expires_at, not both")
+    if cmd.not_before is not None and (cmd.not_before - now).total_seconds() > MAX_SCHEDULE:
+        return FieldProblem(f"{prefix}.not_before", f"At most {MAX_SCHEDULE} seconds ahead")
     if cmd.expires_at is not None:
         if cmd.expires_at <= now:
             return FieldProblem(f"{prefix}.expires_at", "Already in the past")
         if (cmd.expires_at - now).total_seconds() > MAX_TTL:
             return FieldProblem(f"{prefix}.expires_at", f"At most {MAX_TTL} seconds ahead")
+        if cmd.not_before is not None and cmd.expires_at <= cmd.not_before:
+            return FieldProblem(f"{prefix}.expires_at", "Must be after not_before: it would expire before it is due")
     return None
+
+
+def decode_fanout(body: bytes, fmt: str) -> FanoutRequest:
+    """Decode a fan-out body (JSON or msgpack)."""
+    return _decode(body, FanoutRequest, fmt)
+
+
+_MAX_LISTED = 100  # problems listed for one fan-out: enough to fix a body, bounded for 10,000 devices
+
+
+def fanout_children(request: FanoutRequest) -> list[CommandRequest]:
+    """The fan-out's command for each of its devices, in order; `{device_id}` in metadata.topic becomes the id."""
+    fields = msgspec.structs.asdict(request)
+    del fields["device_ids"], fields["fanout_id"]
+    metadata = request.metadata
+    topic = metadata.get("topic") if metadata else None
+    if not (isinstance(topic, str) and mqtt_topics.PLACEHOLDER in topic):
+        return [CommandRequest(device_id=device_id, **fields) for device_id in request.device_ids]
+    children = []
+    for device_id in request.device_ids:
+        own = {**metadata, "topic": mqtt_topics.device_topic(topic, device_id)}
+        children.append(CommandRequest(device_id=device_id, **{**fields, "metadata": own}))
+    return children
+
+
+def check_fanout(
+    request: FanoutRequest,
+    children: list[CommandRequest],
+    allowed_protocols: tuple[str, ...],
+    max_depth: int,
+    max_fanout: int,
+    topic_template: str = mqtt_topics.DEFAULT_TEMPLATE,
+) -> list[FieldProblem]:
+    """A fan-out's rules: at most MAX_FANOUT distinct devices, and each device's command valid (the shared fields
+    are checked once, on the first; what depends on the device, on every one)."""
+    if len(request.device_ids) > max_fanout:
+        return [FieldProblem("$.device_ids", f"At most MAX_FANOUT={max_fanout} devices")]
+    problems: list[FieldProblem] = []
+    first_seen: dict[str, int] = {}
+    for index, device_id in enumerate(request.device_ids):
+        if device_id in first_seen:
+            problems.append(
+                FieldProblem(f"$.device_ids[{index}]", f"Duplicate of $.device_ids[{first_seen[device_id]}]")
+            )
+            if len(problems) >= _MAX_LISTED:
+                return problems
+        else:
+            first_seen[device_id] = index
+    for problem in check_command(children[0], allowed_protocols, max_depth, "$", topic_template):
+        loc = "$.device_ids[0]" if problem.loc == "$.device_id" else problem.loc
+        problems.append(FieldProblem(loc, problem.msg))
+    for index, child in enumerate(children[1:], 1):
+        for problem in device_problems(child, topic_template, "$", f"$.device_ids[{index}]"):
+            msg = problem.msg if problem.loc.startswith("$.device_ids") else f"For {child.device_id!r}: {problem.msg}"
+            problems.append(FieldProblem(problem.loc, msg))
+            if len(problems) >= _MAX_LISTED:
+                return problems
+    return problems
 
 
 def merged_metadata(cmd: CommandRequest) -> dict[str, Any]:

@@ -157,4 +157,4 @@ def test_the_handlers_hold_the_documented_query_limits(tmp_path):
                     assert refused.status_code == 422, (name, beyond)
                     assert refused.json()["errors"][0]["loc"] == f"query.{name}"
                     checked.add(name)
-    assert checked == {"device_id", "limit", "before", "timeout"}
+    assert checked == {"device_id", "limit", "before", "timeout", "fanout_id"}

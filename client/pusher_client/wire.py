@@ -39,7 +39,9 @@ RequestId = Annotated[
     ),
 ]
 Qos = Annotated[int, Meta(ge=0, le=2, description="MQTT QoS; only with protocol mqtt.")]
-Status = Literal["accepted", "published", "delivered", "succeeded", "failed", "rejected", "expired"]
+Status = Literal[
+    "accepted", "published", "delivered", "succeeded", "failed", "rejected", "expired", "cancelled", "superseded"
+]
 # How far along each status is: a command's status only ever moves to a higher rank, so late, repeated or
 # out-of-order events change nothing. The last rank is terminal.
 STAGE_RANK: dict[str, int] = {
@@ -50,9 +52,31 @@ STAGE_RANK: dict[str, int] = {
     "failed": 3,
     "rejected": 3,
     "expired": 3,
+    "cancelled": 3,  # withdrawn by its sender before it was handed to Kafka: never sent
+    "superseded": 3,  # replaced by a newer command of the same device and coalesce_key: never sent
 }
 TERMINAL = frozenset(s for s, rank in STAGE_RANK.items() if rank == 3)
 MAX_TTL = 30 * 86400
+MAX_SCHEDULE = 30 * 86400  # how far ahead `not_before` may lie, in seconds
+CoalesceKey = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=_NO_CONTROL,
+        description="Latest wins: accepting this command supersedes every earlier command of the same device with "
+        "the same coalesce_key that has not been handed to Kafka yet (they end `superseded`, never sent).",
+        examples=["setpoint"],
+    ),
+]
+NotBefore = Annotated[
+    datetime,
+    Meta(
+        tz=True,
+        description="Deliver at: held in the journal until this time (with a UTC offset, at most 30 days ahead), "
+        "then sent in its device's order by due time, then acceptance. A TTL counts from it.",
+    ),
+]
 
 
 class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -82,6 +106,79 @@ class CommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
         Annotated[int, Meta(ge=1, le=MAX_TTL, description="Expire this many seconds after acceptance.")] | None
     ) = None
     expires_at: Annotated[datetime, Meta(tz=True, description="Expire at this time (with a UTC offset).")] | None = None
+    coalesce_key: CoalesceKey | None = None
+    not_before: NotBefore | None = None
+
+
+class FanoutRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One command for many devices, as posted to POST /api/v1/commands/fanout: each device gets a command of its
+    own (its own request_id), journaled together, all or none."""
+
+    device_ids: Annotated[
+        list[DeviceId], Meta(min_length=1, description="1 to MAX_FANOUT distinct devices, each sent the command.")
+    ]
+    command_type: CommandType
+    payload: dict[str, Any]
+    protocol: Protocol
+    parser_script_ref: ScriptRef | None = None
+    metadata: (
+        Annotated[
+            dict[str, Any],
+            Meta(
+                description="As a command's. A `topic` is derived per device: `{device_id}` in it is replaced by each "
+                "device's id, and the result must be that device's topic or below it."
+            ),
+        ]
+        | None
+    ) = None
+    qos: Qos | None = None
+    retain: bool | None = None
+    confirmable: bool | None = None
+    fanout_id: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=128,
+                pattern=r"^[A-Za-z0-9._~:-]+$(?!\n)",
+                description="Client-chosen id of the fan-out (letters, digits, . _ ~ : -); one is generated when "
+                "absent. Sending it again replays the fan-out.",
+            ),
+        ]
+        | None
+    ) = None
+    ttl_seconds: (
+        Annotated[int, Meta(ge=1, le=MAX_TTL, description="Expire this many seconds after acceptance.")] | None
+    ) = None
+    expires_at: Annotated[datetime, Meta(tz=True, description="Expire at this time (with a UTC offset).")] | None = None
+    coalesce_key: CoalesceKey | None = None
+    not_before: NotBefore | None = None
+
+
+class FanoutResponse(Struct, kw_only=True, omit_defaults=True):
+    """A fan-out journaled: follow it at GET /api/v1/fanouts/{fanout_id} (the answer's Location)."""
+
+    fanout_id: str
+    total: int
+    status: Literal["accepted"]
+    message: str
+    timestamp: datetime
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    replayed: bool = False
+    superseded: list[str] = []
+
+
+class FanoutStatus(Struct, kw_only=True):
+    """Where a fan-out's commands are: how many in each status, and whether every one has reached an end."""
+
+    fanout_id: str
+    command_type: str
+    created_at: datetime
+    total: int
+    counts: Annotated[dict[str, int], Meta(description="Commands per status (only statuses with any).")]
+    finished: Annotated[int, Meta(description="Commands that reached an end (nothing more will happen to them).")]
+    done: Annotated[bool, Meta(description="Every command has reached an end.")]
 
 
 class BatchCommandRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -121,7 +218,11 @@ class CommandResponse(Struct, kw_only=True, omit_defaults=True):
     partition: int | None = None
     offset: int | None = None
     expires_at: datetime | None = None
+    not_before: datetime | None = None
     replayed: bool = False
+    superseded: Annotated[
+        list[str], Meta(description="The request ids of the earlier commands this one superseded (coalesce_key).")
+    ] = []
     error: Problem | None = None
 
 
@@ -158,6 +259,10 @@ class CommandStatus(Struct, kw_only=True):
     error: str | None = None
     history: list[Transition] = []
     result: Annotated[dict[str, Any], Meta(description="What the device answered (from its connector).")] | None = None
+    not_before: Annotated[datetime, Meta(description="When it is due (held until then).")] | None = None
+    coalesce_key: str | None = None
+    superseded_by: Annotated[str, Meta(description="The request id of the command that replaced it.")] | None = None
+    fanout_id: Annotated[str, Meta(description="The fan-out it is part of.")] | None = None
 
 
 class StatusChange(Struct, kw_only=True, omit_defaults=True):
