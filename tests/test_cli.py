@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,40 @@ def test_the_client_package_stands_alone_and_the_server_installs_nothing():
                 top = name.split(".")[0]
                 assert top in sys.stdlib_module_names or top in _CLIENT_MAY_IMPORT, f"{path.name} imports {name}"
     assert "project" not in tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_fanout_schedule_coalesce_and_cancel_from_the_shell(kafka_bootstrap, topic, service, tmp_path):
+    """fanout (ids from a file, --wait) → 0 and every device's command in Kafka once; fanout-status and list
+    --fanout; send --not-before/--coalesce-key; cancel → 0, too late → 1, unknown → 4; a bad fan-out → 1."""
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text("".join(f"shell-{i}\n" for i in range(30)))
+    sent = run_cli("fanout", "--devices-file", str(fleet), "--type", "reboot", "--protocol", "mqtt",
+                   "--fanout-id", "shell-fleet", "--wait", "--timeout", "60", url=service.url)  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    answer, final = lines(sent)
+    assert (answer["fanout_id"], answer["total"]) == ("shell-fleet", 30)
+    assert final["done"] is True and final["counts"] == {"published": 30}
+    status = run_cli("fanout-status", "shell-fleet", url=service.url)
+    assert status.returncode == 0 and lines(status)[0]["total"] == 30
+    assert run_cli("fanout-status", "no-such-fanout", url=service.url).returncode == 4
+    listed = run_cli("list", "--fanout", "shell-fleet", "--limit", "7", "--all", url=service.url)
+    assert sorted(c["device_id"] for c in lines(listed)) == sorted(f"shell-{i}" for i in range(30))
+    duplicate = run_cli("fanout", "--devices", "a,b,a", "--type", "t", "--protocol", "mqtt", url=service.url)
+    assert duplicate.returncode == 1 and "$.device_ids[2]" in duplicate.stderr
+
+    held = ("send", "--device", "shell-held", "--type", "set", "--protocol", "mqtt", "--coalesce-key", "sp",
+            "--not-before", "2099-01-01T00:00:00Z")  # fmt: skip
+    too_far = run_cli(*held, url=service.url)
+    assert too_far.returncode == 1 and "$.not_before" in too_far.stderr
+    soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    first = lines(run_cli(*held[:-1], soon, url=service.url))[0]
+    second = lines(run_cli(*held[:-1], soon, url=service.url))[0]
+    assert first["status"] == "accepted" and second["superseded"] == [first["request_id"]]
+    cancelled = run_cli("cancel", second["request_id"], url=service.url)
+    assert cancelled.returncode == 0 and lines(cancelled)[0]["status"] == "cancelled"
+    published = lines(run_cli("send", "--device", "shell-now", "--type", "t", "--protocol", "mqtt", url=service.url))
+    too_late = run_cli("cancel", published[0]["request_id"], url=service.url)
+    assert too_late.returncode == 1 and "published" in too_late.stderr
+    assert run_cli("cancel", "no-such-command", url=service.url).returncode == 4
+    keys = [r.key for r in read_topic(kafka_bootstrap, topic, 31, timeout=10)]
+    assert len(keys) == 31 and b"shell-held" not in keys

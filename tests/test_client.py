@@ -10,9 +10,10 @@ import re
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, new_topic, read_topic, service_on
+from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, new_topic, read_topic, service_on, wait_for
 from kafka_local import free_port
 
 from pusher_client import (
@@ -308,3 +309,49 @@ def test_the_shim_returns_false_and_logs_instead_of_raising(kafka_bootstrap, top
     assert nobody is None and "not reachable" in caplog.text
     values = _values(read_topic(kafka_bootstrap, topic, 2))
     assert [(v["command_type"], v["metadata"]) for v in values] == [("command", {"priority": 3}), ("once", {})]
+
+
+def test_fanout_coalesce_not_before_and_cancel_through_the_clients(kafka_bootstrap, topic, service):
+    """push_fanout/get_fanout/list_commands(fanout_id=) and the scheduling fields, in both clients; cancel of a held
+    command never sends it, and a cancel after hand-over is a Conflict naming the status."""
+    later = datetime.now(UTC) + timedelta(seconds=3600)
+    with PusherClient(service.url) as client:
+        fanout = client.push_fanout([f"fleet-{i}" for i in range(25)], "reboot", {}, "mqtt", fanout_id="fleet-a")
+        assert (fanout.fanout_id, fanout.total, fanout.status) == ("fleet-a", 25, "accepted")
+        again = client.push_fanout([f"fleet-{i}" for i in range(25)], "reboot", {}, "mqtt", fanout_id="fleet-a")
+        assert again.replayed and again.total == 25
+        done = wait_for(lambda: (s := client.get_fanout("fleet-a")).done and s)
+        assert done.counts == {"published": 25} and done.finished == 25
+        page = client.list_commands(fanout_id="fleet-a", limit=500)
+        assert sorted(c.device_id for c in page.items) == sorted(f"fleet-{i}" for i in range(25))
+        assert {c.fanout_id for c in page.items} == {"fleet-a"}
+
+        first = client.push_command("client-sp", "set", {"sp": 1}, "mqtt", coalesce_key="sp", not_before=later)
+        second = client.push_command("client-sp", "set", {"sp": 2}, "mqtt", coalesce_key="sp", not_before=later)
+        assert first.status == "accepted" and first.not_before == later
+        assert second.superseded == [first.request_id]
+        replaced = client.get_status(first.request_id)
+        assert replaced.status == "superseded" and replaced.superseded_by == second.request_id
+        cancelled = client.cancel(second.request_id)
+        assert cancelled.status == "cancelled" and client.cancel(second.request_id).status == "cancelled"
+        sent = client.push_command("client-sp", "now", {}, "mqtt")
+        with pytest.raises(Conflict) as too_late:
+            client.cancel(sent.request_id)
+        assert "published" in str(too_late.value)
+        with pytest.raises(NotFound):
+            client.cancel("no-such-command")
+
+    async def scenario() -> tuple[int, str]:
+        async with AsyncPusherClient(service.url) as client:
+            fanout = await client.push_fanout(["async-f1", "async-f2"], "reboot", {}, "mqtt", coalesce_key="boot")
+            held = await client.push_command("async-held", "reboot", {}, "mqtt", not_before=later)
+            gone = await client.cancel(held.request_id)
+            status = await client.get_fanout(fanout.fanout_id)
+            listed = await client.list_commands(fanout_id=fanout.fanout_id)
+            return status.total + len(listed.items), gone.status
+
+    assert asyncio.run(scenario()) == (4, "cancelled")
+    records = read_topic(kafka_bootstrap, topic, 25 + 1 + 2, timeout=10)
+    keys = [r.key.decode() for r in records]
+    assert len(records) == 28 and "client-sp" in keys and keys.count("client-sp") == 1
+    assert "async-held" not in keys

@@ -34,6 +34,9 @@ from pusher_client.wire import (
     CommandRequest,
     CommandResponse,
     CommandStatus,
+    FanoutRequest,
+    FanoutResponse,
+    FanoutStatus,
     Problem,
 )
 
@@ -113,6 +116,20 @@ class _Core:
         headers = _send_headers(idempotency_key, respond_async)
         return _Call("POST", "/api/v1/commands/batch", BatchCommandResponse, body, headers)
 
+    def fanout(self, fanout: FanoutRequest | Mapping[str, Any], idempotency_key: str | None) -> _Call:
+        """POST /api/v1/commands/fanout."""
+        fields = msgspec.structs.asdict(fanout) if isinstance(fanout, msgspec.Struct) else dict(fanout)
+        body = _encode({name: value for name, value in fields.items() if value is not None})
+        return _Call("POST", "/api/v1/commands/fanout", FanoutResponse, body, _send_headers(idempotency_key, False))
+
+    def fanout_status(self, fanout_id: str) -> _Call:
+        """GET /api/v1/fanouts/{fanout_id}."""
+        return _Call("GET", f"/api/v1/fanouts/{_path_segment(fanout_id)}", FanoutStatus)
+
+    def cancel(self, request_id: str) -> _Call:
+        """DELETE /api/v1/commands/{request_id} (a repeat answers the same: safe to retry)."""
+        return _Call("DELETE", f"/api/v1/commands/{_path_segment(request_id)}", CommandStatus)
+
     def status(self, request_id: str, wait_for: str | None = None, timeout: float = 0.0) -> _Call:
         """GET /api/v1/commands/{request_id}/status, as a long poll for `wait_for` when given."""
         path = f"/api/v1/commands/{_path_segment(request_id)}/status"
@@ -121,9 +138,11 @@ class _Core:
         params = {"wait_for": wait_for, "timeout": round(timeout, 3)}
         return _Call("GET", path, CommandStatus, params=params, read_timeout=timeout + 10.0)
 
-    def list(self, device_id: str | None, status: str | None, limit: int, before: int | None) -> _Call:
-        """GET /api/v1/commands?device_id=&status=&limit=&before=."""
-        params = {"device_id": device_id, "status": status, "limit": limit, "before": before}
+    def list(
+        self, device_id: str | None, status: str | None, limit: int, before: int | None, fanout_id: str | None = None
+    ) -> _Call:
+        """GET /api/v1/commands?device_id=&status=&fanout_id=&limit=&before=."""
+        params = {"device_id": device_id, "status": status, "fanout_id": fanout_id, "limit": limit, "before": before}
         return _Call("GET", "/api/v1/commands", CommandList, params={k: v for k, v in params.items() if v is not None})
 
     def retry_wait(
@@ -158,9 +177,9 @@ class _Core:
         return Unavailable(f"No answer from {self.base_url}{call.path}: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
-def _command_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The command's fields among push_command's arguments (`locals()`); the others are the call's options."""
-    return {name: arguments[name] for name in CommandRequest.__struct_fields__ if name in arguments}
+def _command_arguments(arguments: Mapping[str, Any], kind: type[msgspec.Struct] = CommandRequest) -> dict[str, Any]:
+    """The fields of a `kind` body among a method's arguments (`locals()`); the others are the call's options."""
+    return {name: arguments[name] for name in kind.__struct_fields__ if name in arguments}
 
 
 def _command_fields(command: Command) -> dict[str, Any]:

@@ -6,8 +6,9 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, get_args
 
 import msgspec
 
@@ -24,7 +25,7 @@ from pusher_client import (
     Unavailable,
     WaitTimeout,
 )
-from pusher_client.wire import VERSION
+from pusher_client.wire import TERMINAL, VERSION, FanoutStatus, Status
 
 OK, FAILED, USAGE, DENIED, NOT_FOUND, UNAVAILABLE, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
 
@@ -44,13 +45,22 @@ examples:
   pusher status 3f2c9a1e-… --wait --until succeeded --timeout 60
                                        until the device answered (needs the service's status topic)
   pusher list --device efento_device_001 --status accepted
+  pusher send --device thermostat_7 --type set_temperature --protocol mqtt --payload '{"setpoint": 21}' \
+              --coalesce-key setpoint      latest wins: replaces a setpoint of this device still waiting
+  pusher send --device gw_3 --type reboot --protocol coap --not-before 2026-12-03T02:00:00Z
+                                       held in the journal until then
+  pusher fanout --devices-file fleet.txt --type reboot --protocol coap --wait
+                                       one command to every device listed (one id per line)
+  pusher fanout-status 9b1d…           how many of its commands are in each status
+  pusher cancel 3f2c9a1e-…             never sent, if it was still waiting
 
 exit codes:
   0  done: accepted (202) or published (200); for batch, every line
-  1  refused or failed: invalid command (4xx), Kafka refused it, ended failed/rejected/expired; for batch, any line
+  1  refused or failed: invalid command (4xx), Kafka refused it, ended failed/rejected/expired (or cancelled,
+     superseded); for batch, any line; for fanout --wait, any of its commands; cancel: too late (409)
   2  usage: bad arguments or JSON given on the command line
   3  the API key is missing, unknown, or not allowed to do this (401/403)
-  4  no such command (status)
+  4  no such command (status, cancel) or fan-out (fanout-status)
   5  the service did not answer, or stayed unavailable / rate limited until --retry-for ran out
   6  --wait: the command did not reach the stage within --timeout (it is still queued; nothing is lost)
 """
@@ -70,6 +80,8 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
         fields = _command_fields(args) if args.action == "send" else {}
+        if args.action == "fanout":
+            fields = _fanout_fields(args)
     except ValueError as exc:
         parser.error(str(exc))
     if args.action == "batch" and args.chunk_size < 1:
@@ -83,6 +95,14 @@ def _run(argv: list[str] | None) -> int:
                 return _batch(client, args)
             if args.action == "status":
                 return _status(client, args)
+            if args.action == "fanout":
+                return _fanout(client, fields, args)
+            if args.action == "fanout-status":
+                _print(client.get_fanout(args.fanout_id))
+                return OK
+            if args.action == "cancel":
+                _print(client.cancel(args.request_id))
+                return OK
             return _list(client, args)
     except PusherClientError as exc:
         _say(f"pusher: {exc}")
@@ -125,10 +145,39 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--retain", action="store_true", default=None, help="MQTT retain")
     send.add_argument("--confirmable", action="store_true", default=None, help="CoAP confirmable")
     send.add_argument("--request-id", help="your own id for the command (also makes a rerun safe)")
-    send.add_argument("--ttl", type=int, metavar="S", help="expire this many seconds after acceptance")
+    _schedule_arguments(send)
     send.add_argument("--idempotency-key", help="reuse to make a rerun of this exact command safe")
     send.add_argument("--async", dest="respond_async", action="store_true", help="answer once journaled (202)")
     _wait_arguments(send, "wait until it is published (or --until)")
+
+    fanout = actions.add_parser(
+        "fanout",
+        parents=[common],
+        help="send one command to many devices (journaled together, all or none)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    devices = fanout.add_mutually_exclusive_group(required=True)
+    devices.add_argument("--devices", help="device_ids, comma-separated")
+    devices.add_argument(
+        "--devices-file", type=argparse.FileType("r", encoding="utf-8"), help="one device_id per line; - for stdin"
+    )
+    fanout.add_argument("--type", required=True, help="command_type")
+    fanout.add_argument("--protocol", required=True, help="protocol (mqtt, coap, …)")
+    fanout.add_argument("--payload", default="{}", help="JSON object (default {})")
+    fanout.add_argument("--metadata", help="JSON object; {device_id} in its topic becomes each device's id")
+    fanout.add_argument("--parser-script-ref", help="parser script file name")
+    fanout.add_argument("--fanout-id", help="your own id for the fan-out (also makes a rerun safe)")
+    _schedule_arguments(fanout)
+    fanout.add_argument("--idempotency-key", help="reuse to make a rerun of this exact fan-out safe")
+    fanout.add_argument("--wait", action="store_true", help="wait until every one of its commands has ended")
+    fanout.add_argument("--timeout", type=float, default=300.0, metavar="S", help="how long --wait waits (300)")
+
+    fanout_status = actions.add_parser("fanout-status", parents=[common], help="count a fan-out's commands by status")
+    fanout_status.add_argument("fanout_id")
+
+    cancel = actions.add_parser("cancel", parents=[common], help="cancel a command still waiting (never sent)")
+    cancel.add_argument("request_id")
 
     batch = actions.add_parser("batch", parents=[common], help="send commands from a JSON-lines file")
     batch.add_argument("file", type=argparse.FileType("r", encoding="utf-8"), help="one JSON command per line; -")
@@ -145,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = actions.add_parser("list", parents=[common], help="list recent commands, newest first")
     listing.add_argument("--device", help="only this device_id")
-    listing.add_argument("--status", choices=("accepted", "published", "failed", "expired"))
+    listing.add_argument("--status", choices=get_args(Status))
+    listing.add_argument("--fanout", help="only the commands of this fan-out")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (50; up to 500 per page)")
     listing.add_argument("--all", action="store_true", help="follow every page")
     return parser
@@ -162,6 +212,56 @@ def _wait_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long --wait waits (30)")
 
 
+def _schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ttl", type=int, metavar="S", help="expire this many seconds after acceptance (or not-before)"
+    )
+    parser.add_argument("--coalesce-key", help="latest wins: supersedes this device's waiting commands with this key")
+    parser.add_argument("--not-before", metavar="TIME", help="deliver at: RFC 3339 with offset, e.g. 2026-12-03T02:00Z")
+
+
+def _fanout_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.devices is not None:
+        device_ids = [part.strip() for part in args.devices.split(",") if part.strip()]
+    else:
+        device_ids = [line.strip() for line in args.devices_file if line.strip()]
+    if not device_ids:
+        raise ValueError("no device ids given")
+    return {
+        "device_ids": device_ids,
+        "command_type": args.type,
+        "protocol": args.protocol,
+        "payload": _json_object(args.payload, "--payload"),
+        "metadata": _json_object(args.metadata, "--metadata") if args.metadata else None,
+        "parser_script_ref": args.parser_script_ref,
+        "fanout_id": args.fanout_id,
+        "ttl_seconds": args.ttl,
+        "coalesce_key": args.coalesce_key,
+        "not_before": args.not_before,
+    }
+
+
+def _fanout(client: PusherClient, fields: dict[str, Any], args: argparse.Namespace) -> int:
+    result = client.send_fanout(fields, idempotency_key=args.idempotency_key)
+    _print(result)
+    if not args.wait:
+        return OK
+    deadline = time.monotonic() + args.timeout
+    while not (status := client.get_fanout(result.fanout_id)).done:
+        if time.monotonic() >= deadline:
+            _print(status)
+            _say(f"pusher: fan-out {result.fanout_id} not done within {args.timeout:g} s (nothing is lost)")
+            return TIMED_OUT
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    _print(status)
+    return FAILED if _fanout_failures(status) else OK
+
+
+def _fanout_failures(status: FanoutStatus) -> int:
+    """The commands of a fan-out that ended without being sent or without success."""
+    return sum(n for name, n in status.counts.items() if name in TERMINAL and name != "succeeded")
+
+
 def _command_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "device_id": args.device,
@@ -175,6 +275,8 @@ def _command_fields(args: argparse.Namespace) -> dict[str, Any]:
         "confirmable": args.confirmable,
         "request_id": args.request_id,
         "ttl_seconds": args.ttl,
+        "coalesce_key": args.coalesce_key,
+        "not_before": args.not_before,
     }
 
 
@@ -212,7 +314,7 @@ def _status(client: PusherClient, args: argparse.Namespace, request_id: str | No
 def _list(client: PusherClient, args: argparse.Namespace) -> int:
     before = None
     while True:
-        page = client.list_commands(args.device, args.status, limit=args.limit, before=before)
+        page = client.list_commands(args.device, args.status, fanout_id=args.fanout, limit=args.limit, before=before)
         for item in page.items:
             _print(item)
         if not args.all or page.next_before is None:

@@ -25,7 +25,7 @@ from pusher_client._core import (
     _Core,
     _Wait,
 )
-from pusher_client.wire import CommandList, CommandStatus, Health
+from pusher_client.wire import CommandList, CommandStatus, FanoutRequest, FanoutResponse, FanoutStatus, Health
 
 
 class PusherClient:
@@ -70,6 +70,8 @@ class PusherClient:
         request_id: str | None = None,
         ttl_seconds: int | None = None,
         expires_at: datetime | None = None,
+        coalesce_key: str | None = None,
+        not_before: datetime | None = None,
         idempotency_key: str | None = None,
         respond_async: bool = False,
     ) -> CommandResult:
@@ -97,15 +99,61 @@ class PusherClient:
         """Send several commands in one request; each item succeeds or fails on its own (see `results`)."""
         return self._request(self._core.push_batch(commands, idempotency_key, respond_async))
 
+    def push_fanout(
+        self,
+        device_ids: Iterable[str],
+        command_type: str,
+        payload: Mapping[str, Any],
+        protocol: str,
+        *,
+        parser_script_ref: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        qos: int | None = None,
+        retain: bool | None = None,
+        confirmable: bool | None = None,
+        fanout_id: str | None = None,
+        ttl_seconds: int | None = None,
+        expires_at: datetime | None = None,
+        coalesce_key: str | None = None,
+        not_before: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> FanoutResponse:
+        """Send one command to many devices: one command each, journaled together (all or none); follow it with
+        get_fanout(result.fanout_id) or list_commands(fanout_id=…)."""
+        fields = _command_arguments(locals(), FanoutRequest) | {"device_ids": list(device_ids)}
+        return self.send_fanout(fields, idempotency_key=idempotency_key)
+
+    def send_fanout(
+        self, fanout: FanoutRequest | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> FanoutResponse:
+        """Send a fan-out given as a FanoutRequest or a dict of its fields."""
+        return self._request(self._core.fanout(fanout, idempotency_key))
+
+    def get_fanout(self, fanout_id: str) -> FanoutStatus:
+        """A fan-out's commands counted by status, and whether every one has ended."""
+        return self._request(self._core.fanout_status(fanout_id))
+
+    def cancel(self, request_id: str) -> CommandStatus:
+        """Cancel a command still waiting in the service's journal: its status, `cancelled`. Raises Conflict (409)
+        once it was handed to Kafka or ended otherwise, NotFound for an unknown one."""
+        return self._request(self._core.cancel(request_id))
+
     def get_status(self, request_id: str) -> CommandStatus:
         """A command's current status and history."""
         return self._request(self._core.status(request_id))
 
     def list_commands(
-        self, device_id: str | None = None, status: str | None = None, *, limit: int = 50, before: int | None = None
+        self,
+        device_id: str | None = None,
+        status: str | None = None,
+        *,
+        fanout_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
     ) -> CommandList:
-        """Recent commands, newest first; pass `next_before` as `before` for the next page."""
-        return self._request(self._core.list(device_id, status, limit, before))
+        """Recent commands, newest first (of one device, status or fan-out); pass `next_before` as `before` for the
+        next page."""
+        return self._request(self._core.list(device_id, status, limit, before, fanout_id))
 
     def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
         """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""
@@ -179,6 +227,8 @@ class AsyncPusherClient:
         request_id: str | None = None,
         ttl_seconds: int | None = None,
         expires_at: datetime | None = None,
+        coalesce_key: str | None = None,
+        not_before: datetime | None = None,
         idempotency_key: str | None = None,
         respond_async: bool = False,
     ) -> CommandResult:
@@ -206,15 +256,61 @@ class AsyncPusherClient:
         """Send several commands in one request; each item succeeds or fails on its own (see `results`)."""
         return await self._request(self._core.push_batch(commands, idempotency_key, respond_async))
 
+    async def push_fanout(
+        self,
+        device_ids: Iterable[str],
+        command_type: str,
+        payload: Mapping[str, Any],
+        protocol: str,
+        *,
+        parser_script_ref: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        qos: int | None = None,
+        retain: bool | None = None,
+        confirmable: bool | None = None,
+        fanout_id: str | None = None,
+        ttl_seconds: int | None = None,
+        expires_at: datetime | None = None,
+        coalesce_key: str | None = None,
+        not_before: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> FanoutResponse:
+        """Send one command to many devices: one command each, journaled together (all or none); follow it with
+        get_fanout(result.fanout_id) or list_commands(fanout_id=…)."""
+        fields = _command_arguments(locals(), FanoutRequest) | {"device_ids": list(device_ids)}
+        return await self.send_fanout(fields, idempotency_key=idempotency_key)
+
+    async def send_fanout(
+        self, fanout: FanoutRequest | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> FanoutResponse:
+        """Send a fan-out given as a FanoutRequest or a dict of its fields."""
+        return await self._request(self._core.fanout(fanout, idempotency_key))
+
+    async def get_fanout(self, fanout_id: str) -> FanoutStatus:
+        """A fan-out's commands counted by status, and whether every one has ended."""
+        return await self._request(self._core.fanout_status(fanout_id))
+
+    async def cancel(self, request_id: str) -> CommandStatus:
+        """Cancel a command still waiting in the service's journal: its status, `cancelled`. Raises Conflict (409)
+        once it was handed to Kafka or ended otherwise, NotFound for an unknown one."""
+        return await self._request(self._core.cancel(request_id))
+
     async def get_status(self, request_id: str) -> CommandStatus:
         """A command's current status and history."""
         return await self._request(self._core.status(request_id))
 
     async def list_commands(
-        self, device_id: str | None = None, status: str | None = None, *, limit: int = 50, before: int | None = None
+        self,
+        device_id: str | None = None,
+        status: str | None = None,
+        *,
+        fanout_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
     ) -> CommandList:
-        """Recent commands, newest first; pass `next_before` as `before` for the next page."""
-        return await self._request(self._core.list(device_id, status, limit, before))
+        """Recent commands, newest first (of one device, status or fan-out); pass `next_before` as `before` for the
+        next page."""
+        return await self._request(self._core.list(device_id, status, limit, before, fanout_id))
 
     async def wait_for(self, request_id: str, until: str = "published", timeout: float = 30.0) -> CommandStatus:
         """Wait (long polls) until the command reaches `until`; raises CommandFailed or WaitTimeout otherwise."""

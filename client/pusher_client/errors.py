@@ -60,7 +60,8 @@ class NotFound(RequestRejected):
 
 
 class Conflict(RequestRejected):
-    """The Idempotency-Key or request_id was used before with a different command."""
+    """409: the Idempotency-Key, request_id or fanout_id was used before with a different command, or a cancel came
+    after the command was handed to Kafka (the problem's `detail` names its status)."""
 
 
 class RateLimited(PusherClientError):
