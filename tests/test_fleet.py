@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -456,6 +457,32 @@ def test_device_order_is_due_time_then_acceptance(fleet):
         due = plan[value(record)["payload"]["name"]]
         if due is not None:
             assert record.timestamp >= int(due.timestamp() * 1000)
+
+
+def test_a_due_command_goes_before_one_accepted_just_after_its_due_time(fleet):
+    """A command accepted without not_before a moment after a held command of its device came due (before the
+    forwarder's next tick, on an idle service) goes after it: Kafka holds the device's commands in order of due
+    time, then acceptance."""
+    first_due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    held = {}  # request id -> (due, accepted)
+    for n in range(3):
+        due = first_due + timedelta(seconds=0.6 * n)
+        answer = post(fleet.url, command("order-2", payload={"held": n}, not_before=rfc3339(due)), "writer")
+        assert answer.status_code == 202
+        held[answer.json()["request_id"]] = (due, at(answer.json()["timestamp"]))
+    sent = {}
+    for due, _ in held.values():
+        time.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds() + 0.02))
+        answer = post(fleet.url, command("order-2", payload={"after": str(due)}), "writer")
+        assert answer.status_code in (200, 202), answer.text  # 202: queued behind the command just due
+        sent[answer.json()["request_id"]] = (at(answer.json()["timestamp"]),) * 2
+    for request_id in held:
+        wait_status(fleet.url, request_id, "published", "writer")
+    assert all(sent[rid][0] > due for rid, (due, _) in zip(sent, held.values(), strict=True))
+    names = {rid: f"held {n}" for n, rid in enumerate(held)} | {rid: f"sent {n}" for n, rid in enumerate(sent)}
+    expected = sorted(held | sent, key=lambda rid: (held | sent)[rid])
+    in_kafka = request_ids(fleet.records("order-2"))
+    assert [names[rid] for rid in in_kafka] == [names[rid] for rid in expected]
 
 
 def test_not_before_and_expiry_are_checked_together(fleet):
