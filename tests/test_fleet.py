@@ -262,6 +262,28 @@ def test_fanout_is_journaled_whole_or_not_at_all(kafka_bootstrap, topic, tmp_pat
         service.stop()
 
 
+def test_rate_limit_charges_a_fanout_one_unit_per_device(kafka_bootstrap, topic, tmp_path):
+    """RATE_LIMIT=10/day: a fan-out to 4 devices spends 4 units; one to 11 devices (more than the window holds) is a
+    422 naming $.device_ids, not a 429 a client would retry for ever; one to more devices than are left is 429."""
+    service = ServiceProcess(
+        tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, RATE_LIMIT="10/day"
+    ).start()
+    try:
+        single = post(service.url, command("rl-0"))
+        assert single.status_code == 200 and single.headers["ratelimit-remaining"] == "9"
+        four = post(service.url, fanout([f"rl-{n}" for n in range(1, 5)]), path=FANOUT)
+        assert four.status_code == 202 and four.headers["ratelimit-remaining"] == "5"
+
+        too_many = post(service.url, fanout([f"rl-big-{n}" for n in range(11)]), path=FANOUT)
+        assert error_locs(too_many) == ["$.device_ids"]
+        left = int(post(service.url, command("rl-0")).headers["ratelimit-remaining"])
+        over = post(service.url, fanout([f"rl-over-{n}" for n in range(left + 2)]), path=FANOUT)
+        assert problem(over, 429)["type"] == "/problems/rate-limited" and over.headers["retry-after"]
+        assert listed(service.url, device_id="rl-big-0") == [] and listed(service.url, device_id="rl-over-0") == []
+    finally:
+        service.stop()
+
+
 def test_fanout_children_are_held_and_supersede_each_devices_older_command(fleet):
     """A fan-out with not_before, a TTL and a coalesce_key: each device's queued command with that key is superseded
     by that device's child (the answer lists them); the children are held until not_before, then each device gets
