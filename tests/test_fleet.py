@@ -235,6 +235,20 @@ def test_fanout_replays_by_fanout_id_and_idempotency_key_and_is_private_to_its_k
     assert listed(fleet.url, "admin", device_id="site-a/idem") == []
 
 
+def test_fanout_device_list_is_checked_before_anything_is_stored(fleet):
+    """422s naming the place: no devices, a device twice, more than MAX_FANOUT (10,000), device_id instead of
+    device_ids, and a metadata.topic that is not each device's own; nothing of them is stored."""
+    assert error_locs(post(fleet.url, fanout([]), "writer", FANOUT)) == ["$.device_ids"]
+    twice = post(fleet.url, fanout(["chk-1", "chk-2", "chk-1"]), "writer", FANOUT)
+    assert error_locs(twice) == ["$.device_ids[2]"] and "$.device_ids[0]" in twice.json()["errors"][0]["msg"]
+    too_many = post(fleet.url, fanout([f"chk-{n}" for n in range(10_001)]), "writer", FANOUT)
+    assert error_locs(too_many) == ["$.device_ids"] and "MAX_FANOUT" in too_many.json()["errors"][0]["msg"]
+    assert error_locs(post(fleet.url, command("chk-1"), "writer", FANOUT)) == ["$.device_id"]
+    foreign = fanout(["chk-1", "chk-2"], metadata={"topic": "devices/chk-1/commands"})
+    assert error_locs(post(fleet.url, foreign, "writer", FANOUT)) == ["$.metadata.topic"]
+    assert listed(fleet.url, "writer", device_id="chk-1") == [] and listed(fleet.url, "writer", device_id="chk-2") == []
+
+
 def test_fanout_is_journaled_whole_or_not_at_all(kafka_bootstrap, topic, tmp_path):
     """JOURNAL_MAX_PENDING=5 with 3 commands held: a fan-out of 3 is 503 journal-full and none of it is stored
     (2 would have fit); a fan-out of 2 is taken and sent."""
