@@ -305,7 +305,7 @@ def test_fanout_children_are_held_and_supersede_each_devices_older_command(fleet
     later = rfc3339(datetime.now(UTC) + timedelta(minutes=10))
     older = {d: post(fleet.url, command(d, coalesce_key="fw", not_before=later), "writer") for d in ("fc-1", "fc-2")}
     assert [r.status_code for r in older.values()] == [202, 202]
-    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=4)
     body = fanout(["fc-1", "fc-2", "fc-3"], coalesce_key="fw", not_before=rfc3339(due), ttl_seconds=60)
     answer = post(fleet.url, body, "writer", FANOUT)
     assert answer.status_code == 202, answer.text
@@ -426,7 +426,7 @@ def test_latest_wins_within_one_device_and_coalesce_key_only(fleet):
 def test_cancel_a_held_command_then_it_is_never_sent(fleet):
     """DELETE of a command held until not_before: 200 `cancelled`, the same 200 again; past its due time it is not
     in Kafka, though a later command of its device is."""
-    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
     held = post(fleet.url, command("cx-held", not_before=rfc3339(due)), "writer")
     assert held.status_code == 202
     request_id = held.json()["request_id"]
