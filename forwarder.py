@@ -170,6 +170,8 @@ class Forwarder:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[pending.seq] = future
         superseded = self._supersede_older(pending) if pending.coalesce_key is not None else []
+        # Held commands due by now join the queue first: due earlier, they go before this one, tick or no tick.
+        self._release_due()
         now = time.time()
         if pending.expires_at is not None:
             if pending.expires_at <= now:  # it expired while being journaled

@@ -240,7 +240,7 @@ async def push_commands_batch(request: Request) -> Response:
         except RequestError as exc:  # counted with the batch's other refused items once it is answered
             items.append(exc)
     if len(raw_items) > 1:  # one unit per command: the first was charged on arrival
-        limits = await _rate_limit(request, key, len(raw_items) - 1)
+        limits = await _rate_limit(request, key, len(raw_items) - 1, spent=1)
     prefer_async = _prefers_async(request)
     body, status = await dispatcher.push_batch(
         items, idem_key, prefer_async, _traceparent(request), key.id if key else None
@@ -277,7 +277,7 @@ async def push_fanout(request: Request) -> Response:
             more = f" and {len(refused) - 20} more" if len(refused) > 20 else ""
             raise Forbidden(f"This API key may not command {len(refused)} of these devices: {named}{more}")
     if len(fanout.device_ids) > 1:  # one unit per device: the first was charged on arrival
-        limits = await _rate_limit(request, key, len(fanout.device_ids) - 1, "$.device_ids")
+        limits = await _rate_limit(request, key, len(fanout.device_ids) - 1, "$.device_ids", spent=1)
     note = request.scope["state"].setdefault("log", {})
     body, replayed = await dispatcher.push_fanout(
         fanout, children, idem_key, _traceparent(request), key.id if key else None, note
@@ -324,11 +324,19 @@ async def cancel_command(request: Request) -> Response:
     return _answer(request, command_status(await dispatcher.cancel(row)))
 
 
-async def _rate_limit(request: Request, key: ApiKey | None, cost: int, counted: str = "$.commands") -> dict[str, str]:
-    """Spend `cost` units of RATE_LIMIT for this key (or client address); RateLimit-* headers for the answer."""
+async def _rate_limit(
+    request: Request, key: ApiKey | None, cost: int, counted: str = "$.commands", spent: int = 0
+) -> dict[str, str]:
+    """Spend `cost` units of RATE_LIMIT for this key (or client address); RateLimit-* headers for the answer.
+
+    `spent`: the units this request already spent on arrival. A request larger than a window as a whole can never
+    fit: it is refused naming `counted` (422), never with a 429 that no retry could get past."""
     limiter = state(request).limiter
     if limiter is None:
         return {}
+    for item in limiter.items:
+        if cost + spent > item.amount:
+            raise ValidationFailed([FieldProblem(counted, f"More commands than RATE_LIMIT {item} allows")])
     return await limiter.hit(_caller(request, key), cost, counted)
 
 

@@ -92,6 +92,28 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) ->
         consumer.close()
 
 
+def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
+    """Every record of `topic` up to its end offsets when called, in (partition, offset) order: what a check that
+    something is NOT in the topic needs, without waiting out a timeout."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = wait_for(lambda: consumer.partitions_for_topic(topic), timeout=10)
+        assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assignment)
+        consumer.seek_to_beginning(*assignment)
+        ends = consumer.end_offsets(assignment)
+        records: list = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic} not read to its end {ends} within {timeout}s")
+            for tp, batch in consumer.poll(timeout_ms=500).items():
+                records.extend(r for r in batch if r.offset < ends[tp])
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
+
+
 class ServiceProcess:
     """The service as users run it (`python -m pusher`, by default with this interpreter), on a free port,
     with its own log file."""

@@ -349,6 +349,10 @@ def test_refused_requests_spend_nothing_and_oversized_batches_are_422(tmp_path):
         assert post() == 202  # the minute had room for three: the refused ones spent nothing
         batch = limited.post("/api/v1/commands/batch", json={"commands": [command()] * 5}, headers=auth("admin"))
         assert _problem(batch, 422)["errors"][0]["msg"].startswith("More commands than RATE_LIMIT")
+        # One more than a window holds can never fit either: 422, not a 429 a client would retry for ever.
+        two = [command("site-a/two")] * 2
+        over = limited.post("/api/v1/commands/batch", json={"commands": two}, headers=auth("site-a"))
+        assert _problem(over, 422)["errors"][0]["loc"] == "$.commands"
 
 
 def test_unreachable_redis_is_a_503_not_a_500(tmp_path):
