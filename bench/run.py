@@ -9,7 +9,10 @@ Targets, each started in turn on this machine against the same broker:
   prefilled  the same over a journal of --prefill finished commands (bench/prefill.py), single commands
            with 5 % status reads and 1 % list reads: what reads cost beside the writer on a full journal
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
-Load comes from wrk in its own process (bench/load.lua). Every figure is the median of --runs rounds.
+Load comes from wrk in its own process (bench/load.lua), except the service's fan-out row: --fanouts fan-outs to
+MAX_FANOUT devices one after the other from httpx, each timed from its POST until GET /api/v1/fanouts/{id} says done
+(a few huge requests, which wrk is not made for). Every figure is the median of --runs rounds (the fan-out row's, of
+every fan-out).
 """
 
 from __future__ import annotations
@@ -44,12 +47,16 @@ from helpers import KEYS, ServiceProcess, keys_file, new_topic  # noqa: E402
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 from kafka_local import KAFKA_VERSION, LocalKafka, free_port, stop_process  # noqa: E402
 
+from settings import Settings  # noqa: E402
+
 API_KEY = KEYS["writer"][0]
 FLOOR = "floor: Starlette + kafka-python, 200 after ack"
 TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed")
 SINGLE = "pusher (200 after Kafka ack)"
 PREFILLED_LOAD = "single + 5 % status, 1 % list reads"
-SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed")  # --rows chooses among them
+SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed", "fanout")  # --rows chooses among them
+FANOUT = Settings().max_fanout  # devices per fan-out: the most the service takes by default
+FANOUT_LOAD = f"fan-out to {FANOUT:,} devices"
 RUNTIME = ROOT / ".cache" / "bench-runtime"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -317,17 +324,20 @@ class Bench:
     """Every target in turn, `runs` rounds, on one broker."""
 
     def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path,
-                 service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000) -> None:  # fmt: skip
+                 service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000,
+                 fanouts: int = 5) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.service_rows = service_rows
         self.prefill = prefill
+        self.fanouts = fanouts
         self._prefilled: Path | None = None  # the filled journal, made once and copied for each round
         self.seconds = seconds
         self.warmup = warmup
         self.raw_count = raw_count
         self.log_dir = log_dir
         self.rows: dict[tuple[str, str, int | None], Row] = {}
-        self.extra: dict[str, list[float]] = {"idle_rss": [], "start_to_ready": []}
+        self.extra: dict[str, list[float]] = {"idle_rss": [], "start_to_ready": [], "fanout_rss_before": [],
+                                              "fanout_rss_after": []}  # fmt: skip
         self.python = runtime_python()
 
     def row(self, target: str, load: str, connections: int | None, per_request: int = 1) -> Row:
@@ -353,6 +363,39 @@ class Bench:
             check = delivery_check(self.bootstrap, topic, before, service, totals_before,
                                    ok_commands, connections * row.per_request)  # fmt: skip
         row.add(load, sampler, check)
+
+    def fanout(self, row: Row, service: ServiceProcess, topic: str) -> None:
+        """--fanouts fan-outs to FANOUT devices, one after the other: each timed from its POST until the service says
+        it is done (every command published), with its 202 (all of them journaled) as the row's p50; RSS before and
+        after, and Kafka checked."""
+        body = json.dumps({"device_ids": [f"device_{i:05d}" for i in range(FANOUT)], "command_type": "config_update",
+                           "payload": {"measurement_interval": 600}, "protocol": "mqtt"})  # fmt: skip
+        pid = service.process.pid
+        service.wait_drained()
+        before, totals_before = kafka_count(self.bootstrap, topic), outcome_totals(service.url)
+        self.extra["fanout_rss_before"].append(rss_mb(pid))
+        headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+        accepted = refused = 0
+        with httpx.Client(base_url=service.url, headers=headers, timeout=120) as client, Sampler(pid) as sampler:
+            for _ in range(self.fanouts):
+                started = time.monotonic()
+                answer = client.post("/api/v1/commands/fanout", content=body)
+                journaled = time.monotonic() - started
+                if answer.status_code != 202:
+                    refused += 1
+                    continue
+                accepted += 1
+                while not client.get(answer.headers["Location"]).raise_for_status().json()["done"]:
+                    if time.monotonic() - started > 600:
+                        raise RuntimeError(f"fan-out {answer.json()['fanout_id']} not done within 600 s")
+                    time.sleep(0.05)
+                row.rates.append(1 / (time.monotonic() - started))
+                row.p50.append(journaled * 1000)
+        self.extra["fanout_rss_after"].append(rss_mb(pid))
+        row.non2xx.append(refused)
+        row.rss.append(sampler.peak_rss_mb)
+        row.cpu.append(sampler.cpu_cores)
+        row.checks.append(delivery_check(self.bootstrap, topic, before, service, totals_before, accepted * FANOUT, 0))
 
     def noop(self) -> None:
         """The HTTP ceiling at 16 and 64 connections."""
@@ -383,8 +426,8 @@ class Bench:
                          topic=topic)  # fmt: skip
 
     def service(self) -> None:
-        """This service: single at 16 and 64, respond-async, batch of 100, mixed reads (those of --rows); start and
-        idle figures."""
+        """This service: single at 16 and 64, respond-async, batch of 100, mixed reads, fan-outs (those of --rows);
+        start and idle figures."""
         topic = new_topic(self.bootstrap)
         started = time.monotonic()
         env = service_env(self.bootstrap, topic, self.log_dir)
@@ -405,6 +448,8 @@ class Bench:
                 self.measure(self.row("pusher", "batch of 100", 16, per_request=100), url, pid, 16, "batch", **common)
             if "mixed" in self.service_rows:
                 self.measure(self.row("pusher", "mixed, 5 % status reads", 64), url, pid, 64, "mixed", **common)
+            if "fanout" in self.service_rows:
+                self.fanout(self.row("pusher", FANOUT_LOAD, 1, per_request=FANOUT), service, topic)
         finally:
             service.stop()
 
@@ -480,6 +525,10 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def _per_second(value: float) -> str:
+    return _fmt(value, 2 if value < 10 else 0)  # a fan-out takes seconds: its requests/s need decimals
+
+
 def report(bench: Bench, runs: int) -> str:
     """The markdown table, the goals and the run's facts."""
     rows = bench.rows
@@ -487,6 +536,7 @@ def report(bench: Bench, runs: int) -> str:
     raw = rows[("kafka-python producer, no HTTP", "producer", None)].rate
     floor = rows[(FLOOR, "single", 64)]
     floor_batch = rows[(FLOOR, "batch of 100", 16)].commands
+    batch = rows[("pusher", "batch of 100", 16)].commands
     lines = [
         "| target | load | conns | req/s | commands/s | ratio | p50 ms | p99 ms | p99.9 ms | non-2xx | peak RSS MB"
         " | CPU cores | Kafka count |",
@@ -497,13 +547,16 @@ def report(bench: Bench, runs: int) -> str:
             ratio, against = 1.0, "producer"
         elif row.load.startswith("batch"):
             ratio, against = row.commands / raw, "producer"
+        elif row.load == FANOUT_LOAD:
+            ratio, against = row.commands / batch, "batch of 100"
         elif "2 processes" in row.target:
             ratio, against = row.rate / rows[(SINGLE, "single", 64)].rate, "1 process"
         else:
             ratio, against = row.rate / noop[row.connections or 64], "no-op"
         checks = sorted(set(row.checks))
         lines.append(
-            f"| {row.target} | {row.load} | {row.connections or '—'} | {_fmt(row.rate)} | {_fmt(row.commands)} "
+            f"| {row.target} | {row.load} | {row.connections or '—'} | {_per_second(row.rate)} "
+            f"| {_fmt(row.commands)} "
             f"| {ratio:.3f}× {against} | {_fmt(median(row.p50), 1)} | {_fmt(median(row.p99), 1)} "
             f"| {_fmt(median(row.p999), 1)} | {_fmt(median(row.non2xx))} | {_fmt(median(row.rss))} "
             f"| {_fmt(median(row.cpu), 2)} | {', '.join(checks)} |"
@@ -513,7 +566,6 @@ def report(bench: Bench, runs: int) -> str:
     seed_get = rows[("seed plan: FastAPI + .get()", "single", 64)].rate
     seed_ff = rows[("seed plan without .get()", "single", 64)].rate
     asynchronous = rows[("pusher, Prefer: respond-async (202)", "single", 64)].rate
-    batch = rows[("pusher", "batch of 100", 16)].commands
     multi = rows[("pusher, 2 processes (one per core)", "single", 64)].rate
     idle, ready = median(bench.extra["idle_rss"]), median(bench.extra["start_to_ready"])
     goals = [
@@ -564,9 +616,31 @@ def _facts(runs: int, bench: Bench) -> str:
         f"{KAFKA_VERSION if not os.environ.get('KAFKA_BOOTSTRAP_SERVERS') else '(given broker)'} on loopback; "
         f"{wrk_version} with 1 thread. Medians of {runs} round(s), {bench.seconds:g} s timed after "
         f"{bench.warmup:g} s warm-up each. {packages}. Ratios are to the no-op route at the same connections, "
-        "to the raw producer for the batch, to one process for two. Kafka count: every 2xx command is in Kafka "
-        "once (the topic's count equals the service's own published count, and the client's 2xx count within "
-        "the requests still in flight when wrk stopped counting)."
+        "to the raw producer for the batch, to one process for two, to the service's batch of 100 for the fan-out. "
+        "Kafka count: every 2xx command is in Kafka once (the topic's count equals the service's own published "
+        "count, and the client's 2xx count within the requests still in flight when wrk stopped counting). "
+        + fanout_summary(bench)
+    ).rstrip()
+
+
+def fanout_summary(bench: Bench) -> str:
+    """What the fan-out row's figures are, each fan-out's, and the service's RSS around them ("" without the row)."""
+    row, batch = bench.rows.get(("pusher", FANOUT_LOAD, 1)), bench.rows.get(("pusher", "batch of 100", 16))
+    if row is None:
+        return ""
+    ratio = (
+        f", {row.commands / batch.commands:.3f}× the batch of 100's {batch.commands:,.0f}"
+        if batch and batch.rate
+        else ""
+    )
+    each = ", ".join(f"{r * FANOUT:,.0f}" for r in row.rates)
+    return (
+        f"Fan-out: {bench.fanouts} per round to {FANOUT:,} devices, one after the other from httpx, each timed from "
+        f"its POST until GET /api/v1/fanouts/{{id}} says done (polled every 50 ms): {row.commands:,.0f} commands/s "
+        f"(each: {each}){ratio}; its p50 is the 202 (all {FANOUT:,} journaled, one fsync): "
+        f"{_fmt(median(row.p50))} ms (each: {', '.join(f'{ms:,.0f}' for ms in row.p50)}); the service's RSS "
+        f"{_fmt(median(bench.extra['fanout_rss_before']))} MB before the fan-outs, "
+        f"{_fmt(median(bench.extra['fanout_rss_after']))} after, {_fmt(median(row.rss))} at peak."
     )
 
 
@@ -591,6 +665,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated targets: {','.join(TARGETS)}")
     parser.add_argument("--rows", help=f"with the service target, only these rows: {','.join(SERVICE_ROWS)}")
     parser.add_argument("--prefill", type=int, default=1_000_000, help="finished commands in the prefilled journal")
+    parser.add_argument("--fanouts", type=int, default=5, help="fan-outs per round in the fan-out row (5)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
@@ -605,7 +680,8 @@ def main() -> None:
             broker = LocalKafka(log_dir / "kafka").start()
             bootstrap = broker.bootstrap
         try:
-            bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill)
+            bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill,
+                          args.fanouts)  # fmt: skip
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
@@ -615,10 +691,13 @@ def main() -> None:
                 broker.stop()
     if set(targets) != set(TARGETS) or service_rows != SERVICE_ROWS:
         for row in bench.rows.values():
-            rounds, checks = ", ".join(f"{r:,.0f}" for r in row.rates), ", ".join(sorted(set(row.checks)))
-            print(f"{row.target} | {row.load} | {row.connections} | {row.rate:,.0f} req/s {row.commands:,.0f} cmd/s "
-                  f"| p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms | non-2xx {row.non2xx} "
-                  f"| CPU {_fmt(median(row.cpu), 2)} | rounds {rounds} | {checks}")  # fmt: skip
+            rounds = ", ".join(_per_second(r) for r in row.rates)
+            checks = ", ".join(sorted(set(row.checks)))
+            print(f"{row.target} | {row.load} | {row.connections} | {_per_second(row.rate)} req/s "
+                  f"{row.commands:,.0f} cmd/s | p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms "
+                  f"| non-2xx {row.non2xx} | CPU {_fmt(median(row.cpu), 2)} | rounds {rounds} | {checks}")  # fmt: skip
+        if summary := fanout_summary(bench):
+            print(summary)
         return
     table = report(bench, args.runs)
     print(table)
