@@ -334,10 +334,7 @@ async def _rate_limit(
     limiter = state(request).limiter
     if limiter is None:
         return {}
-    for item in limiter.items:
-        if cost + spent > item.amount:
-            raise ValidationFailed([FieldProblem(counted, f"More commands than RATE_LIMIT {item} allows")])
-    return await limiter.hit(_caller(request, key), cost, counted)
+    return await limiter.hit(_caller(request, key), cost, counted, spent)
 
 
 def _caller(request: Request, key: ApiKey | None) -> str:

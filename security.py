@@ -183,15 +183,15 @@ class RateLimiter:
         if client is not None:
             await client.aclose()
 
-    async def hit(self, who: str, cost: int, counted: str = "$.commands") -> dict[str, str]:
+    async def hit(self, who: str, cost: int, counted: str = "$.commands", spent: int = 0) -> dict[str, str]:
         """Spend `cost` units for `who` in every limit, or in none: a refused request spends nothing.
 
-        Raises RateLimited (429) when a limit is exhausted, ValidationFailed when `cost` can never fit a
-        window (naming the field `counted`), RateLimiterUnavailable (503) when the storage does not answer. Returns
-        RateLimit-* headers."""
+        Raises RateLimited (429) when a limit is exhausted, ValidationFailed when `cost` plus the `spent` units the
+        same request spent before can never fit a window (naming the field `counted`: no retry could get past it),
+        RateLimiterUnavailable (503) when the storage does not answer. Returns RateLimit-* headers."""
         try:
             for item in self.items:
-                if cost > item.amount:
+                if cost + spent > item.amount:  # `spent`: what the same request spent before
                     raise ValidationFailed([FieldProblem(counted, f"More commands than RATE_LIMIT {item} allows")])
                 if not await self.limiter.test(item, who, cost=cost):
                     stats = await self.limiter.get_window_stats(item, who)
