@@ -145,6 +145,7 @@ class Dispatcher:
         now: datetime,
         key_id: str | None,
         fanout_id: str | None = None,
+        may_hand_over: bool = True,
     ) -> NewCommand:
         request_id = cmd.request_id or new_request_id()
         expires_at = cmd.expires_at.astimezone(UTC) if cmd.expires_at else None
@@ -194,6 +195,9 @@ class Dispatcher:
             not_before=not_before.timestamp() if not_before else None,
             coalesce_key=cmd.coalesce_key,
             fanout_id=fanout_id,
+            # Recorded as handed in its own insert when it may go straight to the producer; else the forwarder
+            # records it just before it hands it over (a command held for later never goes straight out).
+            handed=may_hand_over and (not_before is None or not_before <= now),
         )
 
     # ------------------------------------------------------------------ the send path
@@ -211,7 +215,7 @@ class Dispatcher:
         503 / 502).
 
         The command's log fields go into `note` when given (the request's line), else into a line of their own."""
-        new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id)
+        new = self._new_command(cmd, idem_key, traceparent, utc_now(), key_id, None, self.forwarder.may_hand_over())
         [stored] = await self._store([new])
         if stored.handed_over and not prefer_async:
             await wait_done((stored.future,), self.settings.publish_timeout)
@@ -235,9 +239,12 @@ class Dispatcher:
     ) -> tuple[BatchCommandResponse, int]:
         """Journal every valid item in one transaction, hand them over in order, wait once for all."""
         now = utc_now()
+        may_hand_over = self.forwarder.may_hand_over()
         news = {
             # \x1f cannot occur in an Idempotency-Key, so no single request can collide with a batch item.
-            i: self._new_command(item, f"{idem_key}\x1f{i}" if idem_key else None, traceparent, now, key_id)
+            i: self._new_command(
+                item, f"{idem_key}\x1f{i}" if idem_key else None, traceparent, now, key_id, None, may_hand_over
+            )
             for i, item in enumerate(items)
             if not isinstance(item, PusherError)
         }
@@ -317,7 +324,11 @@ class Dispatcher:
             command_type=request.command_type,
             created_at=now.timestamp(),
         )
-        news = [self._new_command(child, None, traceparent, now, key_id, fanout.fanout_id) for child in children]
+        may_hand_over = self.forwarder.may_hand_over()
+        news = [
+            self._new_command(child, None, traceparent, now, key_id, fanout.fanout_id, may_hand_over)
+            for child in children
+        ]
         journaled, stored = await self._store_fanout(fanout, news)
         if journaled.outcome in ("replayed", "conflict") and journaled.fanout.key_id != key_id:
             raise IdempotencyConflict("This fanout_id is already used")  # another key's: say nothing of it

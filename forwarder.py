@@ -1,15 +1,17 @@
 """Store-and-forward: hands journaled commands to Kafka in acceptance order, and keeps that order.
 
-The rule that keeps every device's commands in order: records reach the producer strictly in
-journal order (seq), and a record is handed over only when nothing older is waiting. The one
-idempotent producer keeps that order per partition. When a hand-over fails, everything that
-failed goes back to the head of the queue in seq order, the sink refuses further records
+The rule that keeps every device's commands in order: records reach the producer strictly in release order
+(acceptance; a held command's due time, see below), and a record is handed over only when nothing released
+before it is waiting. The one idempotent producer keeps that order per partition. When a hand-over fails,
+everything that failed goes back to the head of the queue in release order, the sink refuses further records
 until the forwarder has taken stock (`sink.resume()`), and only then does sending go on.
 
-A record whose fate is unknown (the process died with it in the producer, or the producer
-reported an error after sending) is looked up in Kafka before it is sent again, so a crash does
-not publish it twice. Only the same record counts (key, value bytes and every header of ours, the
-`pusher-instance` of this journal among them): request ids are unique per journal, not per topic.
+A record whose fate is unknown (the process died with it in the producer, or the producer reported an error
+after sending) is looked up in Kafka before it is sent again, so a crash does not publish it twice. Which ones
+those can be, the journal says: a command is marked `handed` before it can reach a producer (in its insert, when
+it may go straight out, else in a commit just before), so a command that waited out an outage and a restart is
+known never to have left, and needs no look-up. Only the same record counts (key, value bytes and every header
+of ours, the `pusher-instance` of this journal among them): request ids are unique per journal, not per topic.
 
 Deliver at: a command with `not_before` ahead waits in a heap until it is due; it then joins the queue, so the
 queue is in release order (due time, then acceptance) and a device's commands reach Kafka in that order.
@@ -17,12 +19,13 @@ queue is in release order (due time, then acceptance) and a device's commands re
 Latest wins and cancel: a command still queued here (never handed to the producer, not uncertain) can be taken
 back: superseded by a newer command of its device with the same `coalesce_key`, or cancelled by its sender. Both
 happen on the event loop, where hand-overs happen too, so a command is either taken back or handed over, never
-both. Commands recovered at start-up whose fate is unknown are only superseded once reconciled (at hand-over).
+both. Commands recovered at start-up that may be in Kafka already are only superseded once reconciled (at hand-
+over).
 
-Expiry: a command still in the queue when its `expires_at` passes is marked expired and never
-sent. A command already inside the producer when Kafka goes away cannot be called back; it
-carries `expires_at` (body and header) so connectors refuse it if it arrives late. The sink
-stops taking new records as soon as Kafka is seen down, which keeps that window small.
+Expiry: a command still in the queue when its `expires_at` passes is marked expired and never sent. A command
+already inside the producer when Kafka goes away cannot be called back; it carries `expires_at` (body and
+header) so connectors refuse it if it arrives late. The sink stops taking new records as soon as Kafka is seen
+down, which keeps that window small.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class Forwarder:
         self._held: list[tuple[float, int]] = []  # (not_before, seq), soonest first
         self._released = 0  # how many commands joined _ready: the next one's `order`
         self._groups: dict[tuple[str, str], _Group] = {}  # (device_id, coalesce_key) -> its queued commands
+        self._staged: list[Pending] = []  # leaving the queue: handed over once the journal has recorded it
         self._in_flight: dict[int, Pending] = {}
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._expiries: list[tuple[float, int]] = []
@@ -113,11 +117,12 @@ class Forwarder:
         for pending in recovered:
             if pending.expires_at is not None:
                 heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
-            if pending.not_before is not None and pending.not_before > now:
+            if pending.handed:  # may be in Kafka: looked up there first
+                self._uncertain[pending.seq] = pending
+            if pending.not_before is not None and pending.not_before > now and not pending.handed:
                 self._enqueue(pending, now)
             else:
                 due.append(pending)
-                self._uncertain[pending.seq] = pending
         for pending in sorted(due, key=lambda p: (_due(p), p.seq)):
             self._enqueue(pending, now)
         for group in list(self._groups.values()):  # latest wins among the held ones already
@@ -178,12 +183,17 @@ class Forwarder:
                 self._finish(pending, Outcome("expired", error="expired before it could be published"))
                 return future, False, superseded
             heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
-        if _due(pending) <= now and self._ready_head() is None and self.can_hand_over():
+        if pending.handed and _due(pending) <= now and self.may_hand_over():
             self._hand_over(pending)
             return future, True, superseded
         self._enqueue(pending, now)
         self._wake.set()
         return future, False, superseded
+
+    def may_hand_over(self) -> bool:
+        """Whether a command due now would go straight to the producer: nothing queued before it and Kafka taking
+        records. The journal records such a command as `handed` in its own insert (see `_stage` for the others)."""
+        return not self._staged and self._ready_head() is None and self.can_hand_over()
 
     def withdraw(self, seq: int) -> bool:
         """Cancel command `seq` if it is still queued here (never handed to the producer): True if it was."""
@@ -197,20 +207,20 @@ class Forwarder:
 
     def _enqueue(self, pending: Pending, now: float) -> None:
         """Queue a command: released at once when due, else held until then."""
-        self._waiting[pending.seq] = pending
-        if pending.coalesce_key is not None:
-            key = (pending.device_id, pending.coalesce_key)
-            group = self._groups.get(key)
-            if group is None:
-                self._groups[key] = _Group(pending, {pending.seq: pending})
-            else:
-                group.queued[pending.seq] = pending
-                if pending.seq > group.latest.seq:
-                    group.latest = pending
+        self._join(pending)
         if pending.not_before is not None and pending.not_before > now:
             heapq.heappush(self._held, (pending.not_before, pending.seq))
         else:
             self._release(pending)
+
+    def _join(self, pending: Pending) -> None:
+        """Count a command as queued here (in its coalesce group too)."""
+        self._waiting[pending.seq] = pending
+        if pending.coalesce_key is not None:
+            group = self._groups.setdefault((pending.device_id, pending.coalesce_key), _Group(pending, {}))
+            group.queued[pending.seq] = pending
+            if pending.seq > group.latest.seq:
+                group.latest = pending
 
     def _release(self, pending: Pending) -> None:
         pending.order = self._released
@@ -398,8 +408,15 @@ class Forwarder:
         self._drain()
 
     def _drain(self) -> None:
+        if self._staged:
+            return  # the journal is recording a hand-over: nothing overtakes it
         now = time.time()
-        while self.can_hand_over() and (pending := self._ready_head()) is not None:
+        staged: list[Pending] = []
+        while (
+            self.can_hand_over()
+            and len(self._in_flight) + len(staged) < MAX_IN_FLIGHT
+            and (pending := self._ready_head()) is not None
+        ):
             self._ready.popleft()
             if pending.expires_at is not None and pending.expires_at <= now:
                 self._drop(pending, Outcome("expired", error="expired before it could be published"))
@@ -409,7 +426,39 @@ class Forwarder:
                 self._drop(pending, Outcome("superseded", superseded_by=newer.request_id))
                 continue
             self._leave(pending)
-            self._hand_over(pending)
+            if pending.handed and not staged:
+                self._hand_over(pending)
+            else:  # after one that waits for the journal, the rest wait too: the order holds
+                staged.append(pending)
+        if staged:
+            self._stage(staged)
+
+    def _stage(self, staged: list[Pending]) -> None:
+        """Hand `staged` over (in order) once the journal has recorded that they may reach Kafka: a crash after
+        that looks them up in Kafka before sending them again, and never takes them for unsent."""
+        self._staged = staged
+        recorded = self.journal.record_handover([p.seq for p in staged if not p.handed])
+
+        def done(future: asyncio.Future[bool]) -> None:
+            self._staged = []
+            ok = not future.cancelled() and future.exception() is None and future.result()
+            for pending in staged:
+                pending.handed = pending.handed or ok
+                if ok and self.can_hand_over():
+                    self._hand_over(pending)
+                else:
+                    self._put_back(pending)
+            if not ok:
+                log.warning("the journal could not record a hand-over; holding commands", queued=len(staged))
+                self._retry_at = time.monotonic() + self.backoff.next()
+            self._wake.set()
+
+        recorded.add_done_callback(done)
+
+    def _put_back(self, pending: Pending) -> None:
+        """A command taken off the queue but never handed over goes back to its place, as it was."""
+        self._join(pending)
+        bisect.insort(self._ready, pending, key=lambda p: p.order)
 
     def _newer(self, pending: Pending) -> Pending | None:
         """A newer command with pending's device and coalesce_key, if pending may still be taken back."""
@@ -436,7 +485,8 @@ class Forwarder:
     async def _reconcile(self) -> None:
         """Look the uncertain records up in Kafka; mark the ones found, keep the rest for sending."""
         uncertain = dict(self._uncertain)
-        since = min(p.handed_at or p.created_at for p in uncertain.values()) - RECONCILE_MARGIN
+        # Nothing was handed over before it was due: a held command is looked for from its due time on.
+        since = min(p.handed_at or _due(p) for p in uncertain.values()) - RECONCILE_MARGIN
         try:
             found = await asyncio.to_thread(self.sink.find_published, list(uncertain.values()), since)
         except Exception as exc:

@@ -68,6 +68,7 @@ class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
     not_before: float | None = None
     coalesce_key: str | None = None
     fanout_id: str | None = None
+    handed: bool = True  # it may go to the producer without another commit (see Forwarder.may_hand_over)
 
 
 class NewFanout(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +98,7 @@ class Pending(msgspec.Struct, kw_only=True):
     not_before: float | None = None  # held until then
     coalesce_key: str | None = None
     order: int = 0  # the forwarder's release order: due time, then acceptance
+    handed: bool = True  # the journal says it may have been handed over (else it must say so before a hand-over)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,15 @@ class _Mark:
     offset: int | None = None
     error: str | None = None
     superseded_by: str | None = None
+
+
+@dataclass(slots=True)
+class _Handover:
+    """Commands about to be handed to the producer: recorded as such before they are (resolves True once committed)."""
+
+    seqs: list[int]
+    outbox: Outbox
+    future: asyncio.Future[bool]
 
 
 @dataclass(slots=True)
@@ -232,7 +243,7 @@ class Journal:
         self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers, "
-            "not_before, coalesce_key FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
+            "not_before, coalesce_key, handed FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         ).fetchall()
         pending = [
             Pending(
@@ -246,8 +257,9 @@ class Journal:
                 headers=HEADERS_DECODER.decode(headers),
                 not_before=not_before,
                 coalesce_key=coalesce_key,
+                handed=bool(handed),
             )
-            for seq, rid, device, created, expires, key, value, headers, not_before, coalesce_key in rows
+            for seq, rid, device, created, expires, key, value, headers, not_before, coalesce_key, handed in rows
         ]
         self.pending_count = len(pending)
         self._pending_sizes = {p.seq: len(p.value) for p in pending}
@@ -302,6 +314,14 @@ class Journal:
     ) -> None:
         """Queue a status transition; it is committed with the writer's next transaction."""
         self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by))
+
+    def record_handover(self, seqs: list[int]) -> asyncio.Future[bool]:
+        """Record that these commands are about to be handed to the producer; True once that is committed (False
+        when the journal cannot be written: then they must not be handed over)."""
+        self._outbox = outbox_for(self._outbox)
+        future: asyncio.Future[bool] = self._outbox.loop.create_future()
+        self._ops.put(_Handover(seqs, self._outbox, future))
+        return future
 
     def committed(self) -> asyncio.Future[None]:
         """Resolves once everything queued so far (status marks included) is committed."""
@@ -365,8 +385,9 @@ class Journal:
         marks = self._retry_marks + [op for op in ops if isinstance(op, _Mark)]
         flushes = [op for op in ops if isinstance(op, _Flush)]
         feed = [op for op in ops if isinstance(op, Events | OutboxSent)]
+        handovers = [op for op in ops if isinstance(op, _Handover)]
         self._retry_marks = []
-        if inserts or marks or feed:
+        if inserts or marks or feed or handovers:
             conn = self._writer
             self._start_txn()
             try:
@@ -375,6 +396,12 @@ class Journal:
                     self._insert_all(conn, op.items) if op.fanout is None else self._insert_fanout(conn, op)
                     for op in inserts
                 ]
+                for op in handovers:
+                    for start in range(0, len(op.seqs), 500):
+                        chunk = op.seqs[start : start + 500]
+                        conn.execute(
+                            f"UPDATE commands SET handed = 1 WHERE seq IN ({','.join('?' * len(chunk))})", chunk
+                        )
                 for mark in marks:
                     self._apply_mark(conn, mark)
                 for op in feed:
@@ -408,6 +435,8 @@ class Journal:
                 self.writable, self.last_error = True, None
             for op, result in zip(inserts, results, strict=True):
                 op.outbox.put(resolve, op.future, result)
+            for op in handovers:
+                op.outbox.put(resolve, op.future, self.writable)
             for op in feed:
                 if isinstance(op, Events):
                     op.committed = self.writable
@@ -523,7 +552,7 @@ class Journal:
         cursor = conn.execute(
             "INSERT INTO commands (request_id, idem_key, body_hash, device_id, command_type, status, created_at, "
             "updated_at, expires_at, record_key, record_value, record_headers, history, key_id, not_before, "
-            "coalesce_key, fanout_id) VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "coalesce_key, fanout_id, handed) VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.request_id,
                 item.idem_key,
@@ -541,6 +570,7 @@ class Journal:
                 item.not_before,
                 item.coalesce_key,
                 item.fanout_id,
+                1 if item.handed else None,
             ),
         )
         self._txn_delta += 1

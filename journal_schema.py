@@ -71,6 +71,9 @@ _ADDED_COLUMNS = (
     ("coalesce_key", "TEXT"),
     ("superseded_by", "TEXT"),  # the request id of the command that replaced it
     ("fanout_id", "TEXT"),
+    # 1: this command may have been handed to a producer, so after a crash it may be in Kafka already (it is looked
+    # up there before it is sent again); NULL: no process ever handed it over. Written before any hand-over.
+    ("handed", "INTEGER"),
 )
 # The command list (journal_reads.fetch_recent) filters by equality on key, device and status and pages newest
 # first by seq. Each of them has an index ending in seq, so a page is read from an index however many finished
@@ -109,6 +112,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         for column, kind in _ADDED_COLUMNS:
             if column not in columns:
                 conn.execute(f"ALTER TABLE commands ADD COLUMN {column} {kind}")
+                if column == "handed":  # an earlier version did not say: any waiting command may be in Kafka
+                    conn.execute("UPDATE commands SET handed = 1 WHERE status = 'accepted'")
         for statement in _INDEXES:
             conn.execute(statement)
         conn.execute("COMMIT")

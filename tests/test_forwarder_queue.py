@@ -5,6 +5,7 @@ reaches a real Kafka is tested in test_fleet.py."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -80,7 +81,7 @@ def test_held_commands_go_in_due_order_then_acceptance_and_immediate_ones_at_onc
         forwarder.start([])
         now = time.time()
         for seq, name, due in ((1, "A", now + 0.6), (2, "B", now + 0.3), (3, "C", None), (4, "D", now + 0.6)):
-            _, handed, _ = forwarder.submit(pending(seq, name, not_before=due))
+            _, handed, _ = forwarder.submit(pending(seq, name, not_before=due, handed=due is None))
             assert handed is (due is None)
         deadline = time.monotonic() + 30
         while len(sink.handed) < 4 and time.monotonic() < deadline:
@@ -148,9 +149,9 @@ def test_recovered_held_commands_are_never_uncertain_and_latest_wins_among_them(
         later = time.time() + 0.4
         forwarder.start(
             [
-                pending(1, "old-sp", not_before=later, coalesce_key="sp"),
+                pending(1, "old-sp", not_before=later, coalesce_key="sp", handed=False),
                 pending(2, "due"),
-                pending(3, "new-sp", not_before=later, coalesce_key="sp"),
+                pending(3, "new-sp", not_before=later, coalesce_key="sp", handed=False),
             ]
         )
         assert sorted(p.request_id for p in forwarder._waiting.values()) == ["due", "new-sp"]
@@ -178,3 +179,40 @@ def test_the_journal_marks_the_new_end_states_and_frees_the_backlog(journal):
     reopened = Journal(journal.path)
     assert reopened.open() == []
     reopened.close()
+
+
+def test_a_command_never_handed_over_stays_known_as_such_across_a_restart(journal):
+    """Kafka down: a command journaled as not handed is never looked up in Kafka after a restart, so it can still be
+    cancelled or superseded; when Kafka is back its hand-over is recorded in the journal before the record leaves."""
+    [waiting, replaced, cancelled] = [a.row for a in accept(journal, new("w", handed=False, value=b"w"),
+                                      new("r", handed=False, coalesce_key="sp"), new("c", handed=False))]  # fmt: skip
+    recovered = journal.flush() and Journal(journal.path)
+    journal.close()
+    pendings = recovered.open()
+    assert [(p.request_id, p.handed) for p in pendings] == [("w", False), ("r", False), ("c", False)]
+
+    async def scenario(started: list[Forwarder]) -> None:
+        sink = RecordingSink(up=False)
+        forwarder = Forwarder(recovered, sink, 5.0, Metrics("test"))
+        started.append(forwarder)
+        forwarder.start(pendings)
+        assert not forwarder._uncertain  # nothing to look up in Kafka
+        assert forwarder.withdraw(cancelled.seq) is True
+        _, _, superseded = forwarder.submit(pending(99, "r2", coalesce_key="sp", handed=False))
+        assert superseded == ["r"]
+        sink.connected = True
+        deadline = time.monotonic() + 30
+        while len(sink.handed) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sink.handed == [b"w", b"r2"]
+
+    try:
+        run(scenario)
+        recovered.flush()
+        assert asyncio.run(recovered.get("c")).status == "cancelled"
+        assert asyncio.run(recovered.get("r")).superseded_by == "r2"
+        with sqlite3.connect(journal.path) as conn:
+            assert conn.execute("SELECT handed FROM commands WHERE seq = ?", (waiting.seq,)).fetchone() == (1,)
+            assert conn.execute("SELECT handed FROM commands WHERE seq = ?", (replaced.seq,)).fetchone() == (None,)
+    finally:
+        recovered.close()
