@@ -223,9 +223,13 @@ class Forwarder:
                 group.latest = pending
 
     def _release(self, pending: Pending) -> None:
+        self._number(pending)
+        self._ready.append(pending)
+
+    def _number(self, pending: Pending) -> None:
+        """Give a command that has come due its place in the release order (the order a failed hand-over keeps)."""
         pending.order = self._released
         self._released += 1
-        self._ready.append(pending)
 
     def _release_due(self) -> None:
         """Move the held commands that are due to the queue, soonest first (then in acceptance order)."""
@@ -277,6 +281,8 @@ class Forwarder:
         return superseded
 
     def _hand_over(self, pending: Pending) -> None:
+        if pending.order < 0:  # straight from submit(): due now, after everything released before it
+            self._number(pending)
         if not self._in_flight:
             self._last_progress = time.monotonic()
         if pending.handed_at is None:

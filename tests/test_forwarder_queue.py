@@ -11,6 +11,7 @@ import time
 import pytest
 from test_journal import accept, new
 
+from errors import SinkUnavailable
 from forwarder import Forwarder
 from journal import Journal, Pending
 from kafka_sink import Delivery
@@ -216,3 +217,25 @@ def test_a_command_never_handed_over_stays_known_as_such_across_a_restart(journa
             assert conn.execute("SELECT handed FROM commands WHERE seq = ?", (replaced.seq,)).fetchone() == (None,)
     finally:
         recovered.close()
+
+
+def test_commands_handed_over_at_once_keep_their_order_when_kafka_gives_them_back(journal):
+    """Three commands go straight to the producer, which fails them (in reverse): they go back in their order."""
+
+    async def scenario(started: list[Forwarder]) -> None:
+        sink = RecordingSink()
+        forwarder = Forwarder(journal, sink, 5.0, Metrics("test"))
+        started.append(forwarder)
+        forwarder.start([])
+        failing = []
+        sink.publish = lambda key, value, headers: (
+            failing.append(asyncio.get_running_loop().create_future()) or (failing[-1])
+        )
+        for seq, name in ((1, "first"), (2, "second"), (3, "third")):
+            assert forwarder.submit(pending(seq, name))[1] is True
+        for future in reversed(failing):
+            future.set_exception(SinkUnavailable("Kafka went away"))
+        await asyncio.sleep(0)
+        assert [p.request_id for p in forwarder._ready] == ["first", "second", "third"]
+
+    run(scenario)
