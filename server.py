@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import os
 import re
 import signal
@@ -160,7 +161,7 @@ def main() -> None:
         # The context is built (and its files checked) above, so a bad one is a settings error, not a traceback.
         ssl_context_factory=None if tls is None else lambda config, default: tls,
     )
-    DrainingServer(config, app, settings.shutdown_drain).run()
+    DrainingServer(config, app, settings.shutdown_drain, handshake_timeout=settings.header_timeout).run()
 
 
 class DrainingServer(uvicorn.Server):
@@ -169,17 +170,29 @@ class DrainingServer(uvicorn.Server):
     in-flight requests finish and the producer is flushed within SHUTDOWN_TIMEOUT. A second signal exits at
     once — safe, because everything answered 2xx is in Kafka or in the journal already."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float, handshake_timeout: float = 60.0) -> None:
         super().__init__(config)
         self.app_state = app_state(app)
         self.drain = drain
+        self.handshake_timeout = handshake_timeout
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list | None = None) -> None:
-        """Note the event loop, which the signal handler hands its work to."""
-        self.loop = asyncio.get_running_loop()
-        await super().startup(sockets)
+        """Note the event loop, which the signal handler hands its work to; bound the TLS handshake."""
+        self.loop = loop = asyncio.get_running_loop()
+        if not self.config.is_ssl:
+            await super().startup(sockets)
+            return
+        # The protocol's head deadline starts when the handshake is done; until then only the loop's
+        # ssl_handshake_timeout (60 s by default) bounds a socket, and uvicorn passes none. The listeners made
+        # here get HEADER_TIMEOUT, so a client that never ends its handshake holds a connection no longer
+        # than one that never ends its head (http_protocol.py counts both from the accept).
+        loop.create_server = functools.partial(loop.create_server, ssl_handshake_timeout=self.handshake_timeout)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: drain, then stop; second: stop now.

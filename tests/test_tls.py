@@ -3,6 +3,7 @@ the service as a process against a real broker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -21,7 +22,10 @@ from helpers import KEYS, ROOT, ServiceProcess, command, keys_file, read_topic, 
 import server
 from settings import SettingsError, load_settings
 
-BOUND = 30.0  # seconds any wait below may take: a busy machine is slow, never wrong
+HEADER_TIMEOUT = 1.0
+# Every wait below is bounded by many times the deadline (and by half asyncio's own 60 s handshake timeout, so
+# that only the service's bound can pass): a busy machine is slow, never wrong.
+BOUND = 30 * HEADER_TIMEOUT
 KEY_PASSWORD = "key-password-for-the-tests"
 WRITER = KEYS["writer"][0]
 
@@ -243,6 +247,34 @@ def test_https_command_reaches_kafka(https_service, kafka_bootstrap, topic, pki)
     assert f"Uvicorn running on https://127.0.0.1:{https_service.port}" in https_service.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{https_service.port}/health", timeout=BOUND)
+
+
+def test_handshake_and_request_head_share_the_header_deadline(kafka_bootstrap, topic, tmp_path, pki):
+    """Over TLS a socket that never starts its handshake, one that stops inside it, and one that completes it but
+    sends no request are all closed by the server (HEADER_TIMEOUT from accept, not asyncio's 60 s); the head
+    budget still answers 431; a request after them is served."""
+    env = _tls_env(pki, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic)
+    service = ServiceProcess(
+        tmp_path, ssl_context=pki.context(cert=False), HEADER_TIMEOUT=str(HEADER_TIMEOUT), **env
+    ).start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", service.port), timeout=BOUND)
+        halfway = socket.create_connection(("127.0.0.1", service.port), timeout=BOUND)
+        halfway.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello record, and no more
+        shaken = pki.context(cert=False).wrap_socket(
+            socket.create_connection(("127.0.0.1", service.port), timeout=BOUND), server_hostname="127.0.0.1"
+        )
+        with silent, halfway, shaken:
+            for sock in (silent, halfway, shaken):
+                with contextlib.suppress(ConnectionResetError):  # closed by the server within BOUND, else a timeout
+                    assert sock.recv(1) == b""
+        stage, answer = _exchange(
+            service.port, pki.context(cert=False), b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+        )
+        assert stage == "answer" and answer.startswith(b"HTTP/1.1 431"), answer
+        assert httpx.get(service.url + "/health", verify=pki.context(cert=False)).status_code == 200
+    finally:
+        service.stop()
 
 
 # --- client certificates (mutual TLS) ---
