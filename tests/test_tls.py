@@ -1,14 +1,16 @@
 """HTTPS and client certificates (mutual TLS) on the service's own port, with certificates made here (trustme):
-the service as a process against a real broker."""
+the service as a process against a real broker, and the client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from helpers import KEYS, ROOT, ServiceProcess, command, keys_file, read_topic, wait_for
 
 import server
+from pusher_client import AsyncPusherClient, PusherClient, RetryPolicy, TLSFailed, Unavailable
+from pusher_client._core import _Core
 from settings import SettingsError, load_settings
 
 HEADER_TIMEOUT = 1.0
@@ -229,6 +233,60 @@ def test_bare_uvicorn_refuses_tls_settings_it_would_ignore(pki):
     assert line.startswith("pusher: API_TLS_CERTFILE is applied by `python -m pusher`") and "--ssl-certfile" in line
 
 
+def test_client_tls_options_and_their_environment(pki, monkeypatch):
+    """verify and cert default to PUSHER_CA_FILE and PUSHER_CLIENT_CERT/PUSHER_CLIENT_KEY; verify=False is only
+    ever explicit; a file that does not load, or a key without a certificate, is a ValueError naming it."""
+    for name in ("PUSHER_CA_FILE", "PUSHER_CLIENT_CERT", "PUSHER_CLIENT_KEY", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    test_ca = {ca["subject"] for ca in pki.context(cert=False).get_ca_certs()}
+    system = _Core("https://box:8443", None, RetryPolicy()).ssl_context
+    assert system.verify_mode == ssl.CERT_REQUIRED and not test_ca & {ca["subject"] for ca in system.get_ca_certs()}
+    monkeypatch.setenv("PUSHER_CA_FILE", str(pki.ca))
+    assert {ca["subject"] for ca in _Core(None, None, RetryPolicy()).ssl_context.get_ca_certs()} == test_ca
+    unchecked = _Core(None, None, RetryPolicy(), verify=False).ssl_context
+    assert unchecked.verify_mode == ssl.CERT_NONE and not unchecked.check_hostname
+    own = pki.context(cert=False)
+    assert _Core(None, None, RetryPolicy(), verify=own).ssl_context is own
+    monkeypatch.setenv("PUSHER_CLIENT_KEY", str(pki.client_key))
+    with pytest.raises(ValueError, match=r"^PUSHER_CLIENT_KEY is set without PUSHER_CLIENT_CERT$"):
+        PusherClient("https://box:8443")
+    monkeypatch.setenv("PUSHER_CLIENT_CERT", str(pki.client_cert))
+    PusherClient("https://box:8443").close()
+    with pytest.raises(ValueError, match=r"^CA file '/nonexistent/ca.pem': No such file"):
+        PusherClient("https://box:8443", verify="/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match=r"^client certificate '.*client_cert.pem': not PEM, or not a certificate"):
+        PusherClient("https://box:8443", cert=str(pki.client_cert))  # its key is in another file
+    PusherClient("https://box:8443", cert=str(pki.client_both)).close()
+
+
+def test_only_tls_errors_that_retrying_cannot_cure_stop_the_retries():
+    """A certificate that does not verify (or an alert, a protocol mismatch) is final and raised as TLSFailed; an
+    end of stream in the handshake or a reset, which a restarting service causes too, is retried, and in the end
+    reported with a word on client certificates."""
+    core = _Core("https://box:8443", None, RetryPolicy())
+
+    def failure(cause: BaseException) -> httpx.ConnectError:
+        error = httpx.ConnectError(str(cause))
+        error.__cause__ = cause
+        return error
+
+    unverified = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    unverified.verify_message = "unable to get local issuer certificate"
+    final = [unverified, ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")]
+    transient = [ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), ConnectionResetError(104, "reset")]
+    started = time.monotonic()
+    assert [core.retry_wait(0, started, failure(cause)) for cause in final] == [None, None]
+    assert None not in [core.retry_wait(0, started, failure(cause)) for cause in transient]
+    assert [type(core.unreachable(core.status("x"), failure(cause))) for cause in final + transient] == [
+        TLSFailed, TLSFailed, Unavailable, Unavailable,
+    ]  # fmt: skip
+    assert "unable to get local issuer certificate" in str(core.unreachable(core.status("x"), failure(unverified)))
+    # an end of stream in the handshake may be a refused client certificate, a refused connection is not
+    assert "client certificates" in str(core.unreachable(core.status("x"), failure(transient[0])))
+    refused = core.unreachable(core.status("x"), failure(ConnectionRefusedError(111, "Connection refused")))
+    assert "client certificates" not in str(refused)
+
+
 # --- the service over HTTPS ---
 
 
@@ -247,6 +305,27 @@ def test_https_command_reaches_kafka(https_service, kafka_bootstrap, topic, pki)
     assert f"Uvicorn running on https://127.0.0.1:{https_service.port}" in https_service.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{https_service.port}/health", timeout=BOUND)
+
+
+def test_client_verifies_the_service_against_the_ca(https_service, kafka_bootstrap, topic, pki, monkeypatch):
+    """PusherClient and AsyncPusherClient send over HTTPS when given the CA (a file or an SSLContext); against
+    another CA, or the system's, they fail at once with TLSFailed and send nothing."""
+    monkeypatch.delenv("PUSHER_CA_FILE", raising=False)
+    with PusherClient(https_service.url, verify=str(pki.ca)) as client:
+        assert client.push_command("tls-client", "sync", {}, "mqtt").status == "published"
+
+    async def push() -> str:
+        async with AsyncPusherClient(https_service.url, verify=pki.context(cert=False)) as client:
+            return (await client.push_command("tls-client", "async", {}, "mqtt")).status
+
+    assert asyncio.run(push()) == "published"
+
+    for verify in (str(pki.other_ca), None):
+        with PusherClient(https_service.url, verify=verify) as client, pytest.raises(TLSFailed) as failed:
+            client.push_command("tls-client", "never", {}, "mqtt")
+        assert "the service's certificate does not verify" in str(failed.value)
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
+    assert sorted(v["command_type"] for v in values) == ["async", "sync"]
 
 
 def test_handshake_and_request_head_share_the_header_deadline(kafka_bootstrap, topic, tmp_path, pki):
@@ -281,22 +360,25 @@ def test_handshake_and_request_head_share_the_header_deadline(kafka_bootstrap, t
 
 
 def test_mutual_tls_takes_a_certificate_of_the_ca_and_still_needs_the_key(mtls_service, kafka_bootstrap, topic, pki):
-    """With the client CA's certificate and a key, a command is published; with the certificate but no key the
-    answer is 401: a certificate never stands in for the key."""
+    """With the client CA's certificate and a key, a command is published (httpx, PusherClient); with the
+    certificate but no key the answer is 401: a certificate never stands in for the key."""
     url = mtls_service.url
     with_key = httpx.post(url + "/api/v1/commands", json=command("mtls-dev"), headers={"X-API-Key": WRITER},
                           verify=pki.context())  # fmt: skip
     assert with_key.status_code == 200, with_key.text
     keyless = httpx.post(url + "/api/v1/commands", json=command("mtls-dev", command_type="x"), verify=pki.context())
     assert keyless.status_code == 401, keyless.text
-    [record] = read_topic(kafka_bootstrap, topic, 1)
-    assert json.loads(record.value)["request_id"] == with_key.json()["request_id"]
+    with PusherClient(url, WRITER, verify=str(pki.ca), cert=(str(pki.client_cert), str(pki.client_key))) as client:
+        assert client.push_command("mtls-dev", "client", {}, "mqtt").status == "published"
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
+    assert sorted(v["command_type"] for v in values) == ["client", "reboot"]
 
 
 @pytest.mark.parametrize("tls", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
 def test_mutual_tls_refuses_a_client_without_a_certificate_of_its_ca(mtls_service, pki, tls):
     """No client certificate, or one from another CA: the handshake is refused and no request reaches the app
-    (in TLS 1.2 the client's handshake fails; in 1.3 the refusal ends the connection before any answer)."""
+    (in TLS 1.2 the client's handshake fails; in 1.3 the refusal ends the connection before any answer). The
+    client library reports it as no answer, naming client certificates."""
     served = _request_lines(mtls_service)
     for context in (pki.context(cert=False, tls=tls), pki.other_context(tls=tls)):
         stage, answer = _exchange(mtls_service.port, context)
@@ -307,3 +389,6 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_of_its_ca(mtls_servic
     assert _exchange(mtls_service.port, pki.context(tls=tls))[1].startswith(b"HTTP/1.1 200")
     wait_for(lambda: _request_lines(mtls_service) > served, timeout=BOUND)
     assert _request_lines(mtls_service) == served + 1
+    client = PusherClient(mtls_service.url, WRITER, verify=str(pki.ca), retry=RetryPolicy(attempts=1))
+    with client, pytest.raises(Unavailable, match="closes connections without one it trusts"):
+        client.get_status("any")
