@@ -1,5 +1,5 @@
 """HTTPS and client certificates (mutual TLS) on the service's own port, with certificates made here (trustme):
-the service as a process against a real broker, and the client."""
+the service as a process against a real broker, the client and the `pusher` command."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from helpers import KEYS, ROOT, ServiceProcess, command, keys_file, read_topic, wait_for
+from helpers import KEYS, ROOT, ServiceProcess, command, keys_file, read_topic, run_cli, wait_for
 
 import server
 from pusher_client import AsyncPusherClient, PusherClient, RetryPolicy, TLSFailed, Unavailable
@@ -287,6 +287,15 @@ def test_only_tls_errors_that_retrying_cannot_cure_stop_the_retries():
     assert "client certificates" not in str(refused)
 
 
+def test_cli_certificate_options_that_do_not_load_are_usage_errors(pki):
+    """--client-key without --client-cert, or a --ca-file that is not there: exit 2, saying which, nothing sent."""
+    args = ("status", "some-id", "--retry-for", "0")
+    alone = run_cli(*args, "--client-key", str(pki.client_key), url="https://127.0.0.1:9")
+    assert alone.returncode == 2 and "--client-key (PUSHER_CLIENT_KEY) needs --client-cert" in alone.stderr
+    missing = run_cli(*args, "--ca-file", "/nonexistent/ca.pem", url="https://127.0.0.1:9")
+    assert missing.returncode == 2 and "CA file '/nonexistent/ca.pem': No such file" in missing.stderr
+
+
 # --- the service over HTTPS ---
 
 
@@ -307,9 +316,10 @@ def test_https_command_reaches_kafka(https_service, kafka_bootstrap, topic, pki)
         httpx.get(f"http://127.0.0.1:{https_service.port}/health", timeout=BOUND)
 
 
-def test_client_verifies_the_service_against_the_ca(https_service, kafka_bootstrap, topic, pki, monkeypatch):
-    """PusherClient and AsyncPusherClient send over HTTPS when given the CA (a file or an SSLContext); against
-    another CA, or the system's, they fail at once with TLSFailed and send nothing."""
+def test_client_and_cli_verify_the_service_against_the_ca(https_service, kafka_bootstrap, topic, pki, monkeypatch):
+    """PusherClient, AsyncPusherClient and `pusher` send over HTTPS when given the CA (argument, SSLContext or
+    PUSHER_CA_FILE); against another CA, or the system's, they fail at once with TLSFailed (CLI: one line,
+    exit 5) and send nothing."""
     monkeypatch.delenv("PUSHER_CA_FILE", raising=False)
     with PusherClient(https_service.url, verify=str(pki.ca)) as client:
         assert client.push_command("tls-client", "sync", {}, "mqtt").status == "published"
@@ -319,13 +329,21 @@ def test_client_verifies_the_service_against_the_ca(https_service, kafka_bootstr
             return (await client.push_command("tls-client", "async", {}, "mqtt")).status
 
     assert asyncio.run(push()) == "published"
+    sent = run_cli("send", "--device", "tls-client", "--type", "cli", "--protocol", "mqtt",
+                   url=https_service.url, PUSHER_CA_FILE=str(pki.ca))  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
 
     for verify in (str(pki.other_ca), None):
         with PusherClient(https_service.url, verify=verify) as client, pytest.raises(TLSFailed) as failed:
             client.push_command("tls-client", "never", {}, "mqtt")
         assert "the service's certificate does not verify" in str(failed.value)
-    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
-    assert sorted(v["command_type"] for v in values) == ["async", "sync"]
+    refused = run_cli("send", "--device", "tls-client", "--type", "never", "--protocol", "mqtt",
+                      "--ca-file", str(pki.other_ca), url=https_service.url)  # fmt: skip
+    assert refused.returncode == 5 and refused.stdout == ""
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"pusher: TLS with {https_service.url}: the service's certificate does not verify")
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 3)]
+    assert sorted(v["command_type"] for v in values) == ["async", "cli", "sync"]
 
 
 def test_handshake_and_request_head_share_the_header_deadline(kafka_bootstrap, topic, tmp_path, pki):
@@ -360,8 +378,9 @@ def test_handshake_and_request_head_share_the_header_deadline(kafka_bootstrap, t
 
 
 def test_mutual_tls_takes_a_certificate_of_the_ca_and_still_needs_the_key(mtls_service, kafka_bootstrap, topic, pki):
-    """With the client CA's certificate and a key, a command is published (httpx, PusherClient); with the
-    certificate but no key the answer is 401: a certificate never stands in for the key."""
+    """With the client CA's certificate and a key, a command is published (httpx, PusherClient, `pusher` with
+    options or PUSHER_CLIENT_CERT/PUSHER_CLIENT_KEY); with the certificate but no key the answer is 401: a
+    certificate never stands in for the key."""
     url = mtls_service.url
     with_key = httpx.post(url + "/api/v1/commands", json=command("mtls-dev"), headers={"X-API-Key": WRITER},
                           verify=pki.context())  # fmt: skip
@@ -370,8 +389,18 @@ def test_mutual_tls_takes_a_certificate_of_the_ca_and_still_needs_the_key(mtls_s
     assert keyless.status_code == 401, keyless.text
     with PusherClient(url, WRITER, verify=str(pki.ca), cert=(str(pki.client_cert), str(pki.client_key))) as client:
         assert client.push_command("mtls-dev", "client", {}, "mqtt").status == "published"
-    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 2)]
-    assert sorted(v["command_type"] for v in values) == ["client", "reboot"]
+    options = run_cli("send", "--device", "mtls-dev", "--type", "cli-options", "--protocol", "mqtt",
+                      "--ca-file", str(pki.ca), "--client-cert", str(pki.client_cert),
+                      "--client-key", str(pki.client_key), url=url, PUSHER_API_KEY=WRITER)  # fmt: skip
+    assert options.returncode == 0, options.stderr
+    from_env = {"PUSHER_CA_FILE": str(pki.ca), "PUSHER_CLIENT_CERT": str(pki.client_both)}
+    environment = run_cli("send", "--device", "mtls-dev", "--type", "cli-env", "--protocol", "mqtt", url=url,
+                          PUSHER_API_KEY=WRITER, **from_env)  # fmt: skip
+    assert environment.returncode == 0, environment.stderr
+    no_key = run_cli("send", "--device", "mtls-dev", "--type", "x", "--protocol", "mqtt", url=url, **from_env)
+    assert no_key.returncode == 3, no_key.stderr
+    values = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, 4)]
+    assert sorted(v["command_type"] for v in values) == ["cli-env", "cli-options", "client", "reboot"]
 
 
 @pytest.mark.parametrize("tls", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])

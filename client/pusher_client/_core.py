@@ -186,7 +186,7 @@ class _Core:
             return TLSFailed(
                 f"TLS with {self.base_url}: the service's certificate does not verify "
                 f"({getattr(tls, 'verify_message', None) or tls}); "
-                "trust the CA that signed it (verify=, PUSHER_CA_FILE)"
+                "trust the CA that signed it (verify=, PUSHER_CA_FILE, --ca-file)"
             )
         if tls is not None:
             return TLSFailed(f"TLS with {self.base_url} failed: {getattr(tls, 'reason', None) or tls}")
