@@ -1,5 +1,5 @@
 """HTTPS and client certificates (mutual TLS) on the service's own port, with certificates made here (trustme):
-the service as a process against a real broker, the client and the `pusher` command."""
+the service as a process against a real broker, the client, the `pusher` command and the healthcheck."""
 
 from __future__ import annotations
 
@@ -421,3 +421,28 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_of_its_ca(mtls_servic
     client = PusherClient(mtls_service.url, WRITER, verify=str(pki.ca), retry=RetryPolicy(attempts=1))
     with client, pytest.raises(Unavailable, match="closes connections without one it trusts"):
         client.get_status("any")
+
+
+def _healthcheck(service: ServiceProcess, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`python -m healthcheck` (the image's HEALTHCHECK) with the service's settings."""
+    env = {k: v for k, v in service.env.items() if not k.startswith("PUSHER_")}
+    return subprocess.run([sys.executable, "-m", "healthcheck"], cwd=ROOT, env={**env, **extra},
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def test_healthcheck_speaks_https(https_service):
+    """The healthcheck asks /health over HTTPS when the service serves it, and fails once the service is gone."""
+    served = _healthcheck(https_service)
+    assert served.returncode == 0, served.stderr
+    https_service.stop()
+    gone = _healthcheck(https_service)
+    assert gone.returncode != 0 and gone.stderr.startswith("pusher healthcheck: ")
+
+
+def test_healthcheck_presents_the_client_certificate_where_one_is_required(mtls_service, pki):
+    """Where client certificates are required the healthcheck passes with PUSHER_CLIENT_CERT (and _KEY), and
+    fails without."""
+    given = _healthcheck(mtls_service, PUSHER_CLIENT_CERT=str(pki.client_cert), PUSHER_CLIENT_KEY=str(pki.client_key))
+    assert given.returncode == 0, given.stderr
+    refused = _healthcheck(mtls_service)
+    assert refused.returncode != 0 and refused.stderr.startswith("pusher healthcheck: ")
