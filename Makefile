@@ -30,9 +30,10 @@ run:  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the ser
 	else \
 	  echo "Kafka at $$KAFKA_BOOTSTRAP_SERVERS (KAFKA_BOOTSTRAP_SERVERS)"; \
 	fi; \
-	url=http://$${API_HOST:-127.0.0.1}:$${API_PORT:-8000}; \
+	scheme=$${API_TLS_CERTFILE:+https}; url=$${scheme:-http}://$${API_HOST:-127.0.0.1}:$${API_PORT:-8000}; \
+	tls="$${API_TLS_CERTFILE:+--cacert YOUR-CA.pem }$${API_TLS_CLIENT_CAFILE:+--cert CLIENT.pem --key CLIENT.key }"; \
 	echo "Starting the service: Preservarium Pusher on $$url   API docs: $$url/docs"; \
-	echo "Try: curl -X POST $$url/api/v1/commands -H 'Content-Type: application/json' \\"; \
+	echo "Try: curl $$tls-X POST $$url/api/v1/commands -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"device_id\": \"efento_device_001\", \"command_type\": \"config_update\", \"payload\": {\"measurement_interval\": 600}, \"protocol\": \"coap\"}'"; \
 	exec $(PY) -m pusher
 

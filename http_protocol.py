@@ -8,7 +8,9 @@ spent. This protocol adds, per connection:
 
 - a head deadline (HEADER_TIMEOUT) from accept, and on a kept-alive connection from the first byte of each
   later request, to the end of that request's head; past it the connection is closed, after a 408 when
-  part of a head had arrived;
+  part of a head had arrived. Over TLS the protocol is made at accept but connected only after the
+  handshake: the first head gets what the handshake left of the deadline (server.py bounds the handshake
+  itself by HEADER_TIMEOUT);
 - a head budget (MAX_HEADER_BYTES): bytes are counted as they arrive, before httptools sees them, and when
   more than the budget arrived without the end of the head the answer is 431 and nothing more is parsed
   (a pipelined head that starts in the read that ends the request before it is counted from the next
@@ -48,11 +50,13 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_room = self.max_header_bytes  # bytes the current head may still take
         self._deadline: asyncio.TimerHandle | None = None  # the head's deadline, or the refused linger
         self._refused = False
+        self._accepted = self.loop.time()  # the loop makes the protocol at accept, before any TLS handshake
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        """Start the first head's deadline at accept: a socket that sends nothing is closed too."""
+        """Start the first head's deadline, counted from accept: a socket that sends nothing is closed too."""
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self.header_timeout, self._head_expired)
+        left = self.header_timeout - (self.loop.time() - self._accepted)
+        self._deadline = self.loop.call_later(max(0.0, left), self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the pending deadline with the connection."""

@@ -863,7 +863,7 @@ def __getattr__(name: str) -> Starlette:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import server
 
-    app = globals()["app"] = server.app_or_exit(server.settings_or_exit())
+    app = globals()["app"] = server.app_for_uvicorn()
     return app
 
 

@@ -2,8 +2,8 @@
 
 `python -m pusher` (and the `pusher-server` command, and the container) end in `main()` here. The app it
 serves is pusher.py's; this module adds what only a process has: its command line (`keygen`), the one-line
-refusal of a bad setting (exit 2), faulthandler on SIGUSR1, and the shutdown that drains on the first
-SIGTERM and exits on the second.
+refusal of a bad setting (exit 2), the listener's TLS (HTTPS, client certificates), faulthandler on SIGUSR1,
+and the shutdown that drains on the first SIGTERM and exits on the second.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import os
+import re
 import signal
+import ssl
 import sys
 import uuid
 from typing import Any
@@ -50,6 +53,66 @@ def app_or_exit(settings: Settings) -> Starlette:
         raise SystemExit(2) from None
 
 
+def app_for_uvicorn() -> Starlette:
+    """The app of `uvicorn pusher:app`, from the environment. uvicorn makes that listener itself (its --ssl-*
+    options), so API_TLS_* would be ignored there: they stop the start instead of serving plain HTTP."""
+    settings = settings_or_exit()
+    if settings.https:
+        print(
+            "pusher: API_TLS_CERTFILE is applied by `python -m pusher`; under `uvicorn pusher:app` unset API_TLS_* "
+            "and give uvicorn --ssl-certfile and --ssl-keyfile (and --ssl-ca-certs with --ssl-cert-reqs 2)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return app_or_exit(settings)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's TLS, or None for plain HTTP: API_TLS_CERTFILE and API_TLS_KEYFILE served with TLS 1.2 at
+    least; with API_TLS_CLIENT_CAFILE, a client certificate signed by that CA is required in the handshake.
+    A certificate, key or CA that does not load is a SettingsError naming the variable."""
+    if not settings.https:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    secret = settings.api_tls_keyfile_password
+    password = secret.value if secret is not None else ""  # never None: OpenSSL would prompt on the terminal
+    try:
+        context.load_cert_chain(settings.api_tls_certfile, settings.api_tls_keyfile, lambda: password)
+    except OSError as exc:  # ssl.SSLError is one
+        hint = "" if secret is not None else "; an encrypted key needs API_TLS_KEYFILE_PASSWORD"
+        raise SettingsError(
+            f"API_TLS_CERTFILE={settings.api_tls_certfile!r} with API_TLS_KEYFILE={settings.api_tls_keyfile!r}: "
+            f"not a PEM certificate and its private key ({_reason(exc)}){hint}"
+        ) from None
+    if settings.api_tls_client_cafile:
+        try:
+            context.load_verify_locations(cafile=settings.api_tls_client_cafile)
+        except OSError as exc:
+            raise SettingsError(
+                f"API_TLS_CLIENT_CAFILE={settings.api_tls_client_cafile!r} is invalid: not PEM CA certificates "
+                f"({_reason(exc)})"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _reason(exc: OSError) -> str:
+    """OpenSSL's reason (`KEY_VALUES_MISMATCH`), or the error's text without OpenSSL's C file and line."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", str(exc.args[-1]))
+    return exc.strerror or str(exc)
+
+
+def tls_or_exit(settings: Settings) -> ssl.SSLContext | None:
+    """tls_context(settings); one that does not load prints its one line, exit 2."""
+    try:
+        return tls_context(settings)
+    except SettingsError as exc:
+        print(f"pusher: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def keygen(argv: list[str]) -> None:
     """`python -m pusher keygen [ID] [SCOPE,…] [--keys-file PATH]`: print a new key once, and add its entry to
     PATH (it holds only hashes, so it may be readable by the service's user) or print the entry for API_KEYS_FILE."""
@@ -78,6 +141,7 @@ def main() -> None:
         keygen(sys.argv[2:])
         return
     settings = settings_or_exit()
+    tls = tls_or_exit(settings)
     # `kill -USR1 PID` prints every thread's stack to stderr: how to see where a stuck process stands.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     app = app_or_exit(settings)
@@ -94,8 +158,10 @@ def main() -> None:
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
         limit_concurrency=None,  # the app's Admission counts requests and waiters apart (uvicorn counts both)
         h11_max_incomplete_event_size=16 * 1024,
+        # The context is built (and its files checked) above, so a bad one is a settings error, not a traceback.
+        ssl_context_factory=None if tls is None else lambda config, default: tls,
     )
-    DrainingServer(config, app, settings.shutdown_drain).run()
+    DrainingServer(config, app, settings.shutdown_drain, handshake_timeout=settings.header_timeout).run()
 
 
 class DrainingServer(uvicorn.Server):
@@ -104,17 +170,29 @@ class DrainingServer(uvicorn.Server):
     in-flight requests finish and the producer is flushed within SHUTDOWN_TIMEOUT. A second signal exits at
     once — safe, because everything answered 2xx is in Kafka or in the journal already."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, drain: float, handshake_timeout: float = 60.0) -> None:
         super().__init__(config)
         self.app_state = app_state(app)
         self.drain = drain
+        self.handshake_timeout = handshake_timeout
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list | None = None) -> None:
-        """Note the event loop, which the signal handler hands its work to."""
-        self.loop = asyncio.get_running_loop()
-        await super().startup(sockets)
+        """Note the event loop, which the signal handler hands its work to; bound the TLS handshake."""
+        self.loop = loop = asyncio.get_running_loop()
+        if not self.config.is_ssl:
+            await super().startup(sockets)
+            return
+        # The protocol's head deadline starts when the handshake is done; until then only the loop's
+        # ssl_handshake_timeout (60 s by default) bounds a socket, and uvicorn passes none. The listeners made
+        # here get HEADER_TIMEOUT, so a client that never ends its handshake holds a connection no longer
+        # than one that never ends its head (http_protocol.py counts both from the accept).
+        loop.create_server = functools.partial(loop.create_server, ssl_handshake_timeout=self.handshake_timeout)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: drain, then stop; second: stop now.

@@ -120,12 +120,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """Whether API keys are required."""
         return self.auth_enabled if self.auth_enabled is not None else self.api_keys_file is not None
 
+    @property
+    def https(self) -> bool:
+        """Whether the service serves HTTPS (API_TLS_CERTFILE and API_TLS_KEYFILE)."""
+        return bool(self.api_tls_certfile)
+
     def masked(self) -> dict[str, object]:
         """The effective configuration with every credential masked: Secrets, and the userinfo of URLs."""
         return {k: _mask(v) for k, v in msgspec.structs.asdict(self).items()}
 
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
+    # HTTPS: a PEM certificate chain and its private key, both or neither; with a client CA, mutual TLS too.
+    api_tls_certfile: str | None = None
+    api_tls_keyfile: str | None = None
+    api_tls_keyfile_password: Secret | None = None
+    api_tls_client_cafile: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_payloads: bool = False
@@ -147,7 +157,14 @@ def _mask(value: object) -> object:
 
 _LOOPBACK = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|::1|\[::1\]|localhost)$")
 _LIST_FIELDS = {"allowed_protocols", "cors_origins"}
-_SECRETS = {"kafka_sasl_password", "kafka_ssl_password", "status_topic_secret", "status_topic_secret_previous"}
+_SECRETS = {
+    "kafka_sasl_password",
+    "kafka_ssl_password",
+    "status_topic_secret",
+    "status_topic_secret_previous",
+    "api_tls_keyfile_password",
+}
+_TLS_FILES = ("api_tls_certfile", "api_tls_keyfile", "api_tls_client_cafile")
 _MIN_SECRET = 32  # characters of STATUS_TOPIC_SECRET: `openssl rand -hex 32` gives 64
 
 
@@ -206,7 +223,32 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         secret = getattr(settings, name)
         if secret is not None and len(secret.value) < _MIN_SECRET:
             raise SettingsError(f"{name.upper()}=*** is invalid: at least {_MIN_SECRET} characters")
+    problem = _tls_problem(settings)
+    if problem:
+        raise SettingsError(problem)
     return settings
+
+
+def _tls_problem(settings: Settings) -> str | None:
+    """What is wrong with the API_TLS_* settings: a half pair, a setting without the pair, a file not there."""
+    cert, key = bool(settings.api_tls_certfile), bool(settings.api_tls_keyfile)
+    if cert != key:
+        given, missing = ("API_TLS_CERTFILE", "API_TLS_KEYFILE") if cert else ("API_TLS_KEYFILE", "API_TLS_CERTFILE")
+        return f"{given} is set without {missing}: HTTPS needs the certificate and its private key, both"
+    if not cert:
+        for name in ("api_tls_client_cafile", "api_tls_keyfile_password"):
+            if getattr(settings, name):
+                return f"{name.upper()} needs API_TLS_CERTFILE and API_TLS_KEYFILE: it applies only to HTTPS"
+        return None
+    for name in _TLS_FILES:
+        path = getattr(settings, name)
+        if not path:
+            continue
+        if not os.path.isfile(path):
+            return f"{name.upper()}={path!r} is invalid: no such file"
+        if not os.access(path, os.R_OK):
+            return f"{name.upper()}={path!r} is invalid: not readable by this user (uid {os.getuid()})"
+    return None
 
 
 def _name_the_variable(message: str, raw: Mapping[str, object]) -> str:

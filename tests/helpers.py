@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -116,12 +117,16 @@ def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
 
 class ServiceProcess:
     """The service as users run it (`python -m pusher`, by default with this interpreter), on a free port,
-    with its own log file."""
+    with its own log file. With API_TLS_CERTFILE in `env` its url is https://, and its own probes use
+    `ssl_context` (the test's CA, and a client certificate where one is required)."""
 
-    def __init__(self, log_dir: Path, python: str = sys.executable, **env: str) -> None:
+    def __init__(
+        self, log_dir: Path, python: str = sys.executable, ssl_context: ssl.SSLContext | None = None, **env: str
+    ) -> None:
         self.python = python
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if env.get('API_TLS_CERTFILE') else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = ssl_context or True
         self.log_path = Path(log_dir) / f"pusher-{self.port}.log"
         self.env = {
             **os.environ,
@@ -146,7 +151,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
             try:
-                response = httpx.get(self.url + path, timeout=1)
+                response = httpx.get(self.url + path, timeout=1, verify=self.verify)
                 if response.status_code == 200 and (not wait_ready or response.json()["kafka_connected"]):
                     return self
             except httpx.TransportError:
@@ -170,7 +175,7 @@ class ServiceProcess:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             try:
-                if httpx.get(self.url + "/ready", timeout=2).json()["backlog"] == 0:
+                if httpx.get(self.url + "/ready", timeout=2, verify=self.verify).json()["backlog"] == 0:
                     return time.monotonic() - started
             except httpx.TransportError:
                 pass

@@ -141,7 +141,7 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            probe = subprocess.run([sys.executable, *health[1:]], env=env, capture_output=True)
+            probe = subprocess.run([sys.executable, *health[1:]], cwd=app_dir, env=env, capture_output=True)
             if probe.returncode == 0:
                 break
             assert server.poll() is None, log_path.read_text()
@@ -161,7 +161,7 @@ def test_container_cmd_and_healthcheck_run_on_the_built_tree(tmp_path, kafka_boo
         server.terminate()
         server.wait(30)
     # a stopped service fails the HEALTHCHECK
-    assert subprocess.run([sys.executable, *health[1:]], env=env, capture_output=True).returncode != 0
+    assert subprocess.run([sys.executable, *health[1:]], cwd=app_dir, env=env, capture_output=True).returncode != 0
 
 
 def test_container_copies_every_module_the_app_imports():

@@ -195,3 +195,52 @@ def test_a_status_topic_needs_a_long_secret_that_never_shows():
     settings = load_settings(topic | {"STATUS_TOPIC_SECRET": good}, env_file="/nonexistent")
     assert settings.status_topic_secret.value == good and settings.status_topic_secret_previous is None
     assert good not in repr(settings) and settings.masked()["status_topic_secret"] == "***"
+
+
+def test_https_needs_the_certificate_and_its_key_both_and_files_that_are_there(tmp_path):
+    """API_TLS_CERTFILE without API_TLS_KEYFILE (or the other way round), a client CA or key password without
+    them, or a file that is not there: one error naming the variable. Both files: HTTPS, its password masked."""
+    cert, key, ca = (tmp_path / name for name in ("cert.pem", "key.pem", "ca.pem"))
+    for path in (cert, key, ca):
+        path.write_text("PEM\n")
+    cases = {
+        "^API_TLS_CERTFILE is set without API_TLS_KEYFILE: ": {"API_TLS_CERTFILE": str(cert)},
+        "^API_TLS_KEYFILE is set without API_TLS_CERTFILE: ": {"API_TLS_KEYFILE": str(key)},
+        "^API_TLS_CLIENT_CAFILE needs API_TLS_CERTFILE and API_TLS_KEYFILE": {"API_TLS_CLIENT_CAFILE": str(ca)},
+        "^API_TLS_KEYFILE_PASSWORD needs API_TLS_CERTFILE": {"API_TLS_KEYFILE_PASSWORD": "pw"},
+        "^API_TLS_KEYFILE='.*absent.pem' is invalid: no such file$": {
+            "API_TLS_CERTFILE": str(cert),
+            "API_TLS_KEYFILE": str(tmp_path / "absent.pem"),
+        },
+        "^API_TLS_CLIENT_CAFILE='.*' is invalid: no such file$": {
+            "API_TLS_CERTFILE": str(cert),
+            "API_TLS_KEYFILE": str(key),
+            "API_TLS_CLIENT_CAFILE": str(tmp_path),  # a directory
+        },
+    }
+    for expected, env in cases.items():
+        with pytest.raises(SettingsError, match=expected):
+            load_settings(env, env_file="/nonexistent")
+    assert not load_settings({}, env_file="/nonexistent").https
+    both = {"API_TLS_CERTFILE": str(cert), "API_TLS_KEYFILE": str(key), "API_TLS_KEYFILE_PASSWORD": " key pw "}
+    settings = load_settings(both | {"API_TLS_CLIENT_CAFILE": str(ca)}, env_file="/nonexistent")
+    assert settings.https and settings.api_tls_client_cafile == str(ca)
+    assert settings.api_tls_keyfile_password.value == " key pw " and " key pw " not in repr(settings)
+    assert settings.masked()["api_tls_keyfile_password"] == "***"
+
+
+def test_half_configured_https_stops_the_start_with_one_line(tmp_path):
+    """`python -m pusher` with API_TLS_CERTFILE alone exits 2, one line naming API_TLS_KEYFILE."""
+    (tmp_path / "cert.pem").write_text("PEM\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pusher"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "API_TLS_CERTFILE": str(tmp_path / "cert.pem"), "ENV_FILE": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pusher: API_TLS_CERTFILE is set without API_TLS_KEYFILE: HTTPS needs the certificate and its private key, both"
+    ]

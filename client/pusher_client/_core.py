@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import httpx
@@ -21,6 +23,7 @@ from pusher_client.errors import (
     PusherClientError,
     RequestRejected,
     ServerError,
+    TLSFailed,
     Unavailable,
     ValidationFailed,
     WaitTimeout,
@@ -41,6 +44,11 @@ from pusher_client.wire import (
 )
 
 Command = CommandRequest | Mapping[str, Any]  # a CommandRequest, or a dict of its fields
+# How the service's certificate is checked: True (the system's CAs), a CA file (or directory) to trust instead,
+# a ready SSLContext, or False (no check at all: only when asked for explicitly, never from the environment).
+Verify = bool | str | os.PathLike[str] | ssl.SSLContext
+# This client's certificate: a PEM file holding it and its key, (cert, key), or (cert, key, key password).
+Cert = str | os.PathLike[str] | tuple[str, str] | tuple[str, str, str]
 CommandResult = CommandResponse
 BatchResult = BatchCommandResponse
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -97,10 +105,21 @@ class _Call(NamedTuple):
 class _Core:
     """What the sync and asyncio clients share: building requests, reading answers, deciding on retries."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, retry: RetryPolicy) -> None:
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        retry: RetryPolicy,
+        verify: Verify | None = None,
+        cert: Cert | None = None,
+    ) -> None:
         self.base_url = (base_url or os.environ.get("PUSHER_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("PUSHER_API_KEY") or None
         self.retry = retry
+        self.ssl_context = tls_context(
+            verify if verify is not None else os.environ.get("PUSHER_CA_FILE") or True,
+            cert if cert is not None else _cert_from_environment(),
+        )
         self.headers = {"User-Agent": f"preservarium-pusher-client/{VERSION}", "Accept": "application/json"}
         if self.api_key:  # Bearer works whatever API_KEY_HEADER the service names
             self.headers["Authorization"] = f"Bearer {self.api_key}"
@@ -146,13 +165,20 @@ class _Core:
         return _Call("GET", "/api/v1/commands", CommandList, params={k: v for k, v in params.items() if v is not None})
 
     def retry_wait(
-        self, attempt: int, started: float, response: httpx.Response | None, retry: RetryPolicy | None = None
+        self,
+        attempt: int,
+        started: float,
+        response: httpx.Response | httpx.TransportError,
+        retry: RetryPolicy | None = None,
     ) -> float | None:
-        """Seconds to wait before trying again, or None when this outcome is final (or the budget is spent)."""
-        if response is not None and not _retriable(response):
+        """Seconds to wait before trying again, or None when this outcome (an answer, or a transport error) is
+        final, or the budget is spent."""
+        if isinstance(response, httpx.Response) and not _retriable(response):
             return None
+        if isinstance(response, httpx.TransportError) and _tls_error(response) is not None:
+            return None  # a certificate that does not verify does not verify on the next try either
         policy = retry or self.retry
-        retry_after = _retry_after(response) if response is not None else None
+        retry_after = _retry_after(response) if isinstance(response, httpx.Response) else None
         wait = policy.wait(attempt, retry_after)
         if attempt + 1 >= policy.attempts or time.monotonic() - started + wait > policy.deadline:
             return None
@@ -173,8 +199,79 @@ class _Core:
         raise _error_for(response)
 
     def unreachable(self, call: _Call, exc: httpx.TransportError) -> Unavailable:
-        """The error for a call that never got an answer."""
-        return Unavailable(f"No answer from {self.base_url}{call.path}: {type(exc).__name__}: {exc}".rstrip(": "))
+        """The error for a call that never got an answer: TLSFailed when TLS refused the connection."""
+        tls = _tls_error(exc)
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            return TLSFailed(
+                f"TLS with {self.base_url}: the service's certificate does not verify "
+                f"({getattr(tls, 'verify_message', None) or tls}); "
+                "trust the CA that signed it (verify=, PUSHER_CA_FILE, --ca-file)"
+            )
+        if tls is not None:
+            return TLSFailed(f"TLS with {self.base_url} failed: {getattr(tls, 'reason', None) or tls}")
+        message = f"No answer from {self.base_url}{call.path}: {type(exc).__name__}: {exc}".rstrip(": ")
+        # A service that requires client certificates closes a connection without one it trusts, saying nothing:
+        # in the handshake (TLS 1.2) or when the request is read (1.3).
+        dropped = isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+        if self.base_url.startswith("https:") and (dropped or any(isinstance(e, ssl.SSLError) for e in _chain(exc))):
+            message += "; a service that requires client certificates closes connections without one it trusts"
+        return Unavailable(message)
+
+
+def tls_context(verify: Verify, cert: Cert | None) -> ssl.SSLContext:
+    """The client's TLS context: the service's certificate checked as `verify` says, `cert` presented when given.
+    A CA or certificate file that does not load is a ValueError naming it."""
+    try:
+        if isinstance(verify, bool | ssl.SSLContext):
+            context = httpx.create_ssl_context(verify)  # True: httpx's own default (certifi, or SSL_CERT_FILE)
+        elif os.path.isdir(verify):
+            context = ssl.create_default_context(capath=verify)
+        else:
+            context = ssl.create_default_context(cafile=verify)
+    except OSError as exc:  # ssl.SSLError is one
+        raise ValueError(f"CA file {os.fspath(verify)!r}: {_load_error(exc)}") from None
+    if cert is not None:
+        parts = (cert,) if isinstance(cert, str | os.PathLike) else tuple(cert)
+        try:
+            context.load_cert_chain(*parts)
+        except OSError as exc:
+            files = " with key ".join(repr(os.fspath(part)) for part in parts[:2])
+            raise ValueError(f"client certificate {files}: {_load_error(exc)}") from None
+    return context
+
+
+def _cert_from_environment() -> Cert | None:
+    certfile, keyfile = os.environ.get("PUSHER_CLIENT_CERT"), os.environ.get("PUSHER_CLIENT_KEY")
+    if keyfile and not certfile:
+        raise ValueError("PUSHER_CLIENT_KEY is set without PUSHER_CLIENT_CERT")
+    if not certfile:
+        return None
+    return (certfile, keyfile) if keyfile else certfile
+
+
+def _load_error(exc: OSError) -> str:
+    """Why a certificate file did not load, in words (OpenSSL's reason, else the OS error)."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", str(exc.args[-1]))
+        return f"not PEM, or not a certificate with its key ({reason})"
+    return exc.strerror or str(exc)
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a transport error when trying again cannot help: a certificate that does not verify,
+    an alert, a protocol the other end does not speak. An end of stream in the handshake is not one of them: a
+    restarting service does that too."""
+    transient = ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+    return next((e for e in _chain(exc) if isinstance(e, ssl.SSLError) and not isinstance(e, transient)), None)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """An exception and those behind it (httpx's error, httpcore's, the socket's or ssl's)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        yield exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
 
 
 def _command_arguments(arguments: Mapping[str, Any], kind: type[msgspec.Struct] = CommandRequest) -> dict[str, Any]:

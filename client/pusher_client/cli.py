@@ -31,8 +31,11 @@ OK, FAILED, USAGE, DENIED, NOT_FOUND, UNAVAILABLE, TIMED_OUT = 0, 1, 2, 3, 4, 5,
 
 EPILOG = """\
 environment:
-  PUSHER_URL       the service (default http://127.0.0.1:8000)
-  PUSHER_API_KEY   the API key (better here than in --api-key, which other users can see in ps)
+  PUSHER_URL           the service (default http://127.0.0.1:8000; https://… for HTTPS)
+  PUSHER_API_KEY       the API key (better here than in --api-key, which other users can see in ps)
+  PUSHER_CA_FILE       HTTPS: the CA that signed the service's certificate (default: the system's CAs)
+  PUSHER_CLIENT_CERT   HTTPS: this client's certificate (PEM), for a service that requires one
+  PUSHER_CLIENT_KEY    its private key, when not in the same file
 
 examples:
   pusher send --device efento_device_001 --type config_update --protocol coap \\
@@ -61,7 +64,8 @@ exit codes:
   2  usage: bad arguments or JSON given on the command line
   3  the API key is missing, unknown, or not allowed to do this (401/403)
   4  no such command (status, cancel) or fan-out (fanout-status)
-  5  the service did not answer, or stayed unavailable / rate limited until --retry-for ran out
+  5  the service did not answer, or stayed unavailable / rate limited until --retry-for ran out, or TLS refused
+     the connection (the service's certificate does not verify against --ca-file)
   6  --wait: the command did not reach the stage within --timeout (it is still queued; nothing is lost)
 """
 
@@ -87,8 +91,19 @@ def _run(argv: list[str] | None) -> int:
     if args.action == "batch" and args.chunk_size < 1:
         parser.error("--chunk-size must be at least 1")
     retry = RetryPolicy(attempts=1_000_000, deadline=args.retry_for)  # --retry-for alone bounds it
+    certfile = args.client_cert or os.environ.get("PUSHER_CLIENT_CERT")
+    keyfile = args.client_key or os.environ.get("PUSHER_CLIENT_KEY")
+    if keyfile and not certfile:
+        parser.error("--client-key (PUSHER_CLIENT_KEY) needs --client-cert (PUSHER_CLIENT_CERT)")
+    cert = (certfile, keyfile) if keyfile else certfile
     try:
-        with PusherClient(args.url, args.api_key, timeout=args.request_timeout, retry=retry) as client:
+        client = PusherClient(
+            args.url, args.api_key, timeout=args.request_timeout, retry=retry, verify=args.ca_file, cert=cert
+        )
+    except ValueError as exc:  # a CA or certificate file that does not load
+        parser.error(str(exc))
+    try:
+        with client:
             if args.action == "send":
                 return _send(client, fields, args)
             if args.action == "batch":
@@ -122,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the service's base URL (default $PUSHER_URL)")
     common.add_argument("--api-key", help="API key (default $PUSHER_API_KEY)")
+    common.add_argument("--ca-file", help="HTTPS: the CA file to verify the service against (default $PUSHER_CA_FILE)")
+    common.add_argument("--client-cert", help="HTTPS: this client's certificate, PEM (default $PUSHER_CLIENT_CERT)")
+    common.add_argument("--client-key", help="its private key, if not in that file (default $PUSHER_CLIENT_KEY)")
     common.add_argument("--request-timeout", type=float, default=10.0, metavar="S", help="per HTTP request (10)")
     common.add_argument(
         "--retry-for", type=float, default=30.0, metavar="S", help="keep retrying an unavailable service (30)"

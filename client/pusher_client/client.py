@@ -17,9 +17,11 @@ import httpx
 
 from pusher_client._core import (
     BatchResult,
+    Cert,
     Command,
     CommandResult,
     RetryPolicy,
+    Verify,
     _Call,
     _command_arguments,
     _Core,
@@ -31,7 +33,10 @@ from pusher_client.wire import CommandList, CommandStatus, FanoutRequest, Fanout
 class PusherClient:
     """Blocking client; one per application, reused across calls and threads (httpx pools connections).
 
-    base_url and api_key default to $PUSHER_URL and $PUSHER_API_KEY."""
+    base_url and api_key default to $PUSHER_URL and $PUSHER_API_KEY. Over https://, `verify` is the CA file to
+    trust instead of the system's (default $PUSHER_CA_FILE), an ssl.SSLContext, or False to check nothing;
+    `cert` is this client's certificate, for a service that requires one: a PEM file with its key, or (cert, key)
+    (default $PUSHER_CLIENT_CERT and $PUSHER_CLIENT_KEY). A file that does not load is a ValueError."""
 
     def __init__(
         self,
@@ -40,10 +45,14 @@ class PusherClient:
         *,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
+        verify: Verify | None = None,
+        cert: Cert | None = None,
     ) -> None:
-        self._core = _Core(base_url, api_key, retry or RetryPolicy())
+        self._core = _Core(base_url, api_key, retry or RetryPolicy(), verify, cert)
         self.base_url = self._core.base_url
-        self._http = httpx.Client(base_url=self.base_url, headers=self._core.headers, timeout=timeout)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._core.headers, timeout=timeout, verify=self._core.ssl_context
+        )
 
     def __enter__(self) -> PusherClient:
         return self
@@ -176,7 +185,7 @@ class PusherClient:
             try:
                 response = self._http.request(**call.arguments())
             except httpx.TransportError as exc:
-                wait = self._core.retry_wait(attempt, started, None, retry)
+                wait = self._core.retry_wait(attempt, started, exc, retry)
                 if wait is None:
                     raise self._core.unreachable(call, exc) from exc
             else:
@@ -188,7 +197,7 @@ class PusherClient:
 
 
 class AsyncPusherClient:
-    """asyncio client with the same methods as PusherClient, each a coroutine."""
+    """asyncio client with the same arguments and methods as PusherClient, each method a coroutine."""
 
     def __init__(
         self,
@@ -197,10 +206,14 @@ class AsyncPusherClient:
         *,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
+        verify: Verify | None = None,
+        cert: Cert | None = None,
     ) -> None:
-        self._core = _Core(base_url, api_key, retry or RetryPolicy())
+        self._core = _Core(base_url, api_key, retry or RetryPolicy(), verify, cert)
         self.base_url = self._core.base_url
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._core.headers, timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._core.headers, timeout=timeout, verify=self._core.ssl_context
+        )
 
     async def __aenter__(self) -> AsyncPusherClient:
         return self
@@ -333,7 +346,7 @@ class AsyncPusherClient:
             try:
                 response = await self._http.request(**call.arguments())
             except httpx.TransportError as exc:
-                wait = self._core.retry_wait(attempt, started, None, retry)
+                wait = self._core.retry_wait(attempt, started, exc, retry)
                 if wait is None:
                     raise self._core.unreachable(call, exc) from exc
             else:

@@ -9,6 +9,7 @@
     │   └── Conflict                 409: the Idempotency-Key or request_id was used with another command
     ├── RateLimited                  429, still refused when the retry budget ran out (`retry_after`)
     ├── Unavailable                  503, 504, a proxy's 502 or no connection, when the retry budget ran out
+    │   └── TLSFailed                TLS refused the connection (a certificate that does not verify): no retries
     ├── ServerError                  500, or 502: Kafka refused the command for good
     ├── CommandFailed                the command ended failed or expired (wait_for, or a 200 saying so)
     └── WaitTimeout                  wait_for: the stage was not reached in time (also a TimeoutError)
@@ -70,6 +71,12 @@ class RateLimited(PusherClientError):
 
 class Unavailable(PusherClientError):
     """No answer, or 503/504, until the retry budget ran out; retrying later with the same key is safe."""
+
+
+class TLSFailed(Unavailable):
+    """TLS refused the connection for a reason trying again does not cure: the service's certificate does not verify
+    against the CA given (verify, PUSHER_CA_FILE) or does not name the URL's host, or the other end answered the
+    handshake with an alert or not in TLS. Raised at once, without retries."""
 
 
 class ServerError(PusherClientError):
