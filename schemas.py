@@ -37,8 +37,9 @@ from pusher_client.wire import (
     Transition,  # noqa: F401 (re-exported)
 )
 
-# What a connector may report on the status topic (unsigned): the stages after Kafka.
-CONNECTOR_STAGES = frozenset(s for s, rank in STAGE_RANK.items() if rank >= 2)
+# What a connector may report on the status topic (unsigned): the stages after Kafka. `cancelled` and `superseded`
+# mean "never sent": only the service that held the command can say that.
+CONNECTOR_STAGES = frozenset(s for s, rank in STAGE_RANK.items() if rank >= 2) - {"cancelled", "superseded"}
 PROTOCOL_OPTIONS = {"qos": "mqtt", "retain": "mqtt", "confirmable": "coap"}
 
 

@@ -472,6 +472,8 @@ def test_a_connector_event_only_moves_a_known_command_of_its_own_device_forward(
         connector("r2", "failed", now, device_id="device-a", error="not yours"),
         connector("c1", "accepted", now, device_id="device-a"),
         connector("r2", "published", now, device_id="device-b", partition=1, offset=9, topic="t"),
+        connector("c1", "cancelled", now, device_id="device-a"),  # "never sent": only the service may say so
+        connector("c1", "superseded", now, device_id="device-a", superseded_by="r2"),
     ]
     assert journal.apply_events(refused, {0: 5}) == len(refused)
     c1, r2 = get(journal, "c1"), get(journal, "r2")
