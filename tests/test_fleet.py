@@ -613,3 +613,40 @@ def test_a_held_command_reaches_the_device_only_after_its_due_time(kafka_bootstr
     finally:
         built.close()
         broker.stop()
+
+
+def test_what_never_left_the_journal_can_be_cancelled_and_superseded_after_a_crash(own_broker, tmp_path):
+    """Kafka down the whole time: commands accepted, then the service killed (SIGKILL) and started again on its
+    journal. They never reached a producer, and the journal says so: one is cancelled (200, not a 409), a newer
+    setpoint supersedes the recovered one (its answer says so), and once Kafka is back only what is left is sent,
+    each once, in order."""
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1")
+    try:
+        own_broker.stop()
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
+        kept = [post(service.url, command("crash-valve", payload={"n": n})) for n in range(3)]
+        doomed = post(service.url, command("crash-valve", payload={"n": "cancel me"}))
+        old_setpoint = post(service.url, command("crash-thermo", payload={"sp": 1}, coalesce_key="sp"))
+        assert [r.status_code for r in [*kept, doomed, old_setpoint]] == [202] * 5
+        service.stop(signal.SIGKILL)
+        service.start(wait_ready=False)
+
+        cancelled = cancel(service.url, doomed.json()["request_id"])
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        new_setpoint = post(service.url, command("crash-thermo", payload={"sp": 2}, coalesce_key="sp"))
+        assert new_setpoint.status_code == 202
+        assert new_setpoint.json()["superseded"] == [old_setpoint.json()["request_id"]]
+
+        own_broker.start()
+        wait_status(service.url, new_setpoint.json()["request_id"], "published", timeout=120)
+        service.wait_drained()
+        records = read_to_end(own_broker.bootstrap, topic)
+        valve = [value(r)["payload"]["n"] for r in records if r.key == b"crash-valve"]
+        thermo = [value(r)["payload"]["sp"] for r in records if r.key == b"crash-thermo"]
+        assert valve == [0, 1, 2] and thermo == [2]
+        assert (
+            status(service.url, old_setpoint.json()["request_id"])["superseded_by"] == new_setpoint.json()["request_id"]
+        )
+    finally:
+        service.stop()
