@@ -49,6 +49,10 @@ from metrics import Metrics
 log = structlog.get_logger("forwarder")
 
 MAX_IN_FLIGHT = 4096
+# Queued commands that keep their record in memory; those queued after them keep only what the queue needs (ids,
+# times, keys) and their record is read back from the journal just before it is sent, so a long outage's backlog
+# costs a few hundred bytes a command, not its record.
+KEEP_LOADED = 4096
 RECONCILE_MARGIN = 300.0  # seconds before a record's acceptance to start looking for it (clock skew)
 
 
@@ -94,6 +98,7 @@ class Forwarder:
         self._released = 0  # how many commands joined _ready: the next one's `order`
         self._groups: dict[tuple[str, str], _Group] = {}  # (device_id, coalesce_key) -> its queued commands
         self._staged: list[Pending] = []  # leaving the queue: handed over once the journal has recorded it
+        self._staging_tasks: set[asyncio.Task] = set()
         self._in_flight: dict[int, Pending] = {}
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
         self._expiries: list[tuple[float, int]] = []
@@ -137,6 +142,8 @@ class Forwarder:
     async def stop(self) -> None:
         """Stop handing records over; what is left stays in the journal for the next start."""
         self._stopping = True
+        for task in list(self._staging_tasks):  # what they held is still queued in the journal
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,6 +214,8 @@ class Forwarder:
 
     def _enqueue(self, pending: Pending, now: float) -> None:
         """Queue a command: released at once when due, else held until then."""
+        if len(self._waiting) >= KEEP_LOADED and pending.seq not in self._uncertain:
+            pending.key = pending.value = pending.headers = None  # the journal has it
         self._join(pending)
         if pending.not_before is not None and pending.not_before > now:
             heapq.heappush(self._held, (pending.not_before, pending.seq))
@@ -432,34 +441,44 @@ class Forwarder:
                 self._drop(pending, Outcome("superseded", superseded_by=newer.request_id))
                 continue
             self._leave(pending)
-            if pending.handed and not staged:
+            if pending.handed and pending.value is not None and not staged:
                 self._hand_over(pending)
             else:  # after one that waits for the journal, the rest wait too: the order holds
                 staged.append(pending)
         if staged:
-            self._stage(staged)
+            self._staged = staged
+            task = asyncio.get_running_loop().create_task(self._stage(staged), name="forwarder-stage")
+            self._staging_tasks.add(task)
+            task.add_done_callback(self._staging_tasks.discard)
 
-    def _stage(self, staged: list[Pending]) -> None:
-        """Hand `staged` over (in order) once the journal has recorded that they may reach Kafka: a crash after
-        that looks them up in Kafka before sending them again, and never takes them for unsent."""
-        self._staged = staged
-        recorded = self.journal.record_handover([p.seq for p in staged if not p.handed])
-
-        def done(future: asyncio.Future[bool]) -> None:
+    async def _stage(self, staged: list[Pending]) -> None:
+        """Hand `staged` over, in order, once the journal has recorded that they may reach Kafka (a crash after
+        that looks them up in Kafka before sending them again, never taking them for unsent) and the records it
+        kept for them are read back."""
+        unrecorded = [p.seq for p in staged if not p.handed]
+        unloaded = [p.seq for p in staged if p.value is None]
+        try:
+            recorded = self.journal.record_handover(unrecorded) if unrecorded else None
+            records = await self.journal.records(unloaded) if unloaded else {}
+            ok = await recorded if recorded is not None else True
+            ok = ok and len(records) == len(unloaded)
+        except Exception as exc:  # the journal closed or failed: they stay queued, nothing is lost
+            log.warning("reading back queued commands failed", error=f"{type(exc).__name__}: {exc}")
+            ok, records = False, {}
+        finally:
             self._staged = []
-            ok = not future.cancelled() and future.exception() is None and future.result()
-            for pending in staged:
-                pending.handed = pending.handed or ok
-                if ok and self.can_hand_over():
-                    self._hand_over(pending)
-                else:
-                    self._put_back(pending)
-            if not ok:
-                log.warning("the journal could not record a hand-over; holding commands", queued=len(staged))
-                self._retry_at = time.monotonic() + self.backoff.next()
-            self._wake.set()
-
-        recorded.add_done_callback(done)
+        for pending in staged:
+            if pending.seq in records:
+                pending.key, pending.value, pending.headers = records[pending.seq]
+            pending.handed = pending.handed or ok
+            if ok and self.can_hand_over():
+                self._hand_over(pending)
+            else:
+                self._put_back(pending)
+        if not ok:
+            log.warning("the journal could not record a hand-over; holding commands", queued=len(staged))
+            self._retry_at = time.monotonic() + self.backoff.next()
+        self._wake.set()
 
     def _put_back(self, pending: Pending) -> None:
         """A command taken off the queue but never handed over goes back to its place, as it was."""

@@ -35,7 +35,7 @@ import structlog
 
 import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from journal_reads import Reader, fetch_fanout, fetch_recent, fetch_row
+from journal_reads import Reader, fetch_fanout, fetch_recent, fetch_records, fetch_row
 from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
 from schemas import from_epoch
 from status_store import Events, OutboxSent, Received, apply_feed, emit, forget_sent, outbox_after, read_positions
@@ -84,16 +84,17 @@ class NewFanout(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Pending(msgspec.Struct, kw_only=True):
-    """A command still to be published: what the forwarder hands to Kafka."""
+    """A command still to be published: what the forwarder hands to Kafka. Its record (key, value, headers) is
+    None while a long queue keeps it in the journal only (Forwarder.KEEP_LOADED); it is read back to be sent."""
 
     seq: int
     request_id: str
     device_id: str
     created_at: float
     expires_at: float | None
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
     handed_at: float | None = None  # when this process first gave it to the producer
     not_before: float | None = None  # held until then
     coalesce_key: str | None = None
@@ -241,28 +242,35 @@ class Journal:
         journal_schema.migrate(self._writer)
         self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
         self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+        # Only a command that may be in Kafka already comes with its record (to be looked up there); the others'
+        # are read back when they are sent, so a restart with a long backlog holds little of it in memory.
         rows = self._writer.execute(
-            "SELECT seq, request_id, device_id, created_at, expires_at, record_key, record_value, record_headers, "
-            "not_before, coalesce_key, handed FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
+            "SELECT seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, "
+            "length(record_value), CASE WHEN handed THEN record_key END, CASE WHEN handed THEN record_value END, "
+            "CASE WHEN handed THEN record_headers END "
+            "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         ).fetchall()
-        pending = [
-            Pending(
-                seq=seq,
-                request_id=rid,
-                device_id=device,
-                created_at=created,
-                expires_at=expires,
-                key=key,
-                value=value,
-                headers=HEADERS_DECODER.decode(headers),
-                not_before=not_before,
-                coalesce_key=coalesce_key,
-                handed=bool(handed),
+        pending = []
+        sizes = {}
+        for seq, rid, device, created, expires, not_before, coalesce_key, handed, size, key, value, headers in rows:
+            sizes[seq] = size or 0
+            pending.append(
+                Pending(
+                    seq=seq,
+                    request_id=rid,
+                    device_id=device,
+                    created_at=created,
+                    expires_at=expires,
+                    key=key,
+                    value=value,
+                    headers=HEADERS_DECODER.decode(headers) if headers is not None else None,
+                    not_before=not_before,
+                    coalesce_key=coalesce_key,
+                    handed=bool(handed),
+                )
             )
-            for seq, rid, device, created, expires, key, value, headers, not_before, coalesce_key, handed in rows
-        ]
         self.pending_count = len(pending)
-        self._pending_sizes = {p.seq: len(p.value) for p in pending}
+        self._pending_sizes = sizes
         self.pending_bytes = sum(self._pending_sizes.values())
         self._pending_order = deque((p.seq, p.created_at) for p in pending)
         self.oldest_pending_created_at = pending[0].created_at if pending else None
@@ -740,6 +748,11 @@ class Journal:
         the reader thread."""
         equal = {"device_id": device_id, "status": status, "key_id": key_id, "fanout_id": fanout_id}
         return await self.reads.submit(fetch_recent, limit, before, equal)
+
+    async def records(self, seqs: list[int]) -> dict[int, tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+        """The Kafka records (key, value, headers) of waiting commands, by seq (read on the reader thread)."""
+        found = await self.reads.submit(fetch_records, seqs)
+        return {seq: (key, value, HEADERS_DECODER.decode(headers)) for seq, key, value, headers in found}
 
     async def fanout(self, fanout_id: str) -> tuple[FanoutRow, dict[str, int]] | None:
         """A fan-out and how many of its commands are in each status (read on the reader thread)."""

@@ -117,3 +117,16 @@ def fetch_fanout(conn: sqlite3.Connection, fanout_id: str) -> tuple[FanoutRow, d
         "SELECT status, count(*) FROM commands WHERE fanout_id = ? GROUP BY status", (fanout_id,)
     ).fetchall()
     return fanout_from(found), dict(counts)
+
+
+def fetch_records(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple[int, bytes, bytes, bytes]]:
+    """(seq, record_key, record_value, record_headers) of the waiting commands among `seqs` (by primary key)."""
+    found = []
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        found += conn.execute(
+            "SELECT seq, record_key, record_value, record_headers FROM commands "
+            f"WHERE seq IN ({','.join('?' * len(chunk))}) AND record_value IS NOT NULL",
+            chunk,
+        ).fetchall()
+    return found

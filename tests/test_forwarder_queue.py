@@ -12,7 +12,7 @@ import pytest
 from test_journal import accept, new
 
 from errors import SinkUnavailable
-from forwarder import Forwarder
+from forwarder import KEEP_LOADED, Forwarder
 from journal import Journal, Pending
 from kafka_sink import Delivery
 from metrics import Metrics
@@ -239,3 +239,44 @@ def test_commands_handed_over_at_once_keep_their_order_when_kafka_gives_them_bac
         assert [p.request_id for p in forwarder._ready] == ["first", "second", "third"]
 
     run(scenario)
+
+
+def test_a_long_queue_keeps_its_records_in_the_journal_and_sends_them_in_order(journal):
+    """Past KEEP_LOADED queued commands, a command's record stays in the journal only; when Kafka takes records
+    again each is read back and sent, in order, once."""
+    count = KEEP_LOADED + 300
+    rows = [a.row for a in accept(journal, *[new(f"q{n}", handed=False, value=b"%d" % n) for n in range(count)])]
+    journal.flush()
+
+    async def scenario(started: list[Forwarder]) -> None:
+        sink = RecordingSink(up=False)
+        forwarder = Forwarder(journal, sink, 5.0, Metrics("test"))
+        started.append(forwarder)
+        forwarder.start([])
+        for row in rows:  # as the send path would give them, records and all, while Kafka is down
+            forwarder.submit(pending(row.seq, row.request_id, value=row.request_id[1:].encode(), handed=False))
+        unloaded = [p for p in forwarder._waiting.values() if p.value is None]
+        assert len(unloaded) == count - KEEP_LOADED
+        sink.connected = True
+        deadline = time.monotonic() + 60
+        while len(sink.handed) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sink.handed == [b"%d" % n for n in range(count)]
+
+    run(scenario)
+    assert journal.flush()
+    assert asyncio.run(journal.recent(None, "accepted", 10)) == []  # every one marked published
+
+
+def test_a_restart_loads_the_record_only_of_a_command_that_may_be_in_kafka(journal):
+    """A command that never left the journal comes back without its record (read back when sent); one that may
+    have reached Kafka comes with it, to be looked up there."""
+    accept(journal, new("never-left", handed=False), new("maybe-sent", handed=True))
+    journal.close()
+    reopened = Journal(journal.path)
+    try:
+        loaded = {p.request_id: p.value for p in reopened.open()}
+        assert loaded == {"never-left": None, "maybe-sent": b'{"x": 1}'}
+        assert reopened.pending_bytes == 2 * len(b'{"x": 1}')  # the budget still counts both
+    finally:
+        reopened.close()
