@@ -396,13 +396,32 @@ async def get_command_status(request: Request) -> Response:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await _woken(changed, remaining)
             changed.clear()
             row = await journal.get(row.request_id) or row
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
     return _answer(request, command_status(row))
+
+
+async def _woken(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass; True if it was set. A timer, not `asyncio.wait_for`,
+    which makes a task per wait: a waiter holds as little as it can (there may be thousands)."""
+    if event.is_set():
+        return True
+    timed_out = False
+
+    def time_out() -> None:
+        nonlocal timed_out
+        timed_out = True
+        event.set()
+
+    timer = asyncio.get_running_loop().call_later(timeout, time_out)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
+    return not timed_out
 
 
 @contextlib.contextmanager
@@ -472,9 +491,7 @@ async def command_events(request: Request) -> Response:
                 remaining = deadline - time.monotonic()
                 if finished(current, feedback) or watchers.closed or waiter.ended or remaining <= 0:
                     return
-                try:
-                    await asyncio.wait_for(changed.wait(), min(SSE_KEEPALIVE, remaining))
-                except TimeoutError:
+                if not await _woken(changed, min(SSE_KEEPALIVE, remaining)):
                     yield b": keep-alive\n\n"
                 changed.clear()
                 current = await journal.get(current.request_id) or current
