@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -220,6 +220,7 @@ class Dispatcher:
         if stored.handed_over and not prefer_async:
             await wait_done((stored.future,), self.settings.publish_timeout)
         answer = self._answer(new, stored)
+        self._answered([stored])
         if stored.superseded or (
             stored.accepted.outcome == "inserted" and answer.response.status in ("failed", "expired")
         ):
@@ -259,6 +260,7 @@ class Dispatcher:
             else self._answer(news[i], stored[i]).response
             for i, item in enumerate(items)
         ]
+        self._answered(stored.values())
         if any(one.superseded for one in stored.values()) or any(
             r.status in ("failed", "expired") for i, r in enumerate(results) if i in news
         ):
@@ -340,6 +342,7 @@ class Dispatcher:
             self.metrics.failures.labels(f"journal_{journaled.outcome}").inc()
             self._note_error(journaled.error.detail)
             raise journaled.error
+        self._answered(stored)
         superseded = [rid for one in stored for rid in one.superseded]
         if superseded:
             await self._settled()
@@ -411,6 +414,13 @@ class Dispatcher:
         else:
             why = "it was already handed to Kafka"
         raise NotCancellable(f"Command {row.request_id!r} cannot be cancelled: {why} (status: {stage})")
+
+    def _answered(self, stored: Iterable[Stored]) -> None:
+        """The request has its answer: the forwarder need not keep an outcome for what is still on its way (a long
+        backlog would hold one per command)."""
+        for one in stored:
+            if one.future is not None and not one.future.done():
+                self.forwarder.forget(one.accepted.row.seq)
 
     async def _settled(self) -> None:
         """Before answering that a command ended failed or expired, wait until the journal says so too: a retry

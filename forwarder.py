@@ -197,6 +197,10 @@ class Forwarder:
         self._wake.set()
         return future, False, superseded
 
+    def forget(self, seq: int) -> None:
+        """Nobody waits for command `seq`'s outcome any more (its request was answered)."""
+        self._waiters.pop(seq, None)
+
     def may_hand_over(self) -> bool:
         """Whether a command due now would go straight to the producer: nothing queued before it and Kafka taking
         records. The journal records such a command as `handed` in its own insert (see `_stage` for the others)."""
