@@ -48,6 +48,7 @@ FINAL = ("published", "expired", "failed", "cancelled", "superseded")
 HEADERS_ENCODER = msgspec.msgpack.Encoder()
 HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
+FAILURE_REMINDER = 60.0  # seconds between the log lines that say the journal is still not writable
 
 
 class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
@@ -192,6 +193,10 @@ class Journal:
         self.journal_id: str | None = None  # made when the file is created: tells this journal's records apart
         self.writable = True
         self.last_error: str | None = None
+        # While writes fail: since when, the commands refused meanwhile, and when the log is next reminded.
+        self._failing_since: float | None = None
+        self._refused = 0
+        self._remind_at = 0.0
         self.reads = Reader(self.path, sync)
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: Outbox | None = None
@@ -418,8 +423,7 @@ class Journal:
                     if isinstance(exc, sqlite3.Error)
                     else JournalUnavailable("The journal could not be written (internal error); nothing was stored")
                 )
-                self.writable, self.last_error = False, error.detail
-                log.error("journal write failed", error=error.detail, sqlite_error=str(exc), exc_info=True)
+                self._write_failed(error, exc, sum(len(op.items) for op in inserts))
                 self._retry_marks = marks
                 results = [
                     [Accepted("unavailable", error=error) for _ in op.items]
@@ -431,8 +435,7 @@ class Journal:
             else:
                 self._count_txn()
                 if not self.writable:
-                    log.info("journal writable again")
-                self.writable, self.last_error = True, None
+                    self._writable_again()
             for op, result in zip(inserts, results, strict=True):
                 op.outbox.put(resolve, op.future, result)
             for op in handovers:
@@ -689,8 +692,34 @@ class Journal:
         except sqlite3.Error:
             _rollback(self._writer)
             return
+        self._writable_again()
+
+    def _write_failed(self, error: JournalUnavailable, exc: Exception, refused: int) -> None:
+        """A commit failed: one ERROR line when writes start failing (or fail for another reason), a reminder a
+        minute while they go on, never a line per refused command: a full disk must not fill the log too."""
+        now = time.monotonic()
+        self._refused += refused
+        if self.writable or error.detail != self.last_error:
+            self._failing_since = self._failing_since or now
+            self._remind_at = now + FAILURE_REMINDER
+            # A traceback only helps with an error of our own; SQLite's message says what the disk did.
+            trace = {} if isinstance(exc, sqlite3.Error) else {"exc_info": exc}
+            log.error("journal write failed", error=error.detail, sqlite_error=str(exc), **trace)
+        elif now >= self._remind_at:
+            self._remind_at = now + FAILURE_REMINDER
+            log.warning(
+                "journal still not writable",
+                error=error.detail,
+                refused=self._refused,
+                seconds=round(now - self._failing_since),
+            )
+        self.writable, self.last_error = False, error.detail
+
+    def _writable_again(self) -> None:
+        seconds = round(time.monotonic() - self._failing_since, 1) if self._failing_since else None
+        log.info("journal writable again", refused=self._refused, seconds=seconds)
         self.writable, self.last_error = True, None
-        log.info("journal writable again")
+        self._refused, self._failing_since = 0, None
 
     def _housekeeping(self) -> None:
         """Purge finished commands past the retention period and checkpoint the WAL."""

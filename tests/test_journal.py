@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from helpers import ROOT
 from kafka_local import free_port
+from structlog.testing import capture_logs
 
 from errors import JournalError
 from journal import Journal, NewCommand
@@ -207,7 +208,8 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_is_a_clear_error_and_recovers(small_disk):
-    """On a full disk inserts fail with a clear reason (nothing stored); freeing space lets them succeed again."""
+    """On a full disk inserts fail with a clear reason (nothing stored); freeing space lets them succeed again.
+    The log says so once when writes start failing and once when they work again, not once per refused command."""
     j = Journal(small_disk / "j.db", sync="full")
     j.open()
     try:
@@ -220,18 +222,24 @@ def test_disk_full_is_a_clear_error_and_recovers(small_disk):
                     f.flush()
             except OSError:
                 pass
-        results = [accept(j, new(f"r{i}", value=b"y" * 8192))[0] for i in range(50)]
-        failed = [r for r in results if r.outcome == "unavailable"]
-        assert failed, "the disk never filled"
-        assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
-        assert not j.writable
-        filler.unlink()
-        deadline = time.monotonic() + 5
-        while not j.writable and time.monotonic() < deadline:  # it notices by itself, no command needed
-            time.sleep(0.1)
-        assert j.writable
-        [ok] = accept(j, new("after"))
-        assert ok.outcome == "inserted" and j.writable
+        with capture_logs() as logs:
+            results = [accept(j, new(f"r{i}", value=b"y" * 8192))[0] for i in range(50)]
+            failed = [r for r in results if r.outcome == "unavailable"]
+            assert len(failed) > 1, "the disk never filled"
+            assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
+            assert not j.writable
+            filler.unlink()
+            deadline = time.monotonic() + 5
+            while not j.writable and time.monotonic() < deadline:  # it notices by itself, no command needed
+                time.sleep(0.1)
+            assert j.writable
+            [ok] = accept(j, new("after"))
+            assert ok.outcome == "inserted" and j.writable
+        [error] = [line for line in logs if line["log_level"] == "error"]
+        assert error["event"] == "journal write failed" and "disk is full" in error["error"]
+        assert "exc_info" not in error
+        [again] = [line for line in logs if line["event"] == "journal writable again"]
+        assert again["refused"] == len(failed)
     finally:
         j.close()
 
