@@ -774,6 +774,7 @@ async def _lifespan(shared: AppState) -> AsyncIterator[None]:
         settings.journal_max_bytes,
         settings.journal_retention,
         status_source=f"{SERVICE_SOURCE}{settings.instance_id}" if settings.kafka_status_topic else None,
+        max_disk=settings.journal_max_disk,
     )
     try:
         recovered = await asyncio.to_thread(journal.open)
