@@ -472,7 +472,7 @@ class Journal:
                 self._room = None
             else:
                 self._count_txn()
-                self._measure()
+                self._measure(commit=True)
                 if not self.writable:
                     self._writable_again()
             for op, result in zip(inserts, results, strict=True):
@@ -571,7 +571,7 @@ class Journal:
     def _measure_room(self, conn: sqlite3.Connection) -> int:
         """The database's pages and the room under its share, as the transaction under way has them; the room."""
         pages, free = page_counts(conn)
-        self._txn_pages, self._txn_room = pages, self.ceiling.budget - (pages - free)
+        self._txn_pages, self._txn_room = pages, self.ceiling.budget - (pages - free)  # the share as it is now
         return self._txn_room
 
     def _fits(self, conn: sqlite3.Connection) -> bool:
@@ -618,10 +618,13 @@ class Journal:
                 return
             self._count_txn()
 
-    def _measure(self) -> None:
-        """The files' size on disk, after a commit. A transaction big enough for its WAL to take the files past the
-        ceiling is checkpointed at once, and the WAL truncated (SQLite would only have done so at its next start)."""
+    def _measure(self, commit: bool = False) -> None:
+        """The files' size on disk, after a `commit` or housekeeping. A transaction whose WAL took the files past the
+        ceiling is checkpointed at once, and the WAL truncated (SQLite would only have done so at its next start);
+        the database's share leaves room for a WAL that large from then on (journal_space.Ceiling.saw_wal)."""
         db, wal = files_size(self.path)
+        if commit and self.ceiling is not None and self.ceiling.saw_wal(wal):
+            self._room = None  # measured again at the next commit, against the smaller share
         if self.ceiling is not None and wal > self.ceiling.wal_limit and db + wal > self.max_disk:
             try:
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -916,6 +919,8 @@ class Journal:
                 conn.execute("DELETE FROM status_outbox")
                 self.outbox_size = 0
             if self.ceiling is not None:
+                self.ceiling.next_interval()
+                self._room = None
                 self._prune_to_ceiling()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:

@@ -45,7 +45,17 @@ def _clamp(value: int, low: int, high: int) -> int:
 class Ceiling:
     """JOURNAL_MAX_DISK split into the database's share, the WAL's and a reserve, in the file's pages."""
 
-    __slots__ = ("budget", "headroom", "limit", "page_size", "reserve", "wal_limit", "wal_pages")
+    __slots__ = (
+        "_wal_recent",
+        "_wal_room",
+        "budget",
+        "headroom",
+        "limit",
+        "page_size",
+        "reserve",
+        "wal_limit",
+        "wal_pages",
+    )
 
     def __init__(self, limit: int, page_size: int) -> None:
         self.limit = limit  # bytes: the database file and its WAL together
@@ -56,10 +66,30 @@ class Ceiling:
         self.wal_pages = _clamp(self.wal_limit // page_size // 2, 8, 1000)
         # Bytes held back for what status marks and events add without ever being refused.
         self.reserve = _clamp(limit // 32, 256 * KiB, 32 * MiB)
-        # Pages the database may use for commands: the ceiling less the WAL's share and the reserve.
-        self.budget = max(0, limit - self.wal_limit - self.reserve) // page_size
+        # Pages the database may use for commands: the ceiling less the room of the WAL and the reserve. The WAL's
+        # room is its share, or more when transactions leave it larger (each writes all its pages to the WAL before
+        # a checkpoint can empty it): the largest WAL a commit left, in this housekeeping interval or the last.
+        self._wal_room = self._wal_recent = self.wal_limit
+        self.budget = self._budget()
         # Free pages pruning makes beyond what is needed, so that it runs now and then, not at every commit.
         self.headroom = _clamp(self.budget // 64, 16, 64)
+
+    def _budget(self) -> int:
+        return max(0, self.limit - self._wal_room - self.reserve) // self.page_size
+
+    def saw_wal(self, size: int) -> bool:
+        """A commit left the WAL at `size` bytes; whether the database's share had to shrink to leave it room."""
+        self._wal_recent = max(self._wal_recent, size)
+        if size <= self._wal_room:
+            return False
+        self._wal_room = size
+        self.budget = self._budget()
+        return True
+
+    def next_interval(self) -> None:
+        """Housekeeping: the WAL's room is what the last interval's commits needed, at least its share."""
+        self._wal_room, self._wal_recent = self._wal_recent, self.wal_limit
+        self.budget = self._budget()
 
     def pages(self, size: int) -> int:
         """Pages that `size` bytes take, rounded up."""
