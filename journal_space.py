@@ -46,6 +46,7 @@ class Ceiling:
     """JOURNAL_MAX_DISK split into the database's share, the WAL's and a reserve, in the file's pages."""
 
     __slots__ = (
+        "_first_wal_room",
         "_wal_recent",
         "_wal_room",
         "budget",
@@ -68,8 +69,11 @@ class Ceiling:
         self.reserve = _clamp(limit // 32, 256 * KiB, 32 * MiB)
         # Pages the database may use for commands: the ceiling less the room of the WAL and the reserve. The WAL's
         # room is its share, or more when transactions leave it larger (each writes all its pages to the WAL before
-        # a checkpoint can empty it): the largest WAL a commit left, in this housekeeping interval or the last.
-        self._wal_room = self._wal_recent = self.wal_limit
+        # a checkpoint can empty it): half as much again as the largest WAL a commit left, in this housekeeping
+        # interval or the last, so that a somewhat larger transaction fits too. Before any is seen, a small ceiling
+        # gives it a quarter: a group commit of a hundred commands leaves a WAL of some hundreds of KiB.
+        self._wal_room = self._first_wal_room = max(self.wal_limit, min(limit // 4, 4 * MiB))
+        self._wal_recent = 0
         self.budget = self._budget()
         # Free pages pruning makes beyond what is needed, so that it runs now and then, not at every commit.
         self.headroom = _clamp(self.budget // 64, 16, 64)
@@ -80,15 +84,15 @@ class Ceiling:
     def saw_wal(self, size: int) -> bool:
         """A commit left the WAL at `size` bytes; whether the database's share had to shrink to leave it room."""
         self._wal_recent = max(self._wal_recent, size)
-        if size <= self._wal_room:
+        if size * 3 // 2 <= self._wal_room:
             return False
-        self._wal_room = size
+        self._wal_room = size * 3 // 2
         self.budget = self._budget()
         return True
 
     def next_interval(self) -> None:
-        """Housekeeping: the WAL's room is what the last interval's commits needed, at least its share."""
-        self._wal_room, self._wal_recent = self._wal_recent, self.wal_limit
+        """Housekeeping: the WAL's room is what the last interval's commits needed, at least what it was at first."""
+        self._wal_room, self._wal_recent = max(self._first_wal_room, self._wal_recent * 3 // 2), 0
         self.budget = self._budget()
 
     def pages(self, size: int) -> int:
