@@ -9,9 +9,10 @@ commands are refused (journal full). A command waiting for Kafka is never pruned
 
 Status marks and status-topic events are never refused: they change rows in place and finish commands, so
 what they take beyond the database's share (at most what one transaction of them adds: the reserve) is given
-back by the pruning of the next transaction. The WAL stays within its share because SQLite checkpoints it
-every `wal_pages` and truncates it to `wal_limit` when it starts over; a transaction big enough to take the
-files past the ceiling anyway is checkpointed at once (Journal._measure).
+back by the pruning that follows. SQLite checkpoints the WAL every `wal_pages` and truncates it to `wal_limit`
+when it starts over; but a transaction writes all its pages there before any checkpoint, so the database's
+share leaves room for the largest WAL recent commits left (Ceiling.saw_wal), and a commit that took the files
+past the ceiling anyway is checkpointed at once (Journal._measure).
 """
 
 from __future__ import annotations

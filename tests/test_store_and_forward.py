@@ -555,6 +555,7 @@ def test_commands_waiting_for_kafka_fill_the_ceiling_then_503_and_nothing_is_los
         assert problem["type"] == "/problems/journal-full" and "JOURNAL_MAX_DISK" in problem["detail"]
         assert int(refused.headers["retry-after"]) > 0
         assert ready(service.url)["backlog"] == len(stored) > 1000
+        record_figure("disk_ceiling_2mib_waiting_at_503", len(stored))
         assert _files_on_disk(service.env["JOURNAL_PATH"]) <= 2 * 1024**2
         own_broker.start()
         service.wait_drained(timeout=120)
