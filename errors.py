@@ -21,7 +21,7 @@
     │   ├── SinkTimeout              503: no acknowledgement within PUBLISH_TIMEOUT (retriable)
     │   └── MessageRejected          502: Kafka refused it for good (too large, not authorised, …)
     ├── JournalError                 503: the command could not be made durable locally
-    │   ├── JournalFull              503: JOURNAL_MAX_PENDING or JOURNAL_MAX_BYTES reached
+    │   ├── JournalFull              503: JOURNAL_MAX_PENDING, JOURNAL_MAX_BYTES or JOURNAL_MAX_DISK reached
     │   └── JournalUnavailable       503: the file cannot be written (disk full, read-only, I/O error)
     ├── Overloaded                   503: LIMIT_CONCURRENCY requests or MAX_WAITERS waiters in flight
     ├── RateLimiterUnavailable       503: RATE_LIMIT_STORAGE does not answer
@@ -180,7 +180,8 @@ class JournalError(PusherError):
 
 
 class JournalFull(JournalError):
-    """Too many commands are waiting for Kafka (JOURNAL_MAX_PENDING / JOURNAL_MAX_BYTES)."""
+    """Too many commands are waiting for Kafka (JOURNAL_MAX_PENDING / JOURNAL_MAX_BYTES), or they fill the journal's
+    files up to JOURNAL_MAX_DISK."""
 
     slug = "journal-full"
     title = "Journal full"

@@ -37,6 +37,16 @@ import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
 from journal_reads import Reader, fetch_fanout, fetch_recent, fetch_records, fetch_row
 from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
+from journal_space import (
+    FREED_PER_COMMAND,
+    PER_CHANGE,
+    PER_COMMAND,
+    PRUNE_CHUNK,
+    Ceiling,
+    files_size,
+    page_counts,
+    prune,
+)
 from schemas import from_epoch
 from status_store import Events, OutboxSent, Received, apply_feed, emit, forget_sent, outbox_after, read_positions
 from threadbridge import Outbox, outbox_for, resolve
@@ -48,6 +58,7 @@ FINAL = ("published", "expired", "failed", "cancelled", "superseded")
 HEADERS_ENCODER = msgspec.msgpack.Encoder()
 HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
+FAILURE_REMINDER = 60.0  # seconds between the log lines that say the journal is still not writable
 
 
 class NewCommand(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,6 +193,7 @@ class Journal:
         retention: float = 7 * 86400,
         housekeeping_interval: float = 60.0,
         status_source: str | None = None,
+        max_disk: int = 512 * 1024 * 1024,
     ) -> None:
         self.path = Path(path)
         self.sync = sync
@@ -189,10 +201,18 @@ class Journal:
         self.max_bytes = max_bytes
         self.retention = retention
         self.housekeeping_interval = housekeeping_interval
+        self.max_disk = max_disk  # JOURNAL_MAX_DISK, 0: no ceiling (journal_space.py)
+        self.ceiling: Ceiling | None = None  # made at open, once the file's page size is known
+        self.disk_bytes = 0  # the database file and its WAL on disk, as the writer last measured them
+        self.pruned = 0  # finished commands deleted to stay under the ceiling, since open
         self.commits = 0
         self.journal_id: str | None = None  # made when the file is created: tells this journal's records apart
         self.writable = True
         self.last_error: str | None = None
+        # While writes fail: since when, the commands refused meanwhile, and when the log is next reminded.
+        self._failing_since: float | None = None
+        self._refused = 0
+        self._remind_at = 0.0
         self.reads = Reader(self.path, sync)
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: Outbox | None = None
@@ -214,6 +234,14 @@ class Journal:
         self._txn_inserted: list[tuple[int, float]] = []  # (seq, created_at) of its inserts
         self._txn_emitted = 0  # status events it writes to the outbox
         self._txn_forgotten = 0  # and those it deletes from it, acknowledged by the status topic
+        self._txn_pruned = 0  # finished commands it deletes to make room
+        # Under a ceiling: the database's pages and the room left under its share (pages; negative: over it) at the
+        # last commit, and as the transaction being built measured them (room None: not known, measure it).
+        self._pages = 0
+        self._room: int | None = None
+        self._txn_pages = 0
+        self._txn_room: int | None = None
+        self._no_room: str | None = None  # while set, new commands are refused with this reason (nothing fits)
         # With a status topic: every transition is also written to status_outbox, in the same transaction,
         # for the status feed to publish (so a transition is never lost between the journal and Kafka).
         self.status_source = status_source
@@ -242,6 +270,19 @@ class Journal:
         journal_schema.migrate(self._writer)
         self._writer.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (os.urandom(8).hex(),))
         self.journal_id = self._writer.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+        if self.max_disk:
+            self.ceiling = Ceiling(self.max_disk, self._writer.execute("PRAGMA page_size").fetchone()[0])
+            self.ceiling.configure(self._writer)
+            self._prune_to_ceiling()  # what an earlier run, or a higher ceiling, left over it
+            if self._pages * self.ceiling.page_size > self.max_disk:
+                log.warning(
+                    "journal file larger than JOURNAL_MAX_DISK: it will not grow, and only VACUUM (service stopped) "
+                    "shrinks it",
+                    path=str(self.path),
+                    file_bytes=self._pages * self.ceiling.page_size,
+                    max_disk=self.max_disk,
+                )
+        self._measure()
         # Only a command that may be in Kafka already comes with its record (to be looked up there); the others'
         # are read back when they are sent, so a restart with a long backlog holds little of it in memory.
         rows = self._writer.execute(
@@ -400,10 +441,6 @@ class Journal:
             self._start_txn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                results = [
-                    self._insert_all(conn, op.items) if op.fanout is None else self._insert_fanout(conn, op)
-                    for op in inserts
-                ]
                 for op in handovers:
                     for start in range(0, len(op.seqs), 500):
                         chunk = op.seqs[start : start + 500]
@@ -417,6 +454,11 @@ class Journal:
                         self._txn_forgotten += forget_sent(conn, op.up_to)
                     else:
                         apply_feed(conn, op, self._changed)
+                if self.ceiling is None:
+                    results = self._insert_ops(conn, inserts)
+                else:  # last, so that what the marks finished can be pruned to make room for them
+                    changes = len(marks) + sum(len(op.events) for op in feed if isinstance(op, Events))
+                    results = self._insert_within_ceiling(conn, inserts, changes)
                 conn.execute("COMMIT")
                 self.commits += 1
             except Exception as exc:  # sqlite3.Error, or a bug: the writer thread must live on either way
@@ -426,8 +468,7 @@ class Journal:
                     if isinstance(exc, sqlite3.Error)
                     else JournalUnavailable("The journal could not be written (internal error); nothing was stored")
                 )
-                self.writable, self.last_error = False, error.detail
-                log.error("journal write failed", error=error.detail, sqlite_error=str(exc), exc_info=True)
+                self._write_failed(error, exc, sum(len(op.items) for op in inserts))
                 self._retry_marks = marks
                 results = [
                     [Accepted("unavailable", error=error) for _ in op.items]
@@ -436,11 +477,12 @@ class Journal:
                     for op in inserts
                 ]
                 self._start_txn()  # nothing of it happened
+                self._room = None
             else:
                 self._count_txn()
+                self._measure(commit=True)
                 if not self.writable:
-                    log.info("journal writable again")
-                self.writable, self.last_error = True, None
+                    self._writable_again()
             for op, result in zip(inserts, results, strict=True):
                 op.outbox.put(resolve, op.future, result)
             for op in handovers:
@@ -463,6 +505,8 @@ class Journal:
         self._txn_inserted = []
         self._txn_emitted = 0
         self._txn_forgotten = 0
+        self._txn_pruned = 0
+        self._txn_room = None
         self._changed = []
 
     def _count_txn(self) -> None:
@@ -480,6 +524,132 @@ class Journal:
             order.popleft()
         self.oldest_pending_created_at = order[0][1] if order else None
         self.outbox_size += self._txn_emitted - self._txn_forgotten
+        self.pruned += self._txn_pruned
+        if self._txn_room is not None:
+            self._pages, self._room = self._txn_pages, self._txn_room
+
+    def _insert_ops(self, conn: sqlite3.Connection, inserts: list[_Insert]) -> list[list[Accepted] | FanoutAccepted]:
+        return [
+            self._insert_all(conn, op.items) if op.fanout is None else self._insert_fanout(conn, op) for op in inserts
+        ]
+
+    def _insert_within_ceiling(
+        self, conn: sqlite3.Connection, inserts: list[_Insert], changes: int
+    ) -> list[list[Accepted] | FanoutAccepted]:
+        """The transaction's new commands, within the database's share of JOURNAL_MAX_DISK: finished commands are
+        pruned first to make room for them; if they still do not fit, none is stored (full), while replays and
+        conflicts are answered as ever. `changes`: the status marks and events already applied in the transaction."""
+        ceiling = self.ceiling
+        need = ceiling.pages(sum(len(item.value) + PER_COMMAND for op in inserts for item in op.items))
+        # The room known at the last commit, less what this transaction's changes may have taken. Far enough from
+        # the ceiling the estimates (generous) are enough: nothing is measured, and the room known goes down by
+        # them, until a commit nearer the ceiling measures it again.
+        room = None if self._room is None else self._room - ceiling.pages(changes * PER_CHANGE)
+        if room is not None and room >= need + ceiling.headroom:
+            self._txn_pages, self._txn_room = self._pages, room - need
+            return self._insert_ops(conn, inserts)
+        self._make_room(conn, need)
+        if not inserts:
+            return []
+        for attempt in (1, 2):
+            conn.execute("SAVEPOINT inserts")
+            saved = self._txn_saved()
+            results = self._insert_ops(conn, inserts)
+            if self._fits(conn):
+                conn.execute("RELEASE inserts")
+                return results
+            after = self._txn_room
+            conn.execute("ROLLBACK TO inserts")
+            conn.execute("RELEASE inserts")
+            self._txn_restore(saved)
+            used = self._measure_room(conn) - after  # the pages they took
+            if attempt == 2 or not self._make_room(conn, used):
+                break
+        self._no_room = (
+            f"JOURNAL_MAX_DISK ({ceiling.limit} bytes) is reached: {self.pending_count} commands wait for Kafka and "
+            "no finished command is left to prune"
+        )
+        try:
+            results = self._insert_ops(conn, inserts)  # no new row: twins still found
+        finally:
+            self._no_room = None
+        self._measure_room(conn)
+        return results
+
+    def _measure_room(self, conn: sqlite3.Connection) -> int:
+        """The database's pages and the room under its share, as the transaction under way has them; the room."""
+        pages, free = page_counts(conn)
+        self._txn_pages, self._txn_room = pages, self.ceiling.budget - (pages - free)  # the share as it is now
+        return self._txn_room
+
+    def _fits(self, conn: sqlite3.Connection) -> bool:
+        """Whether the transaction so far keeps the database within its share: no more pages in use, and a file no
+        larger (than the share, or than the file already was when an earlier, higher ceiling left it larger)."""
+        return self._measure_room(conn) >= 0 and self._txn_pages <= max(self.ceiling.budget, self._pages)
+
+    def _make_room(self, conn: sqlite3.Connection, need: int, most: int | None = None) -> int:
+        """When fewer than `need` pages are free under the database's share, prune finished commands, oldest first,
+        until `need` and some headroom are (or none is left, or `most` went); returns how many were pruned."""
+        ceiling = self.ceiling
+        room = self._measure_room(conn)
+        pruned = 0
+        if room >= need:
+            return 0
+        target = need + 2 * ceiling.headroom  # beyond the next commits' need: they need not measure again
+        while room < target and (most is None or pruned < most):
+            missing = (target - room) * ceiling.page_size
+            gone = prune(conn, min(PRUNE_CHUNK, missing // FREED_PER_COMMAND + 1))
+            if not gone:
+                break
+            pruned += gone
+            room = self._measure_room(conn)
+        self._txn_pruned += pruned
+        return pruned
+
+    def _prune_to_ceiling(self) -> None:
+        """Outside the commits (at open, in housekeeping): prune until the database is back within its share, with
+        headroom, a transaction per few thousand commands so that none grows the WAL much. A failure (a full disk)
+        is left for the commits to report: they prune too."""
+        conn = self._writer
+        pruned = True
+        while pruned:
+            self._start_txn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                pruned = self._make_room(conn, 0, most=10 * PRUNE_CHUNK)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                self._start_txn()
+                self._room = None
+                log.warning("journal pruning failed", sqlite_error=str(exc))
+                return
+            self._count_txn()
+
+    def _measure(self, commit: bool = False) -> None:
+        """The files' size on disk, after a `commit` or housekeeping. A transaction whose WAL took the files past the
+        ceiling is checkpointed at once, and the WAL truncated (SQLite would only have done so at its next start);
+        the database's share leaves room for a WAL that large from then on (journal_space.Ceiling.saw_wal)."""
+        db, wal = files_size(self.path)
+        if commit and self.ceiling is not None and self.ceiling.saw_wal(wal):
+            self._room = None  # measured again at the next commit, against the smaller share
+        if self.ceiling is not None and wal > self.ceiling.wal_limit and db + wal > self.max_disk:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("journal checkpoint failed", sqlite_error=str(exc))
+            db, wal = files_size(self.path)
+        self.disk_bytes = db + wal
+
+    def _txn_saved(self) -> tuple[int, int, int, int]:
+        """The transaction's figures that inserts change, to put back if they are rolled back to a savepoint."""
+        return self._txn_delta, self._txn_bytes, len(self._txn_inserted), self._txn_emitted
+
+    def _txn_restore(self, saved: tuple[int, int, int, int]) -> None:
+        self._txn_delta, self._txn_bytes, inserted, self._txn_emitted = saved
+        for seq, _ in self._txn_inserted[inserted:]:
+            self._txn_sizes.pop(seq, None)
+        del self._txn_inserted[inserted:]
 
     def _insert_all(self, conn: sqlite3.Connection, items: list[NewCommand]) -> list[Accepted]:
         results = []
@@ -488,6 +658,9 @@ class Journal:
             if existing is not None:
                 outcome = "replayed" if existing.body_hash == item.body_hash else "conflict"
                 results.append(Accepted(outcome, existing))
+                continue
+            if self._no_room is not None:
+                results.append(Accepted("full", error=JournalFull(self._no_room)))
                 continue
             if self.pending_count + self._txn_delta >= self.max_pending:
                 results.append(
@@ -507,6 +680,8 @@ class Journal:
         twin = self._find_fanout_twin(conn, fanout)
         if twin is not None:
             return FanoutAccepted("replayed" if twin.body_hash == fanout.body_hash else "conflict", twin)
+        if self._no_room is not None:
+            return FanoutAccepted("full", error=JournalFull(f"{self._no_room}; a fan-out is journaled whole"))
         if self.pending_count + self._txn_delta + len(items) > self.max_pending:
             error = JournalFull(f"{self.max_pending} commands are waiting for Kafka; a fan-out is journaled whole")
             return FanoutAccepted("full", error=error)
@@ -697,8 +872,34 @@ class Journal:
         except sqlite3.Error:
             _rollback(self._writer)
             return
+        self._writable_again()
+
+    def _write_failed(self, error: JournalUnavailable, exc: Exception, refused: int) -> None:
+        """A commit failed: one ERROR line when writes start failing (or fail for another reason), a reminder a
+        minute while they go on, never a line per refused command: a full disk must not fill the log too."""
+        now = time.monotonic()
+        self._refused += refused
+        if self.writable or error.detail != self.last_error:
+            self._failing_since = self._failing_since or now
+            self._remind_at = now + FAILURE_REMINDER
+            # A traceback only helps with an error of our own; SQLite's message says what the disk did.
+            trace = {} if isinstance(exc, sqlite3.Error) else {"exc_info": exc}
+            log.error("journal write failed", error=error.detail, sqlite_error=str(exc), **trace)
+        elif now >= self._remind_at:
+            self._remind_at = now + FAILURE_REMINDER
+            log.warning(
+                "journal still not writable",
+                error=error.detail,
+                refused=self._refused,
+                seconds=round(now - self._failing_since),
+            )
+        self.writable, self.last_error = False, error.detail
+
+    def _writable_again(self) -> None:
+        seconds = round(time.monotonic() - self._failing_since, 1) if self._failing_since else None
+        log.info("journal writable again", refused=self._refused, seconds=seconds)
         self.writable, self.last_error = True, None
-        log.info("journal writable again")
+        self._refused, self._failing_since = 0, None
 
     def _housekeeping(self) -> None:
         """Purge finished commands past the retention period and checkpoint the WAL."""
@@ -725,9 +926,14 @@ class Journal:
             if self.status_source is None:  # nobody will publish what an earlier run left there
                 conn.execute("DELETE FROM status_outbox")
                 self.outbox_size = 0
+            if self.ceiling is not None:
+                self.ceiling.next_interval()
+                self._room = None
+                self._prune_to_ceiling()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("journal housekeeping failed", sqlite_error=str(exc))
+        self._measure()
 
     # ------------------------------------------------------------------ reads
 

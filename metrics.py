@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -74,6 +75,20 @@ class Metrics:
         self.status_outbox = Gauge(
             "pusher_status_outbox", "Status events written by this instance, not yet on the status topic", registry=r
         )
+        self.journal_disk = Gauge(
+            "pusher_journal_disk_bytes", "The journal's database file and WAL on disk, as last measured", registry=r
+        )
+        self.journal_disk_ceiling = Gauge(
+            "pusher_journal_disk_ceiling_bytes", "JOURNAL_MAX_DISK, the most those may take (0: no ceiling)", registry=r
+        )
+        self._pruned: Callable[[], int] = lambda: 0
+        r.register(
+            _CounterOf(
+                "pusher_journal_pruned_commands",
+                "Finished commands deleted before JOURNAL_RETENTION to stay under JOURNAL_MAX_DISK",
+                lambda: self._pruned(),
+            )
+        )
         # Every known series exists from the start at 0, so rate() and increase() see the first event.
         # Children bound once: labels() takes a lock and a lookup on every call, and these count every command.
         self.outcomes = {
@@ -123,6 +138,13 @@ class Metrics:
         if status_outbox is not None:
             self.status_outbox.set_function(status_outbox)
 
+    def watch_journal_disk(self, size: Callable[[], int], ceiling: int, pruned: Callable[[], int]) -> None:
+        """The journal's size on disk and the finished commands pruned to keep it under its ceiling: figures the
+        journal's writer keeps, read at scrape time."""
+        self.journal_disk.set_function(size)
+        self.journal_disk_ceiling.set(ceiling)
+        self._pruned = pruned
+
     def watch_admission(self, in_flight: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Gauges of the request and waiter budgets, read at scrape time."""
         self.http_in_flight.set_function(in_flight)
@@ -135,3 +157,16 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when it has not been seen yet)."""
         return self.registry.get_sample_value(name, labels or None) or 0.0
+
+
+class _CounterOf:
+    """A counter whose count its owner keeps (prometheus_client's Counter only counts what it is told)."""
+
+    def __init__(self, name: str, documentation: str, count: Callable[[], int]) -> None:
+        self.name, self.documentation, self.count = name, documentation, count
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, value=self.count())]

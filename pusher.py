@@ -791,6 +791,7 @@ async def _lifespan(shared: AppState) -> AsyncIterator[None]:
         settings.journal_max_bytes,
         settings.journal_retention,
         status_source=f"{SERVICE_SOURCE}{settings.instance_id}" if settings.kafka_status_topic else None,
+        max_disk=settings.journal_max_disk,
     )
     try:
         recovered = await asyncio.to_thread(journal.open)
@@ -808,6 +809,7 @@ async def _lifespan(shared: AppState) -> AsyncIterator[None]:
         in_flight=lambda: forwarder.in_flight,
         status_outbox=(lambda: journal.outbox_size) if settings.kafka_status_topic else None,
     )
+    metrics.watch_journal_disk(lambda: journal.disk_bytes, settings.journal_max_disk, lambda: journal.pruned)
     status_feed = StatusFeed(settings, journal, metrics) if settings.kafka_status_topic else None
     if status_feed is not None:
         status_feed.start()

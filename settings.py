@@ -19,6 +19,15 @@ Positive = Annotated[float, Meta(gt=0)]
 _HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}"
 _HOST_PORTS = rf"^{_HOST_PORT}(,{_HOST_PORT})*$"
 _HINTS = {"kafka_bootstrap_servers": "expected host:port[,host:port…]"}
+# Settings in bytes: a number, or one with a unit (512MB, 1GiB): kB, MB, GB are powers of 1000, KiB, MiB, GiB of 1024.
+_SIZE_FIELDS = {"max_body_bytes", "max_header_bytes", "journal_max_bytes", "journal_max_disk"}
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]i?b|b)?$", re.IGNORECASE)
+_UNITS = (
+    {"b": 1}
+    | {f"{p}b": 1000**n for n, p in enumerate("kmgt", 1)}
+    | {f"{p}ib": 1024**n for n, p in enumerate("kmgt", 1)}
+)
+_MIN_DISK = 1024 * 1024  # the least JOURNAL_MAX_DISK: the schema, the WAL's share and a few commands
 Port = Annotated[int, Meta(ge=0, le=65535)]
 _DEFAULT_INSTANCE = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:128] or "pusher"
 
@@ -88,6 +97,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     journal_sync: Literal["full", "normal"] = "full"
     journal_max_pending: Annotated[int, Meta(ge=1)] = 100_000
     journal_max_bytes: Annotated[int, Meta(ge=65536)] = 256 * 1024 * 1024
+    # The journal's files on disk (database and WAL), finished commands pruned to stay under it; 0: no ceiling.
+    journal_max_disk: Annotated[int, Meta(ge=0)] = 512 * 1024 * 1024
     journal_retention: Annotated[float, Meta(ge=0)] = 7 * 86400.0
     default_ttl: Annotated[int, Meta(ge=0, le=30 * 86400)] = 0
     forward_backoff_max: Positive = 30.0
@@ -192,6 +203,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
             raw[name] = value.strip().upper()
         elif name in _SECRETS:
             raw[name] = value  # secrets keep their spaces
+        elif name in _SIZE_FIELDS:
+            raw[name] = _bytes(value.strip())
         else:
             raw[name] = value.strip()
     try:
@@ -226,7 +239,33 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
     problem = _tls_problem(settings)
     if problem:
         raise SettingsError(problem)
+    problem = _disk_problem(settings)
+    if problem:
+        raise SettingsError(problem)
     return settings
+
+
+def _bytes(value: str) -> int | str:
+    """A size as a number of bytes: `512MB`, `1GiB`, `65536`. Anything else is left for msgspec to refuse."""
+    match = _SIZE.match(value)
+    return int(match[1]) * _UNITS[(match[2] or "b").lower()] if match else value
+
+
+def _disk_problem(settings: Settings) -> str | None:
+    """What is wrong with JOURNAL_MAX_DISK: too small for the journal, or for the waiting commands it must hold."""
+    disk, waiting = settings.journal_max_disk, settings.journal_max_bytes
+    if disk == 0:
+        return None
+    if disk < _MIN_DISK:
+        return f"JOURNAL_MAX_DISK={disk} is invalid: 0 (no ceiling) or at least {_MIN_DISK} (1MiB)"
+    # A waiting command takes more room than its record: its row, indexes, the WAL. Twice covers records from about
+    # 700 bytes; with smaller ones the ceiling may answer 503 before JOURNAL_MAX_BYTES is reached.
+    if disk < 2 * waiting:
+        return (
+            f"JOURNAL_MAX_DISK={disk} is below twice JOURNAL_MAX_BYTES={waiting}: the commands waiting for Kafka "
+            "would not fit on disk. Raise JOURNAL_MAX_DISK (0: no ceiling) or lower JOURNAL_MAX_BYTES"
+        )
+    return None
 
 
 def _tls_problem(settings: Settings) -> str | None:
@@ -259,5 +298,7 @@ def _name_the_variable(message: str, raw: Mapping[str, object]) -> str:
     field = where.split("`")[0].split("[")[0]
     if "matching regex" in text:
         text = _HINTS.get(field, "not an allowed value")
+    elif field in _SIZE_FIELDS and isinstance(raw.get(field), str):  # not a size at all (else: msgspec's bound)
+        text = "expected a number of bytes, or one with a unit: 512MB, 1GiB"
     shown = "***" if field.endswith("password") else repr(raw.get(field))
     return f"{field.upper()}={shown} is invalid: {text}"

@@ -16,9 +16,10 @@ import msgspec
 import pytest
 from helpers import ROOT
 from kafka_local import free_port
+from structlog.testing import capture_logs
 
 from errors import JournalError
-from journal import Journal, NewCommand
+from journal import Accepted, Journal, NewCommand, NewFanout
 from kafka_sink import Backoff
 from schemas import StatusEvent
 from status_store import Received
@@ -207,7 +208,8 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_is_a_clear_error_and_recovers(small_disk):
-    """On a full disk inserts fail with a clear reason (nothing stored); freeing space lets them succeed again."""
+    """On a full disk inserts fail with a clear reason (nothing stored); freeing space lets them succeed again.
+    The log says so once when writes start failing and once when they work again, not once per refused command."""
     j = Journal(small_disk / "j.db", sync="full")
     j.open()
     try:
@@ -220,18 +222,24 @@ def test_disk_full_is_a_clear_error_and_recovers(small_disk):
                     f.flush()
             except OSError:
                 pass
-        results = [accept(j, new(f"r{i}", value=b"y" * 8192))[0] for i in range(50)]
-        failed = [r for r in results if r.outcome == "unavailable"]
-        assert failed, "the disk never filled"
-        assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
-        assert not j.writable
-        filler.unlink()
-        deadline = time.monotonic() + 5
-        while not j.writable and time.monotonic() < deadline:  # it notices by itself, no command needed
-            time.sleep(0.1)
-        assert j.writable
-        [ok] = accept(j, new("after"))
-        assert ok.outcome == "inserted" and j.writable
+        with capture_logs() as logs:
+            results = [accept(j, new(f"r{i}", value=b"y" * 8192))[0] for i in range(50)]
+            failed = [r for r in results if r.outcome == "unavailable"]
+            assert len(failed) > 1, "the disk never filled"
+            assert failed[0].error.detail == "The journal's disk is full; nothing was stored"
+            assert not j.writable
+            filler.unlink()
+            deadline = time.monotonic() + 5
+            while not j.writable and time.monotonic() < deadline:  # it notices by itself, no command needed
+                time.sleep(0.1)
+            assert j.writable
+            [ok] = accept(j, new("after"))
+            assert ok.outcome == "inserted" and j.writable
+        [error] = [line for line in logs if line["log_level"] == "error"]
+        assert error["event"] == "journal write failed" and "disk is full" in error["error"]
+        assert "exc_info" not in error
+        [again] = [line for line in logs if line["event"] == "journal writable again"]
+        assert again["refused"] == len(failed)
     finally:
         j.close()
 
@@ -289,6 +297,146 @@ def test_file_stays_bounded_under_steady_load(tmp_path):
             j._housekeeping()
             sizes.append(size())
         assert max(sizes[4:]) <= sizes[3] * 1.2, sizes
+    finally:
+        j.close()
+
+
+CEILING = 2 * 1024 * 1024
+
+
+def files_on_disk(journal: Journal) -> int:
+    """The journal's database file and its WAL, as the disk has them."""
+    return sum(
+        os.stat(f"{journal.path}{suffix}").st_size
+        for suffix in ("", "-wal")
+        if Path(f"{journal.path}{suffix}").exists()
+    )
+
+
+def publish(journal: Journal, accepted) -> None:
+    for a in accepted:
+        journal.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+    assert journal.flush()
+
+
+def test_finished_commands_are_pruned_oldest_first_to_stay_under_the_ceiling(tmp_path):
+    """Far more finished commands than JOURNAL_MAX_DISK holds: after every commit the database and its WAL are
+    under the ceiling; the oldest finished commands are gone (a fan-out with its last one) and the newest kept;
+    every waiting one is still there, also after a reopen."""
+    j = Journal(tmp_path / "j.db", max_disk=CEILING)
+    j.open()
+    waiting, waiting_seqs, sizes = [], set(), []
+    try:
+        fanout = NewFanout(
+            fanout_id="early", idem_key=None, client_fanout_id=True, body_hash=b"f", key_id=None,
+            command_type="reboot", created_at=time.time(),
+        )  # fmt: skip
+        early = asyncio.run(
+            _fanout(j, fanout, [new(f"early-{k}", device=f"e{k}", fanout_id="early") for k in range(5)])
+        )
+        publish(j, [Accepted("inserted", row) for row in early.rows])
+        for round_ in range(40):
+            accepted = accept(j, *(new(f"r{round_}-{i}", device=f"d{i % 7}", value=b"v" * 300) for i in range(200)))
+            assert {a.outcome for a in accepted} == {"inserted"}
+            sizes.append(files_on_disk(j))
+            waiting += [a.row.request_id for a in accepted[:3]]  # never published
+            waiting_seqs.update(a.row.seq for a in accepted[:3])
+            publish(j, accepted[3:])
+            sizes.append(files_on_disk(j))
+            assert j.disk_bytes == sizes[-1]
+        assert max(sizes) <= CEILING and j.pruned > 0, (max(sizes), j.pruned)
+        assert sum(a > 1_000_000 for a in sizes) > 40  # it did fill up: the ceiling held it, not a lack of data
+        rows = dict(j._writer.execute("SELECT request_id, status FROM commands"))
+        finished = [seq for (seq,) in j._writer.execute("SELECT seq FROM commands WHERE status = 'published'")]
+        assert 0 < len(finished) < 40 * 197 // 2
+        assert get(j, "r0-3") is None and get(j, "r39-199").status == "published"
+        assert asyncio.run(j.fanout("early")) is None  # its commands pruned, it went with them
+        # What is left of the finished ones is the newest of them: the oldest went first.
+        ever_finished = [seq for seq in range(1, 5 + 40 * 200 + 1) if seq not in waiting_seqs]
+        assert sorted(finished) == ever_finished[-len(finished) :]
+        assert all(rows[rid] == "accepted" for rid in waiting) and j.pending_count == len(waiting)
+    finally:
+        j.close()
+    j = Journal(tmp_path / "j.db", max_disk=CEILING)
+    try:
+        assert sorted(p.request_id for p in j.open()) == sorted(waiting)
+    finally:
+        j.close()
+
+
+def test_at_the_ceiling_with_only_waiting_commands_new_ones_are_refused_until_some_are_published(tmp_path):
+    """Waiting commands alone fill JOURNAL_MAX_DISK: a new command, or a fan-out, is refused as full (503, a
+    reason naming the ceiling), nothing stored; a repeat is still a replay, and status marks still commit. Once
+    part of the backlog is published, new commands are taken again; the files never pass the ceiling."""
+    j = Journal(tmp_path / "j.db", max_disk=CEILING)
+    j.open()
+    try:
+        accepted, refused, i = [], [], 0
+        for size in (20, 1):  # batches until one is refused, then single commands until one is
+            refused = []
+            while not refused:
+                batch = accept(j, *(new(f"w{i + k}", idem_key=f"k{i + k}", value=b"w" * 300) for k in range(size)))
+                accepted += [a for a in batch if a.outcome == "inserted"]
+                refused = [a for a in batch if a.outcome != "inserted"]
+                i += size
+                assert i < 10_000, "the ceiling was never reached"
+            assert {a.outcome for a in refused} == {"full"}
+        error = refused[0].error
+        assert error.status == 503 and error.retry_after and "JOURNAL_MAX_DISK" in error.detail
+        assert f"{len(accepted)} commands wait for Kafka" in error.detail
+        assert j.pending_count == len(accepted) and files_on_disk(j) <= CEILING
+        [again] = accept(j, new("w-again", idem_key="k0", value=b"w" * 300))
+        assert again.outcome == "replayed" and again.row.request_id == "w0"
+        fanout = NewFanout(
+            fanout_id="f1", idem_key=None, client_fanout_id=True, body_hash=b"f", key_id=None,
+            command_type="reboot", created_at=time.time(),
+        )  # fmt: skip
+        children = [new(f"f1-{k}", device=f"fd{k}", fanout_id="f1", value=b"f" * 300) for k in range(20)]
+        whole = asyncio.run(_fanout(j, fanout, children))
+        assert whole.outcome == "full" and "a fan-out is journaled whole" in whole.error.detail
+        assert get(j, "f1-0") is None and asyncio.run(j.fanout("f1")) is None
+        for start in range(0, len(accepted) // 2, 100):  # acknowledged a hundred at a time, as Kafka drains
+            publish(j, accepted[start : min(start + 100, len(accepted) // 2)])
+        assert j.pending_count == len(accepted) - len(accepted) // 2
+        assert [a.outcome for a in accept(j, *(new(f"after{k}", value=b"a" * 300) for k in range(20)))] == [
+            "inserted"
+        ] * 20
+        assert all(get(j, a.row.request_id).status == "accepted" for a in accepted[len(accepted) // 2 :])
+        assert files_on_disk(j) <= CEILING
+    finally:
+        j.close()
+
+
+async def _fanout(journal: Journal, fanout: NewFanout, items: list[NewCommand]):
+    return await journal.accept_fanout(fanout, items)
+
+
+def test_a_file_left_larger_than_a_lowered_ceiling_does_not_grow_and_keeps_taking_commands(tmp_path):
+    """A journal written without a ceiling, reopened with a lower one: its finished commands are pruned at open,
+    a warning says the file shrinks only with VACUUM, and it goes on taking commands without growing."""
+    j = Journal(tmp_path / "j.db", max_disk=0)
+    j.open()
+    try:
+        for round_ in range(30):
+            publish(j, accept(j, *(new(f"old{round_}-{i}", value=b"o" * 300) for i in range(250))))
+        accept(j, new("waiting"))
+    finally:
+        j.close()
+    before = os.stat(tmp_path / "j.db").st_size
+    assert before > 1.5 * CEILING
+    j = Journal(tmp_path / "j.db", max_disk=CEILING)
+    with capture_logs() as logs:
+        pending = j.open()
+    try:
+        assert [p.request_id for p in pending] == ["waiting"] and j.pruned > 0
+        [warning] = [line for line in logs if line["log_level"] == "warning"]
+        assert "VACUUM" in warning["event"] and warning["max_disk"] == CEILING
+        for round_ in range(20):
+            accepted = accept(j, *(new(f"new{round_}-{i}", value=b"n" * 300) for i in range(250)))
+            assert {a.outcome for a in accepted} == {"inserted"}
+            publish(j, accepted)
+        assert os.stat(tmp_path / "j.db").st_size <= before
+        assert get(j, "waiting").status == "accepted" and get(j, "old0-0") is None
     finally:
         j.close()
 

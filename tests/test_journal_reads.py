@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -278,7 +279,8 @@ def traced(monkeypatch):
 
 def test_status_list_and_metrics_endpoints_never_run_sql_on_the_event_loop(traced, tmp_path):
     """Through the real app (keys on, a status topic set, Kafka away): a command, its status, a long poll, the
-    lists (admin and key-scoped), /metrics, /api/v1/metrics and /api/v1/status answer as before, and not one
+    lists (admin and key-scoped), /metrics (the journal's size on disk too), /api/v1/metrics and /api/v1/status
+    answer as before, and not one
     statement runs on the event loop's thread; the reads ran on the journal's reader thread."""
     settings = load_settings(
         {
@@ -314,6 +316,11 @@ def test_status_list_and_metrics_endpoints_never_run_sql_on_the_event_loop(trace
         exposition = client.get("/metrics", headers=admin).text
         assert "pusher_journal_backlog 1.0" in exposition and "pusher_status_outbox 1.0" in exposition
         assert "pusher_journal_oldest_pending_age_seconds" in exposition
+        figures = dict(line.rsplit(" ", 1) for line in exposition.splitlines() if line.startswith("pusher_journal_"))
+        on_disk = sum(os.stat(f"{tmp_path / 'journal.db'}{suffix}").st_size for suffix in ("", "-wal"))
+        assert 0 < float(figures["pusher_journal_disk_bytes"]) <= on_disk + 64 * 1024  # the writer's last figure
+        assert float(figures["pusher_journal_disk_ceiling_bytes"]) == settings.journal_max_disk == 512 * 1024**2
+        assert float(figures["pusher_journal_pruned_commands_total"]) == 0
         assert client.get("/api/v1/metrics", headers=admin).json()["backlog"] == 1
         assert client.get("/api/v1/status", headers=admin).json()["oldest_pending_age_seconds"] is not None
     on_loop = [(thread, sql) for thread, loop, sql in traced if loop]

@@ -77,6 +77,10 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
         ("HEADER_TIMEOUT", "0"),
         ("HEADER_TIMEOUT", "soon"),
         ("KEEPALIVE_TIMEOUT", "-1"),
+        ("JOURNAL_MAX_DISK", "1 zillion"),
+        ("JOURNAL_MAX_DISK", "1.5GB"),
+        ("JOURNAL_MAX_DISK", "4096"),
+        ("JOURNAL_MAX_BYTES", "64KB"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -244,3 +248,33 @@ def test_half_configured_https_stops_the_start_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "pusher: API_TLS_CERTFILE is set without API_TLS_KEYFILE: HTTPS needs the certificate and its private key, both"
     ]
+
+
+def test_sizes_take_units():
+    """A setting in bytes takes a unit: kB, MB, GB in thousands, KiB, MiB, GiB in 1024s, in any case."""
+    settings = load_settings(
+        {
+            "JOURNAL_MAX_DISK": "2GiB",
+            "JOURNAL_MAX_BYTES": "512 mb",
+            "MAX_BODY_BYTES": "1MiB",
+            "MAX_HEADER_BYTES": "32768",
+        },
+        env_file="/nonexistent",
+    )
+    assert settings.journal_max_disk == 2 * 1024**3 and settings.journal_max_bytes == 512_000_000
+    assert settings.max_body_bytes == 1024**2 and settings.max_header_bytes == 32768
+    with pytest.raises(SettingsError, match="expected a number of bytes, or one with a unit"):
+        load_settings({"MAX_BODY_BYTES": "1M"}, env_file="/nonexistent")
+
+
+def test_a_disk_ceiling_too_small_for_the_waiting_commands_stops_the_start():
+    """JOURNAL_MAX_DISK below twice JOURNAL_MAX_BYTES is refused with a line naming both; 0 turns the ceiling off."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"JOURNAL_MAX_DISK": "300MiB"}, env_file="/nonexistent")
+    assert str(caught.value).startswith("JOURNAL_MAX_DISK=314572800 is below twice JOURNAL_MAX_BYTES=268435456")
+    small = load_settings({"JOURNAL_MAX_DISK": "4MiB", "JOURNAL_MAX_BYTES": "2MiB"}, env_file="/nonexistent")
+    assert small.journal_max_disk == 4 * 1024**2
+    assert (
+        load_settings({"JOURNAL_MAX_DISK": "0", "JOURNAL_MAX_BYTES": "10GiB"}, env_file="/nonexistent").journal_max_disk
+        == 0
+    )

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import random
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -419,7 +421,10 @@ def test_two_instances_with_one_request_id_each_send_their_own_after_a_crash(kaf
 
 
 def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topic, tmp_path):
-    """The journal's disk fills up: 503 journal-unavailable with Retry-After, process up; space back: 2xx again."""
+    """The journal's file system (a 2 MiB tmpfs, far smaller than JOURNAL_MAX_DISK) fills up: 503
+    journal-unavailable with Retry-After, never a 500, the process up, and one ERROR line for the whole episode
+    however many commands are refused; space back: 2xx again by itself, the file intact, every command answered
+    2xx in it."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
@@ -429,16 +434,18 @@ def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topi
     ).start()
     try:
         url = service.url + "/api/v1/commands"
-        assert httpx.post(url, json=command("disk")).status_code == 200
+        answers = [httpx.post(url, json=command("disk")) for _ in range(5)]
+        assert [a.status_code for a in answers] == [200] * 5
         filler = disk / "filler"
         # Unbuffered: no bytes are left to flush at close, where a full disk would raise again.
         with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        answers = [httpx.post(url, json=command("disk", payload={"blob": "y" * 20_000})) for _ in range(30)]
-        refused = [a for a in answers if a.status_code == 503]
-        assert refused, [a.status_code for a in answers]
+        during = [httpx.post(url, json=command("disk", payload={"blob": "y" * 20_000})) for _ in range(30)]
+        answers += during
+        refused = [a for a in during if a.status_code == 503]
+        assert len(refused) > 1 and {a.status_code for a in during} <= {200, 202, 503}, [a.status_code for a in during]
         problem = refused[0].json()
         assert problem["type"] == "/problems/journal-unavailable" and "disk is full" in problem["detail"]
         assert refused[0].headers["retry-after"]
@@ -446,8 +453,116 @@ def test_full_disk_is_a_clear_503_and_the_service_recovers(kafka_bootstrap, topi
         assert body["ready"] is False and "disk is full" in body["reason"]
         assert httpx.get(service.url + "/health").status_code == 200
         filler.unlink()
-        assert wait_for(lambda: httpx.post(url, json=command("disk")).status_code == 200, timeout=10)
+        answers.append(wait_for(lambda: (a := httpx.post(url, json=command("disk"))).status_code == 200 and a))
         assert ready(service.url)["ready"] is True
+        service.stop()
+        lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+        [error] = [line for line in lines if line["level"] == "error"]
+        assert error["event"] == "journal write failed" and "disk is full" in error["error"]
+        [again] = [line for line in lines if line["event"] == "journal writable again"]
+        assert again["refused"] >= len(refused)
+        stored = [a.json()["request_id"] for a in answers if a.status_code in (200, 202)]
+        with contextlib.closing(sqlite3.connect(disk / "j.db")) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            found = dict(conn.execute("SELECT request_id, status FROM commands"))
+        assert {rid: found.get(rid) for rid in stored} == dict.fromkeys(stored, "published")
     finally:
         service.stop()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+SMALL_DISK = {"JOURNAL_MAX_DISK": "2MiB", "JOURNAL_MAX_BYTES": "1MiB"}
+
+
+def _files_on_disk(path) -> int:
+    """The journal's database file and its WAL, as the disk has them now."""
+    return sum(os.stat(f"{path}{suffix}").st_size for suffix in ("", "-wal") if os.path.exists(f"{path}{suffix}"))
+
+
+def _figures(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("pusher_"))}
+
+
+def test_a_small_disk_ceiling_holds_while_kafka_takes_everything(kafka_bootstrap, topic, tmp_path):
+    """JOURNAL_MAX_DISK=2MiB and 20,000 commands in batches, about ten times what it holds: every one reaches
+    Kafka exactly once; the journal's files are under the ceiling as the writer measures them after each commit
+    (the metric), and also as another thread finds them, looking every millisecond throughout; the oldest
+    finished commands were pruned to make room (their status is gone, the newest kept)."""
+    service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic, **SMALL_DISK)
+    service.start()
+    journal, sent, sizes, measured, done = service.env["JOURNAL_PATH"], [], [], [], threading.Event()
+
+    def look() -> None:
+        while not done.wait(0.001):
+            with contextlib.suppress(OSError):  # the WAL truncated under our feet
+                sizes.append(_files_on_disk(journal))
+
+    looking = threading.Thread(target=look)
+    looking.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            for batch in range(200):
+                body = {"commands": [command(f"dev-{i % 20}", payload={"seq": batch}) for i in range(100)]}
+                answer = http.post("/api/v1/commands/batch", json=body)
+                assert answer.status_code in (200, 202), answer.text
+                sent += [result["request_id"] for result in answer.json()["results"]]
+                measured.append(_figures(service.url)["pusher_journal_disk_bytes"])
+        service.wait_drained()
+        figures = _figures(service.url)
+        assert figures["pusher_journal_disk_ceiling_bytes"] == 2 * 1024**2
+        assert 0 < figures["pusher_journal_disk_bytes"] <= 2 * 1024**2
+        assert figures["pusher_journal_pruned_commands_total"] > 15_000
+        assert httpx.get(f"{service.url}/api/v1/commands/{sent[0]}/status").status_code == 404
+        assert status_of(service.url, sent[-1])["status"] == "published"
+    finally:
+        done.set()
+        looking.join()
+        service.stop()
+    record_figures(
+        {
+            "disk_ceiling_2mib_largest_seen": max(sizes),
+            "disk_ceiling_2mib_looks": len(sizes),
+            "disk_ceiling_2mib_pruned": int(figures["pusher_journal_pruned_commands_total"]),
+        }
+    )
+    assert max(measured) <= 2 * 1024**2 and sum(size > 1024**2 for size in measured) > 100, max(measured)
+    over = [size for size in sizes if size > 2 * 1024**2]
+    assert over == [] and sum(size > 1024**2 for size in sizes) > len(sizes) // 2, (len(over), max(sizes))
+    records = read_topic(kafka_bootstrap, topic, len(sent), timeout=60)
+    assert _by_request_id(records) == dict.fromkeys(sent, 1)
+
+
+def test_commands_waiting_for_kafka_fill_the_ceiling_then_503_and_nothing_is_lost(own_broker, tmp_path):
+    """Kafka down and JOURNAL_MAX_DISK=2MiB: commands are stored (202) until waiting ones alone fill the ceiling,
+    then refused with 503 journal-full, Retry-After and a detail naming JOURNAL_MAX_DISK, the files under the
+    ceiling; Kafka back, every command answered 202 reaches it exactly once and new ones are taken again."""
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1", **SMALL_DISK)
+    try:
+        own_broker.stop()
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
+        stored, refused = [], None
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            for seq in range(20_000):
+                answer = http.post("/api/v1/commands", json=command(f"dev-{seq % 10}", payload={"seq": seq}))
+                if answer.status_code == 503:
+                    refused = answer
+                    break
+                assert answer.status_code == 202, answer.text
+                stored.append(answer.json()["request_id"])
+        assert refused is not None, "the ceiling was never reached"
+        problem = refused.json()
+        assert problem["type"] == "/problems/journal-full" and "JOURNAL_MAX_DISK" in problem["detail"]
+        assert int(refused.headers["retry-after"]) > 0
+        assert ready(service.url)["backlog"] == len(stored) > 1000
+        record_figure("disk_ceiling_2mib_waiting_at_503", len(stored))
+        assert _files_on_disk(service.env["JOURNAL_PATH"]) <= 2 * 1024**2
+        own_broker.start()
+        service.wait_drained(timeout=120)
+        after = httpx.post(service.url + "/api/v1/commands", json=command("dev-after", payload={"seq": 0}))
+        assert after.status_code == 200, after.text
+    finally:
+        service.stop()
+    records = read_topic(own_broker.bootstrap, topic, len(stored) + 1, timeout=60)
+    assert _by_request_id(records) == dict.fromkeys([*stored, after.json()["request_id"]], 1)
+    _assert_device_order([r for r in records if r.key != b"dev-after"])
