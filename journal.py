@@ -290,7 +290,7 @@ class Journal:
             "length(record_value), CASE WHEN handed THEN record_key END, CASE WHEN handed THEN record_value END, "
             "CASE WHEN handed THEN record_headers END "
             "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
-        ).fetchall()
+        )  # iterated, not fetched whole: a long backlog's rows never sit in memory all at once
         pending = []
         sizes = {}
         for seq, rid, device, created, expires, not_before, coalesce_key, handed, size, key, value, headers in rows:

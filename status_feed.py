@@ -199,7 +199,9 @@ class StatusFeed:
                     continue
                 polled = consumer.poll(timeout_ms=500, max_records=2000)
                 if polled and not self._apply(polled):
-                    next_check = 0.0  # not stored: read again from the stored positions
+                    next_check = 0.0  # not stored (the journal cannot be written): read again, after a pause
+                    self._stop.wait(backoff.next())
+                    continue
                 backoff.reset()
             except Exception as exc:  # the broker went away, or worse: start over from the stored positions
                 log.warning("status topic not readable", error=type(exc).__name__, detail=str(exc)[:200])
