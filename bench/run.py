@@ -285,8 +285,8 @@ def _per_second(value: float) -> str:
     return _fmt(value, 2 if value < 10 else 0)  # a fan-out takes seconds: its requests/s need decimals
 
 
-def report(bench: Bench, runs: int, found: list[goals.Goal]) -> str:
-    """The markdown table of every row, the goals and the run's facts."""
+def report(bench: Bench, runs: int, found: list[goals.Goal], chart: str) -> str:
+    """The markdown table of every row, the goals with their chart (the image at `chart`) and the run's facts."""
     rows = bench.rows
 
     def rate(target: str, load: str, connections: int | None) -> float | None:
@@ -320,7 +320,7 @@ def report(bench: Bench, runs: int, found: list[goals.Goal]) -> str:
             f"| {_fmt(median(row.p999), 1)} | {_fmt(median(row.non2xx))} | {_fmt(median(row.rss))} "
             f"| {_fmt(median(row.cpu), 2)} | {_fmt(median(row.cpu_per_command))} | {', '.join(checks)} |"
         )
-    lines += ["", goals.table(found), ""]
+    lines += ["", goals.table(found), "", f"![Each goal as measured ÷ goal; past the line is met]({chart})", ""]
     lines.append(_facts(runs, bench))
     return "\n".join(lines)
 
@@ -437,11 +437,12 @@ def main() -> None:
         print()
         print(goals.table(found))
         return
-    table = report(bench, args.runs, found)
-    print(table)
+    print(report(bench, args.runs, found, "goals.svg"))
     if not args.no_write:
-        replace_between_markers(BENCH / "RESULTS.md", table)
-        replace_between_markers(ROOT / "docs" / "development.md", table)
+        title = f"Goals, measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (medians of {args.runs} rounds)"
+        (BENCH / "goals.svg").write_text(goals.svg(found, title))
+        replace_between_markers(BENCH / "RESULTS.md", report(bench, args.runs, found, "goals.svg"))
+        replace_between_markers(ROOT / "docs" / "development.md", report(bench, args.runs, found, "../bench/goals.svg"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
 from helpers import ROOT
@@ -77,3 +78,19 @@ def test_goals_are_computed_round_by_round_and_say_what_was_not_measured():
     table = goals.table(list(found.values()))
     assert "| batch of 100 ≥ 0.50× the floor's batch | not measured | ≥ 0.5× | — |" in table
     assert "| Prefer: respond-async ≥ 1.0× the 200 row | 0.83× (0.77–1.10) | ≥ 1× | **no** | 700 / 900 cmd/s |" in table
+
+
+def test_goals_chart_is_an_svg_with_a_bar_per_measured_goal_and_the_goal_line():
+    """The chart is one SVG document: a bar for each measured goal (green met, red missed), "not measured" for the
+    others, and one dashed line where every goal's score is 1.0."""
+    found = goals.goals(_measured())
+    document = ET.fromstring(goals.svg(found, "Goals & <ratios>"))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [rect for rect in document.iter(f"{ns}rect") if rect.get("fill") != "#ffffff"]
+    measured = [goal for goal in found if goal.measured is not None]
+    assert len(bars) == len(measured) and len(measured) >= 4
+    assert {bar.get("fill") for bar in bars} == {"#2e7d32", "#c62828"}
+    texts = [text.text for text in document.iter(f"{ns}text")]
+    assert "Goals & <ratios>" in texts
+    assert texts.count("not measured") == len(found) - len(measured)
+    assert len([line for line in document.iter(f"{ns}line") if line.get("stroke-dasharray")]) == 1
