@@ -42,6 +42,7 @@ answered, failed, first_us, last_us = 0, 0, 0, 0 -- with a limit: its requests a
 status_ms, list_ms = {}, {} -- each read's latency
 local sent_at = {} -- X-Request-ID of a read in flight -> when it was sent
 local read_headers = {}
+local checked = false -- wrk calls request() once before the run to check it, and never sends that one
 
 function setup(thread)
   thread:set("thread_id", #threads + 1)
@@ -74,6 +75,10 @@ local function timed_get(kind, path)
 end
 
 function request()
+  if not checked then
+    checked = true
+    return wrk.format("GET", "/health", nil, nil)
+  end
   counter = counter + 1
   if limit > 0 then
     if counter > limit then

@@ -9,6 +9,8 @@ Targets, each started in turn on this machine against the same broker:
   prefilled  the same over a journal of --prefill finished commands (bench/prefill.py), single commands
            with 5 % status reads and 1 % list reads: what reads cost beside the writer on a full journal
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
+  outage   --outage-commands accepted while Kafka (a broker of the scenario's own) is down, a restart, the drain when
+           it returns, and the topic read back (bench/outage.py)
 Load comes from wrk in its own process (bench/load.lua), except the service's fan-out row: --fanouts fan-outs to
 MAX_FANOUT devices one after the other from httpx, each timed from its POST until GET /api/v1/fanouts/{id} says done
 (a few huge requests, which wrk is not made for). Every figure is the median of --runs rounds (the fan-out row's, of
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import defaultdict
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -58,6 +61,7 @@ from names import (  # noqa: E402
     TWO_PROCESSES,
     prefilled_target,
 )
+from outage import outage as run_outage  # noqa: E402
 from targets import (  # noqa: E402
     Uvicorn,
     delivery_check,
@@ -69,7 +73,7 @@ from targets import (  # noqa: E402
 )
 
 API_KEY = KEYS["writer"][0]
-TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed")
+TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed", "outage")
 SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed", "fanout")  # --rows chooses among them
 
 
@@ -81,19 +85,20 @@ class Bench:
 
     def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path,
                  service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000,
-                 fanouts: int = 5) -> None:  # fmt: skip
+                 fanouts: int = 5, outage_commands: int = 100_000) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.service_rows = service_rows
         self.prefill = prefill
         self.fanouts = fanouts
+        self.outage_commands = outage_commands
         self._prefilled: Path | None = None  # the filled journal, made once and copied for each round
         self.seconds = seconds
         self.warmup = warmup
         self.raw_count = raw_count
         self.log_dir = log_dir
         self.rows: dict[tuple[str, str, int | None], Row] = {}
-        self.extra: dict[str, list[float]] = {"idle_rss": [], "start_to_ready": [], "fanout_rss_before": [],
-                                              "fanout_rss_after": []}  # fmt: skip
+        self.extra: dict[str, list[float]] = defaultdict(list)  # figures by name, one per round
+        self.notes: dict[str, list[str]] = defaultdict(list)  # what a scenario found wrong, by scenario
         self.python = runtime_python()
 
     def row(self, target: str, load: str, connections: int | None, per_request: int = 1) -> Row:
@@ -263,6 +268,10 @@ class Bench:
             for service in services:
                 service.stop()
 
+    def outage(self) -> None:
+        """A long Kafka outage, a restart and the drain (bench/outage.py)."""
+        run_outage(self, self.outage_commands)
+
     def seed(self) -> None:
         """The seed plan's app, with `.get()` and without."""
         python = seed_python()
@@ -352,6 +361,7 @@ def _facts(runs: int, bench: Bench) -> str:
         "Kafka count: every 2xx command is in Kafka once (the topic's count equals the service's own published "
         "count, and the client's 2xx count within the requests still in flight when wrk stopped counting). "
         + fanout_summary(bench)
+        + outage_summary(bench)
     ).rstrip()
 
 
@@ -373,6 +383,27 @@ def fanout_summary(bench: Bench) -> str:
         f"{_fmt(median(row.p50))} ms (each: {', '.join(f'{ms:,.0f}' for ms in row.p50)}); the service's RSS "
         f"{_fmt(median(bench.extra['fanout_rss_before']))} MB before the fan-outs, "
         f"{_fmt(median(bench.extra['fanout_rss_after']))} after, {_fmt(median(row.rss))} at peak."
+    )
+
+
+def outage_summary(bench: Bench) -> str:
+    """The outage scenario's figures round by round ("" when it did not run)."""
+    extra = bench.extra
+    if not extra["outage_accept_rate"]:
+        return ""
+
+    def each(name: str, digits: int = 0) -> str:
+        return ", ".join(f"{value:,.{digits}f}" for value in extra[name])
+
+    found = "; ".join(dict.fromkeys(bench.notes["outage"])) or "every command once, each device in order"
+    return (
+        f" Outage, each round on a broker of its own: {bench.outage_commands:,} commands accepted (respond-async, "
+        f"64 connections) while Kafka was down at {each('outage_accept_rate')} cmd/s; restart (SIGTERM, then a "
+        f"new process) to /ready with that backlog {each('outage_ready', 2)} s; Kafka back: the service reconnected "
+        f"in {each('outage_reconnect', 2)} s and drained at {each('outage_drain_rate')} cmd/s "
+        f"({each('outage_drain_seconds', 1)} s from the broker answering to an empty backlog); peak RSS "
+        f"(VmHWM) {each('outage_peak_rss_accepting')} MB while accepting, {each('outage_peak_rss_restarted')} MB "
+        f"from the restart to the end of the drain; the topic read back: {found}."
     )
 
 
@@ -398,6 +429,7 @@ def main() -> None:
     parser.add_argument("--rows", help=f"with the service target, only these rows: {','.join(SERVICE_ROWS)}")
     parser.add_argument("--prefill", type=int, default=1_000_000, help="finished commands in the prefilled journal")
     parser.add_argument("--fanouts", type=int, default=5, help="fan-outs per round in the fan-out row (5)")
+    parser.add_argument("--outage-commands", type=int, default=100_000, help="accepted during the outage (100000)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
@@ -413,7 +445,7 @@ def main() -> None:
             bootstrap = broker.bootstrap
         try:
             bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill,
-                          args.fanouts)  # fmt: skip
+                          args.fanouts, args.outage_commands)  # fmt: skip
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
@@ -432,8 +464,9 @@ def main() -> None:
                   f"{row.commands:,.0f} cmd/s | p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms"
                   f"{reads} | non-2xx {row.non2xx} | CPU {_fmt(median(row.cpu), 2)} cores, "
                   f"{_fmt(median(row.cpu_per_command))} µs/cmd | rounds {rounds} | {checks}")  # fmt: skip
-        if summary := fanout_summary(bench):
-            print(summary)
+        for summary in (fanout_summary(bench), outage_summary(bench).strip()):
+            if summary:
+                print(summary)
         print()
         print(goals.table(found))
         return

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import goals
 from measure import Row
 from names import ASYNC, FLOOR, SINGLE
+from outage import delivery_problems
 
 
 def test_bench_runs_and_checks_kafka(kafka_bootstrap):
@@ -56,7 +57,15 @@ def _measured() -> SimpleNamespace:
         _row(ASYNC, "single", 64, [500, 1100, 700], [60, 60, 60]),
     ]
     extra = {"outage_ready": [1.2, 2.5, 1.9], "outage_delivered": [1.0, 1.0, 0.0]}
-    return SimpleNamespace(rows={(r.target, r.load, r.connections): r for r in rows}, extra=extra, prefill=1000)
+    keyed = {(r.target, r.load, r.connections): r for r in rows}
+    return SimpleNamespace(
+        rows=keyed,
+        extra=extra,
+        prefill=1000,
+        outage_commands=100_000,
+        waiter_count=10_000,
+        fleet_devices=1_000_000,
+    )
 
 
 def test_goals_are_computed_round_by_round_and_say_what_was_not_measured():
@@ -94,3 +103,19 @@ def test_goals_chart_is_an_svg_with_a_bar_per_measured_goal_and_the_goal_line():
     assert "Goals & <ratios>" in texts
     assert texts.count("not measured") == len(found) - len(measured)
     assert len([line for line in document.iter(f"{ns}line") if line.get("stroke-dasharray")]) == 1
+
+
+def test_outage_check_finds_missing_duplicate_unknown_and_reordered_commands():
+    """The outage's read-back compares the topic with the journal: every accepted command once, nothing else, and
+    each device's commands in acceptance order (devices may interleave across partitions)."""
+    journal = [("a1", "dev-a"), ("b1", "dev-b"), ("a2", "dev-a"), ("b2", "dev-b")]
+    assert delivery_problems(journal, [("dev-b", "b1"), ("dev-b", "b2"), ("dev-a", "a1"), ("dev-a", "a2")]) == []
+    problems = delivery_problems(journal, [("dev-a", "a2"), ("dev-a", "a1"), ("dev-b", "b1"), ("dev-b", "b1")])
+    assert problems == [
+        "1 accepted but not in Kafka (e.g. b2)",
+        "1 in Kafka more than once (e.g. b1)",
+        "1 devices out of acceptance order (e.g. dev-a)",
+    ]
+    assert delivery_problems(journal[:1], [("dev-a", "a1"), ("dev-c", "c9")]) == [
+        "1 in Kafka that the journal never accepted (e.g. c9)"
+    ]
