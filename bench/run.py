@@ -11,6 +11,8 @@ Targets, each started in turn on this machine against the same broker:
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
   outage   --outage-commands accepted while Kafka (a broker of the scenario's own) is down, a restart, the drain when
            it returns, and the topic read back (bench/outage.py)
+  waiters  --waiters long polls open at once: the service's RSS growth, and the single row with and without them
+           (bench/waiters.py)
 Load comes from wrk in its own process (bench/load.lua), except the service's fan-out row: --fanouts fan-outs to
 MAX_FANOUT devices one after the other from httpx, each timed from its POST until GET /api/v1/fanouts/{id} says done
 (a few huge requests, which wrk is not made for). Every figure is the median of --runs rounds (the fan-out row's, of
@@ -71,9 +73,10 @@ from targets import (  # noqa: E402
     service_env,
     settled,
 )
+from waiters import waiters as run_waiters  # noqa: E402
 
 API_KEY = KEYS["writer"][0]
-TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed", "outage")
+TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed", "outage", "waiters")
 SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed", "fanout")  # --rows chooses among them
 
 
@@ -85,12 +88,13 @@ class Bench:
 
     def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path,
                  service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000,
-                 fanouts: int = 5, outage_commands: int = 100_000) -> None:  # fmt: skip
+                 fanouts: int = 5, outage_commands: int = 100_000, waiters: int = 10_000) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.service_rows = service_rows
         self.prefill = prefill
         self.fanouts = fanouts
         self.outage_commands = outage_commands
+        self.waiter_count = waiters
         self._prefilled: Path | None = None  # the filled journal, made once and copied for each round
         self.seconds = seconds
         self.warmup = warmup
@@ -272,6 +276,10 @@ class Bench:
         """A long Kafka outage, a restart and the drain (bench/outage.py)."""
         run_outage(self, self.outage_commands)
 
+    def waiters(self) -> None:
+        """Many long polls open beside the single-command load (bench/waiters.py)."""
+        run_waiters(self, self.waiter_count)
+
     def seed(self) -> None:
         """The seed plan's app, with `.get()` and without."""
         python = seed_python()
@@ -362,6 +370,7 @@ def _facts(runs: int, bench: Bench) -> str:
         "count, and the client's 2xx count within the requests still in flight when wrk stopped counting). "
         + fanout_summary(bench)
         + outage_summary(bench)
+        + waiters_summary(bench)
     ).rstrip()
 
 
@@ -407,6 +416,25 @@ def outage_summary(bench: Bench) -> str:
     )
 
 
+def waiters_summary(bench: Bench) -> str:
+    """The waiters scenario's figures round by round ("" when it did not run)."""
+    extra = bench.extra
+    if not extra["waiters_open"]:
+        return ""
+
+    def each(name: str) -> str:
+        return ", ".join(f"{value:,.0f}" for value in extra[name])
+
+    found = "; ".join(dict.fromkeys(bench.notes["waiters"]))
+    return (
+        f" Waiters: {bench.waiter_count:,} long polls on held commands, one connection each, open at once "
+        f"({each('waiters_open')} counted by the service); its RSS {each('waiters_rss_before')} MB before them, "
+        f"+{each('waiters_rss_growth')} MB with them; single commands at 64 connections "
+        f"{each('waiters_single_with')} cmd/s with them, {each('waiters_single_without')} without (the mean of "
+        f"the rows before and after them).{' ' + found + '.' if found else ''}"
+    )
+
+
 def replace_between_markers(path: Path, text: str) -> None:
     """Put `text` between <!-- bench:start --> and <!-- bench:end --> in `path` (appended when absent)."""
     content = path.read_text() if path.exists() else ""
@@ -430,6 +458,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=1_000_000, help="finished commands in the prefilled journal")
     parser.add_argument("--fanouts", type=int, default=5, help="fan-outs per round in the fan-out row (5)")
     parser.add_argument("--outage-commands", type=int, default=100_000, help="accepted during the outage (100000)")
+    parser.add_argument("--waiters", type=int, default=10_000, help="long polls open at once (10000)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
@@ -445,7 +474,7 @@ def main() -> None:
             bootstrap = broker.bootstrap
         try:
             bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill,
-                          args.fanouts, args.outage_commands)  # fmt: skip
+                          args.fanouts, args.outage_commands, args.waiters)  # fmt: skip
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
@@ -464,7 +493,8 @@ def main() -> None:
                   f"{row.commands:,.0f} cmd/s | p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms"
                   f"{reads} | non-2xx {row.non2xx} | CPU {_fmt(median(row.cpu), 2)} cores, "
                   f"{_fmt(median(row.cpu_per_command))} µs/cmd | rounds {rounds} | {checks}")  # fmt: skip
-        for summary in (fanout_summary(bench), outage_summary(bench).strip()):
+        summaries = (outage_summary(bench), waiters_summary(bench))
+        for summary in (fanout_summary(bench), *(text.strip() for text in summaries)):
             if summary:
                 print(summary)
         print()
