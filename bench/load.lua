@@ -5,7 +5,8 @@
 --                 timed on its own (sent with an X-Request-ID the service echoes), so done() has their p99
 --   BENCH_API_KEY sent as X-API-Key when set; BENCH_PREFER sent as Prefer when set
 --   BENCH_RUN     makes request ids unique across runs (mixed mode chooses its own ids to read back)
---   BENCH_DEVICES device ids vary over this many devices (1000: device_000 … device_999), one after the other
+--   BENCH_DEVICES device ids vary over this many devices (1000: device_000 … device_999), one after the other,
+--                 from BENCH_DEVICE_OFFSET on (0)
 --   BENCH_LIMIT   when above 0: send that many requests, then only GET /health until the last of them is
 --                 answered, print LIMIT (the caller stops wrk) and count the rate over those requests alone
 -- done() prints one line: BENCH {json}.
@@ -27,6 +28,7 @@ local run = os.getenv("BENCH_RUN") or "0"
 local lists = os.getenv("BENCH_LISTS") == "1"
 local devices = tonumber(os.getenv("BENCH_DEVICES") or "1000")
 local device_format = "device_%0" .. #tostring(devices - 1) .. "d"
+local device_offset = tonumber(os.getenv("BENCH_DEVICE_OFFSET") or "0")
 local limit = tonumber(os.getenv("BENCH_LIMIT") or "0")
 local IDLE = "bench-idle" -- the X-Request-ID of the GET /health sent once `limit` requests are out
 thread_id = 0  -- a global: setup() gives each thread its own with thread:set()
@@ -63,7 +65,7 @@ local function request_id(n)
 end
 
 local function device(n)
-  return string.format(device_format, n % devices)
+  return string.format(device_format, (device_offset + n) % devices)
 end
 
 local function timed_get(kind, path)

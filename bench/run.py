@@ -13,6 +13,8 @@ Targets, each started in turn on this machine against the same broker:
            it returns, and the topic read back (bench/outage.py)
   waiters  --waiters long polls open at once: the service's RSS growth, and the single row with and without them
            (bench/waiters.py)
+  fleet    batches over --fleet-devices distinct device ids: the service's RSS beyond what 1,000 devices take
+           (bench/fleet.py)
 Load comes from wrk in its own process (bench/load.lua), except the service's fan-out row: --fanouts fan-outs to
 MAX_FANOUT devices one after the other from httpx, each timed from its POST until GET /api/v1/fanouts/{id} says done
 (a few huge requests, which wrk is not made for). Every figure is the median of --runs rounds (the fan-out row's, of
@@ -44,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import goals  # noqa: E402
 import httpx  # noqa: E402
+from fleet import fleet as run_fleet  # noqa: E402
 from helpers import KEYS, ServiceProcess, new_topic  # noqa: E402
 from kafka_local import KAFKA_VERSION, LocalKafka  # noqa: E402
 from measure import Load, Row, Sampler, kafka_count, median, rss_mb, wrk  # noqa: E402
@@ -76,7 +79,7 @@ from targets import (  # noqa: E402
 from waiters import waiters as run_waiters  # noqa: E402
 
 API_KEY = KEYS["writer"][0]
-TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed", "outage", "waiters")
+TARGETS = ("noop", "raw", "floor", "service", "prefilled", "multicore", "seed", "outage", "waiters", "fleet")
 SERVICE_ROWS = ("single-16", "single-64", "async", "batch", "mixed", "fanout")  # --rows chooses among them
 
 
@@ -88,13 +91,15 @@ class Bench:
 
     def __init__(self, bootstrap: str, seconds: float, warmup: float, raw_count: int, log_dir: Path,
                  service_rows: tuple[str, ...] = SERVICE_ROWS, prefill: int = 1_000_000,
-                 fanouts: int = 5, outage_commands: int = 100_000, waiters: int = 10_000) -> None:  # fmt: skip
+                 fanouts: int = 5, outage_commands: int = 100_000, waiters: int = 10_000,
+                 fleet_devices: int = 1_000_000) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.service_rows = service_rows
         self.prefill = prefill
         self.fanouts = fanouts
         self.outage_commands = outage_commands
         self.waiter_count = waiters
+        self.fleet_devices = fleet_devices
         self._prefilled: Path | None = None  # the filled journal, made once and copied for each round
         self.seconds = seconds
         self.warmup = warmup
@@ -280,6 +285,10 @@ class Bench:
         """Many long polls open beside the single-command load (bench/waiters.py)."""
         run_waiters(self, self.waiter_count)
 
+    def fleet(self) -> None:
+        """Commands over a great many distinct devices (bench/fleet.py)."""
+        run_fleet(self, self.fleet_devices)
+
     def seed(self) -> None:
         """The seed plan's app, with `.get()` and without."""
         python = seed_python()
@@ -371,6 +380,7 @@ def _facts(runs: int, bench: Bench) -> str:
         + fanout_summary(bench)
         + outage_summary(bench)
         + waiters_summary(bench)
+        + fleet_summary(bench)
     ).rstrip()
 
 
@@ -435,6 +445,21 @@ def waiters_summary(bench: Bench) -> str:
     )
 
 
+def fleet_summary(bench: Bench) -> str:
+    """The fleet scenario's figures round by round ("" when it did not run)."""
+    extra = bench.extra
+    if not extra["fleet_rss_growth"]:
+        return ""
+    found = "; ".join(dict.fromkeys(bench.notes["fleet"]))
+    chunks = "; ".join(bench.notes["fleet_rss"])
+    return (
+        f" Fleet: batches of 100 (16 connections) in chunks of a tenth of {bench.fleet_devices:,} devices, after two "
+        f"chunks over 1,000 devices; the service's RSS in MB after each chunk, published and settled, round by round: "
+        f"{chunks} (the third figure on is the fleet's); "
+        f"{', '.join(f'{v:,.0f}' for v in extra['fleet_rate'])} cmd/s overall.{' ' + found + '.' if found else ''}"
+    )
+
+
 def replace_between_markers(path: Path, text: str) -> None:
     """Put `text` between <!-- bench:start --> and <!-- bench:end --> in `path` (appended when absent)."""
     content = path.read_text() if path.exists() else ""
@@ -459,6 +484,7 @@ def main() -> None:
     parser.add_argument("--fanouts", type=int, default=5, help="fan-outs per round in the fan-out row (5)")
     parser.add_argument("--outage-commands", type=int, default=100_000, help="accepted during the outage (100000)")
     parser.add_argument("--waiters", type=int, default=10_000, help="long polls open at once (10000)")
+    parser.add_argument("--fleet-devices", type=int, default=1_000_000, help="distinct devices (1000000)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs alone")
     args = parser.parse_args()
     targets = args.only.split(",") if args.only else list(TARGETS)
@@ -474,7 +500,7 @@ def main() -> None:
             bootstrap = broker.bootstrap
         try:
             bench = Bench(bootstrap, args.seconds, args.warmup, args.raw_count, log_dir, service_rows, args.prefill,
-                          args.fanouts, args.outage_commands, args.waiters)  # fmt: skip
+                          args.fanouts, args.outage_commands, args.waiters, args.fleet_devices)  # fmt: skip
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
@@ -493,7 +519,7 @@ def main() -> None:
                   f"{row.commands:,.0f} cmd/s | p50 {_fmt(median(row.p50), 1)} p99 {_fmt(median(row.p99), 1)} ms"
                   f"{reads} | non-2xx {row.non2xx} | CPU {_fmt(median(row.cpu), 2)} cores, "
                   f"{_fmt(median(row.cpu_per_command))} µs/cmd | rounds {rounds} | {checks}")  # fmt: skip
-        summaries = (outage_summary(bench), waiters_summary(bench))
+        summaries = (outage_summary(bench), waiters_summary(bench), fleet_summary(bench))
         for summary in (fanout_summary(bench), *(text.strip() for text in summaries)):
             if summary:
                 print(summary)
