@@ -37,7 +37,6 @@ import time
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -68,6 +67,7 @@ from names import (  # noqa: E402
 )
 from outage import outage as run_outage  # noqa: E402
 from targets import (  # noqa: E402
+    SEED_RUNTIME,
     Uvicorn,
     delivery_check,
     outcome_totals,
@@ -351,11 +351,15 @@ def report(bench: Bench, runs: int, found: list[goals.Goal], chart: str) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def _versions(python: str, *packages: str) -> str:
+    """ "name version, …" of `packages` as installed for the interpreter `python`."""
+    code = (
+        "import sys\nfrom importlib import metadata\nfor name in sys.argv[1:]:\n"
+        "    try:\n        print(name, metadata.version(name))\n"
+        "    except metadata.PackageNotFoundError:\n        print(name, 'not installed')"
+    )
+    done = subprocess.run([python, "-c", code, *packages], capture_output=True, text=True, check=True)
+    return ", ".join(done.stdout.splitlines())
 
 
 def _facts(runs: int, bench: Bench) -> str:
@@ -364,8 +368,11 @@ def _facts(runs: int, bench: Bench) -> str:
     memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
     shown = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
     wrk_version = "wrk " + (re.search(r"wrk (?:debian/)?([0-9][^ ]*)", shown) or ["", "?"])[1]
-    names = ("starlette", "uvicorn", "uvloop", "httptools", "msgspec", "kafka-python", "crc32c", "fastapi", "pydantic")
-    packages = ", ".join(f"{p} {_version(p)}" for p in names)
+    packages = _versions(
+        bench.python, "starlette", "uvicorn", "uvloop", "httptools", "msgspec", "kafka-python", "crc32c"
+    )
+    if SEED_RUNTIME.exists():
+        packages += ", " + _versions(seed_python(), "fastapi", "pydantic")
     return (
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} × {cpu}, {memory} GiB, "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}; Apache Kafka "
