@@ -368,6 +368,7 @@ def _facts(runs: int, bench: Bench) -> str:
     memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
     shown = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
     wrk_version = "wrk " + (re.search(r"wrk (?:debian/)?([0-9][^ ]*)", shown) or ["", "?"])[1]
+    load = bench.extra["load_average"] or [0.0]
     packages = _versions(
         bench.python, "starlette", "uvicorn", "uvloop", "httptools", "msgspec", "kafka-python", "crc32c"
     )
@@ -377,7 +378,9 @@ def _facts(runs: int, bench: Bench) -> str:
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} × {cpu}, {memory} GiB, "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}; Apache Kafka "
         f"{KAFKA_VERSION if not os.environ.get('KAFKA_BOOTSTRAP_SERVERS') else '(given broker)'} on loopback; "
-        f"{wrk_version} with 1 thread. Medians of {runs} round(s), {bench.seconds:g} s timed after "
+        f"{wrk_version} with 1 thread. The machine's 1-minute load average, read as each target started: "
+        f"{min(load):.1f}–{max(load):.1f} (median {median(load):.1f}; the bench alone keeps it near 1–2). "
+        f"Medians of {runs} round(s), {bench.seconds:g} s timed after "
         f"{bench.warmup:g} s warm-up each. {packages}. Ratios are to the no-op route at the same connections, "
         "to the raw producer for the batch, to one process for two, to the service's batch of 100 for the fan-out. "
         "A goal is computed round by round (its rows measured in the same round) and shown as the median with the "
@@ -511,7 +514,9 @@ def main() -> None:
             for round_number in range(1, args.runs + 1):
                 for target in targets:
                     print(f"round {round_number}/{args.runs}: {target}", file=sys.stderr, flush=True)
+                    bench.extra["load_average"].append(os.getloadavg()[0])
                     getattr(bench, target)()
+            bench.extra["load_average"].append(os.getloadavg()[0])
         finally:
             if broker is not None:
                 broker.stop()
