@@ -2,7 +2,6 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-BENCH_STAMP := $(VENV)/.bench-installed
 SYSTEM_PYTHON ?= python3
 
 .PHONY: install system-packages run test check lint bench keygen kafka-up kafka-down clean
@@ -44,12 +43,9 @@ test: install system-packages  ## the whole suite, against a real Kafka broker i
 check: lint  ## the edit loop: lint, then every test that needs no server (no Kafka, Mosquitto, Redis, Chromium)
 	$(PY) -m pytest -q -m "not integration"
 
-bench: $(BENCH_STAMP) system-packages  ## wrk against the service and its ceilings, as ratios; writes bench/RESULTS.md
+# The service and the seed plan's app each run from a virtualenv of their own under .cache (bench/run.py builds them).
+bench: $(STAMP) system-packages  ## wrk against the service and its ceilings, and the goals as measured; writes bench/RESULTS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
-
-$(BENCH_STAMP): $(STAMP) bench/requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
-	touch $(BENCH_STAMP)
 
 lint: install  ## ruff check + format check
 	$(VENV)/bin/ruff check .
