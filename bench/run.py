@@ -6,8 +6,8 @@ Targets, each started in turn on this machine against the same broker:
   floor    Starlette + msgspec + kafka-python answering 200 after Kafka's ack, with nothing else (no journal,
            keys, limits, metrics or logs): a bound on what any 200-after-ack service on this stack can reach
   service  this service as users run it: journal FULL, API keys and a generous rate limit on, metrics on
-  prefilled  the same over a journal of --prefill finished commands (bench/prefill.py), single commands
-           with 5 % status reads and 1 % list reads: what reads cost beside the writer on a full journal
+  prefilled  the same over a journal of --prefill finished commands (bench/prefill.py): single commands, then
+           with 5 % status reads and 1 % list reads (each read timed on its own): reads beside the writer
   seed     the seed plan's FastAPI + pydantic app with `.get()` in the handler, and without it
   outage   --outage-commands accepted while Kafka (a broker of the scenario's own) is down, a restart, the drain when
            it returns, and the topic read back (bench/outage.py)
