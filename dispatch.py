@@ -443,6 +443,7 @@ class Dispatcher:
             headers=new.headers,
             not_before=new.not_before,
             coalesce_key=new.coalesce_key,
+            handed=new.handed,  # what its journal row says: only then may it go straight to the producer
         )
         return Stored(accepted, *self.forwarder.submit(pending))
 

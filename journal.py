@@ -110,7 +110,7 @@ class Pending(msgspec.Struct, kw_only=True):
     not_before: float | None = None  # held until then
     coalesce_key: str | None = None
     order: int = -1  # the forwarder's release order (due time, then acceptance); -1 until it is due
-    handed: bool = True  # the journal says it may have been handed over (else it must say so before a hand-over)
+    handed: bool = False  # the journal says it may have been handed over (else it must say so before a hand-over)
 
 
 @dataclass(frozen=True, slots=True)

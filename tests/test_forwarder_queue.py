@@ -114,7 +114,7 @@ def test_latest_wins_among_queued_commands_and_never_touches_a_handed_one(journa
         while len(sink.handed) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert sink.handed == [b"other", b"elsewhere", b"s3"]
-        _, handed, superseded = forwarder.submit(pending(6, "s4", coalesce_key="sp"))
+        _, handed, superseded = forwarder.submit(pending(6, "s4", coalesce_key="sp", handed=True))
         assert handed and superseded == []  # s3 is in Kafka: never touched
 
     run(scenario)
@@ -129,7 +129,7 @@ def test_cancel_takes_back_only_what_is_still_queued(journal):
         started.append(forwarder)
         forwarder.start([])
         held, _, _ = forwarder.submit(pending(1, "held", not_before=time.time() + 3600))
-        _, handed, _ = forwarder.submit(pending(2, "sent"))
+        _, handed, _ = forwarder.submit(pending(2, "sent", handed=True))
         assert handed
         assert forwarder.withdraw(1) is True and held.result().status == "cancelled"
         assert forwarder.withdraw(1) is False and forwarder.withdraw(2) is False and forwarder.withdraw(99) is False
@@ -151,7 +151,7 @@ def test_recovered_held_commands_are_never_uncertain_and_latest_wins_among_them(
         forwarder.start(
             [
                 pending(1, "old-sp", not_before=later, coalesce_key="sp", handed=False),
-                pending(2, "due"),
+                pending(2, "due", handed=True),
                 pending(3, "new-sp", not_before=later, coalesce_key="sp", handed=False),
             ]
         )
@@ -232,7 +232,7 @@ def test_commands_handed_over_at_once_keep_their_order_when_kafka_gives_them_bac
             failing.append(asyncio.get_running_loop().create_future()) or (failing[-1])
         )
         for seq, name in ((1, "first"), (2, "second"), (3, "third")):
-            assert forwarder.submit(pending(seq, name))[1] is True
+            assert forwarder.submit(pending(seq, name, handed=True))[1] is True
         for future in reversed(failing):
             future.set_exception(SinkUnavailable("Kafka went away"))
         await asyncio.sleep(0)
