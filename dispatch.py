@@ -24,7 +24,6 @@ import structlog
 from errors import IdempotencyConflict, MessageRejected, NotCancellable, PusherError
 from forwarder import Forwarder, Outcome
 from journal import Accepted, FanoutAccepted, Journal, JournalRow, NewCommand, NewFanout, Pending
-from logs import lines_together
 from metrics import Metrics
 from schemas import (
     JSON_ENCODER,
@@ -265,10 +264,9 @@ class Dispatcher:
             r.status in ("failed", "expired") for i, r in enumerate(results) if i in news
         ):
             await self._settled()
-        with lines_together():
-            for item, result in zip(items, results, strict=True):
-                if not isinstance(item, PusherError):
-                    self._log(item, result, traceparent)
+        for item, result in zip(items, results, strict=True):
+            if not isinstance(item, PusherError):
+                self._log(item, result, traceparent)
         if (
             accepted
             and all(a.outcome in ("full", "unavailable") for a in accepted.values())

@@ -286,30 +286,43 @@ def test_one_line_per_command_without_payload(client):
     assert "secret_value" not in json.dumps(logs, default=str)
 
 
-def test_lines_together_writes_a_batch_of_log_lines_at_once(tmp_path):
-    """Lines logged inside `lines_together()` reach stdout whole, in order, and only when it ends."""
+def test_log_lines_of_one_loop_pass_are_written_together_and_in_order(tmp_path):
+    """Lines logged on a running event loop reach stdout whole and in order at the end of the loop's pass, one
+    write for all of them; lines logged off the loop go at once, after any still held; none is lost at exit."""
     script = """
-import os, structlog
-from logs import configure_logging, lines_together
+import asyncio, os, structlog
+from logs import configure_logging
 configure_logging("INFO", "json")
 log = structlog.get_logger("t")
 log.info("before")
-with lines_together():
+sizes = {}
+
+async def main():
+    sizes["start"] = os.fstat(1).st_size
     for n in range(3):
         log.info("command", n=n)
-    held = os.fstat(1).st_size
+    sizes["held"] = os.fstat(1).st_size
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    sizes["written"] = os.fstat(1).st_size
+    log.info("last on the loop")
+
+asyncio.run(main())
 log.info("after")
-print("held", held, flush=True)
+print("sizes", sizes["start"], sizes["held"], sizes["written"], flush=True)
 """
     out = tmp_path / "out.log"
     with out.open("wb") as stdout:
         subprocess.run([sys.executable, "-c", script], cwd=ROOT, stdout=stdout, check=True, timeout=30)
-    *lines, held = out.read_text().splitlines()
+    *lines, sizes = out.read_text().splitlines()
     events = [json.loads(line) for line in lines]
     assert [(e["event"], e.get("n")) for e in events] == [("before", None)] + [("command", n) for n in range(3)] + [
-        ("after", None)
+        ("last on the loop", None),
+        ("after", None),
     ]
-    assert held == f"held {len(lines[0]) + 1}"  # nothing of the three was written inside the block
+    start, held, written = map(int, sizes.split()[1:])
+    assert start == held == len(lines[0]) + 1  # nothing of the three was written inside the pass
+    assert written == sum(len(line) + 1 for line in lines[:4])
 
 
 def test_status_shows_the_effective_configuration(client):
