@@ -99,6 +99,45 @@ def test_accepted_commands_survive_reopening_and_come_back_as_pending(tmp_path):
         j.close()
 
 
+def test_marks_apply_in_order_the_first_final_one_wins_and_published_ones_keep_their_place(tmp_path):
+    """Marks land as given, whether a commit takes them one by one or many at once: a published step names its
+    topic/partition@offset, a command's record bytes go once it is final, and only its first final mark counts."""
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    try:
+        accept(j, *(new(f"c{n}", device=f"d{n}") for n in range(1, 6)))
+        each = j.pending_bytes // 5
+        before = time.time()
+        j.mark(1, "published", topic="t", partition=0, offset=7)
+        j.mark(2, "published", topic="t", partition=3, offset=12)
+        j.mark(3, "failed", error="too large")
+        j.mark(3, "published", topic="t", partition=1, offset=1)  # after a final mark: changes nothing
+        j.mark(2, "published", topic="t", partition=3, offset=99)  # a repeat: changes nothing
+        j.mark(4, "published", topic="other-topic", partition=2, offset=5)
+        assert j.flush()
+        rows = {n: get(j, f"c{n}") for n in range(1, 6)}
+        got = {n: (r.status, r.topic, r.partition, r.offset, r.error) for n, r in rows.items()}
+        assert got == {
+            1: ("published", "t", 0, 7, None),
+            2: ("published", "t", 3, 12, None),
+            3: ("failed", None, None, None, "too large"),
+            4: ("published", "other-topic", 2, 5, None),
+            5: ("accepted", None, None, None, None),
+        }
+        steps = {n: [(step[0], step[2]) for step in r.history] for n, r in rows.items()}
+        assert steps[1] == [("accepted", None), ("published", "t/0@7")]
+        assert steps[2] == [("accepted", None), ("published", "t/3@12")]
+        assert steps[3] == [("accepted", None), ("failed", "too large")]
+        assert steps[4] == [("accepted", None), ("published", "other-topic/2@5")]
+        assert all(before <= rows[n].history[-1][1] <= time.time() for n in range(1, 5))
+        assert (j.pending_count, j.pending_bytes) == (1, each)
+    finally:
+        j.close()
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        kept = conn.execute("SELECT request_id FROM commands WHERE record_value IS NOT NULL").fetchall()
+    assert kept == [("c5",)]
+
+
 def test_concurrent_accepts_share_transactions(journal):
     """200 concurrent single inserts are committed in far fewer transactions (group commit)."""
 
