@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from errors import IdempotencyConflict, MessageRejected, NotCancellable, PusherE
 from forwarder import Forwarder, Outcome
 from journal import Accepted, FanoutAccepted, Journal, JournalRow, NewCommand, NewFanout, Pending
 from metrics import Metrics
+from pusher_client.wire import new_id
 from schemas import (
     JSON_ENCODER,
     STAGE_RANK,
@@ -50,16 +50,6 @@ _HASH_ENCODER = msgspec.json.Encoder(order="sorted")
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID as text, like `str(uuid.uuid4())` without building the UUID object,
-    which costs more than the random bytes on the send path."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40  # version 4
-    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 async def wait_done(futures: Collection[asyncio.Future], timeout: float) -> None:
@@ -146,7 +136,7 @@ class Dispatcher:
         fanout_id: str | None = None,
         may_hand_over: bool = True,
     ) -> NewCommand:
-        request_id = cmd.request_id or new_request_id()
+        request_id = cmd.request_id or new_id()
         expires_at = cmd.expires_at.astimezone(UTC) if cmd.expires_at else None
         not_before = cmd.not_before.astimezone(UTC) if cmd.not_before else None
         ttl = cmd.ttl_seconds or (self.settings.default_ttl or None)
@@ -316,7 +306,7 @@ class Dispatcher:
         409 for a reused fanout_id or Idempotency-Key with another body, 503 when it cannot be journaled whole."""
         now = utc_now()
         fanout = NewFanout(
-            fanout_id=request.fanout_id or new_request_id(),
+            fanout_id=request.fanout_id or new_id(),
             idem_key=f"{key_id}\x1f{idem_key}" if idem_key and key_id else idem_key,
             client_fanout_id=request.fanout_id is not None,
             body_hash=hashlib.sha256(_HASH_ENCODER.encode(request)).digest(),

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import msgspec
@@ -16,8 +17,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
-from dispatch import new_request_id, wait_done
+from dispatch import wait_done
 from pusher import create_app
+from pusher_client.wire import new_id
 from settings import load_settings
 
 PROBLEM = "application/problem+json"
@@ -332,13 +334,22 @@ def test_status_shows_the_effective_configuration(client):
     assert body["brokers"] == 0 and body["kafka_connected"] is False
 
 
-def test_generated_request_ids_are_version_4_uuids():
-    """The send path's own UUID text is what uuid.uuid4() would print, and never repeats here."""
-    ids = {new_request_id() for _ in range(10_000)}
-    assert len(ids) == 10_000
-    for text in list(ids)[:200]:
+def test_generated_ids_are_version_7_uuids_that_sort_by_when_they_were_made():
+    """Request ids, fan-out ids and the client's idempotency keys: what uuid.UUID would print, version 7 with
+    the time of making in the first 48 bits, never repeating, and a later millisecond sorts later."""
+    before = time.time_ns() // 1_000_000
+    ids = [new_id() for _ in range(10_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 10_000
+    for text in ids[:200]:
         parsed = uuid.UUID(text)
-        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 7, uuid.RFC_4122)
+        assert before <= parsed.int >> 80 <= after
+    # as text they sort by the millisecond they were made in: the journal's index order is time order
+    stamps = [uuid.UUID(text).int >> 80 for text in sorted(ids)]
+    assert stamps == sorted(stamps)
+    time.sleep(0.002)
+    assert new_id() > max(ids)
 
 
 def test_wait_done_returns_when_all_are_done_or_at_the_timeout_and_cancels_nothing():

@@ -10,7 +10,6 @@ import re
 import ssl
 import time
 import urllib.parse
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -41,6 +40,7 @@ from pusher_client.wire import (
     FanoutResponse,
     FanoutStatus,
     Problem,
+    new_id,
 )
 
 Command = CommandRequest | Mapping[str, Any]  # a CommandRequest, or a dict of its fields
@@ -293,7 +293,7 @@ def _encode(body: Any) -> bytes:
 
 def _send_headers(idempotency_key: str | None, respond_async: bool) -> dict[str, str]:
     # One key per logical call: every retry of this call carries the same one.
-    headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+    headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key or new_id()}
     if respond_async:
         headers["Prefer"] = "respond-async"
     return headers

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
 import weakref
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 
 from pusher_client import AsyncPusherClient, CommandRequest, RetryPolicy
+from pusher_client.wire import new_id
 
 __all__ = [
     "CommandMessage",
@@ -52,7 +52,7 @@ class CommandMessage(msgspec.Struct, kw_only=True):
     retain: bool | None = None
     confirmable: bool | None = None
     expires_at: datetime | None = None
-    request_id: str = msgspec.field(default_factory=lambda: str(uuid.uuid4()))
+    request_id: str = msgspec.field(default_factory=new_id)
     timestamp: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
 
 

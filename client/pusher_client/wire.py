@@ -7,12 +7,27 @@ readiness and service status), so both sides decode the same shapes from one def
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
 VERSION = "1.0.0"
+
+
+def new_id() -> str:
+    """A time-ordered UUID (version 7) as text: 48 bits of Unix milliseconds, then 74 random bits. The ids
+    either side makes (request and fan-out ids, idempotency keys) sort by when they were made, so the
+    journal's unique indexes on them grow at their end: random ones would land all over an index of
+    millions, each insert touching a page of its own. Built from bytes: a `uuid.UUID` costs more."""
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    raw[6] = raw[6] & 0x0F | 0x70  # version 7
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 9562 variant
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
 
 # `$` alone would let one trailing newline through (Python's re); the look-aheads forbid it.
 _NO_CONTROL = r"^(?!.*[\x00-\x1f\x7f-\x9f])"
