@@ -8,7 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -33,6 +42,10 @@ class Metrics:
 
     def __init__(self, version: str) -> None:
         self.registry = r = CollectorRegistry()
+        # The process's own figures, as every Prometheus client reports them: python_gc_* (collections by
+        # generation) and process_* (resident memory, CPU seconds, open files).
+        GCCollector(registry=r)
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "pusher_http_requests", "HTTP requests by route template, method and status", ["route", "method", "status"],
             registry=r,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import faulthandler
 import functools
+import gc
 import os
 import re
 import signal
@@ -164,6 +165,17 @@ def main() -> None:
     DrainingServer(config, app, settings.shutdown_drain, handshake_timeout=settings.header_timeout).run()
 
 
+def settle_garbage_collector() -> None:
+    """Once started: what start-up made (modules, the app, a recovered backlog) lives as long as the process, so it
+    leaves the collector's sight (`gc.freeze`), and the youngest generation is collected every 10,000 container
+    allocations instead of 700. Under load a full collection walked all of it, ~50 ms of the event loop each,
+    ~35 times in 20 s, and the young ones ran thousands of times: ~12 % of a core in all. Cycles are still
+    collected, only later; everything else is freed by reference counting as before."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn with the shutdown this service promises. The first SIGTERM/SIGINT stops taking commands (503,
     /ready false) for SHUTDOWN_DRAIN seconds, so load balancers move away, then shuts down gracefully:
@@ -183,6 +195,7 @@ class DrainingServer(uvicorn.Server):
         self.loop = loop = asyncio.get_running_loop()
         if not self.config.is_ssl:
             await super().startup(sockets)
+            settle_garbage_collector()
             return
         # The protocol's head deadline starts when the handshake is done; until then only the loop's
         # ssl_handshake_timeout (60 s by default) bounds a socket, and uvicorn passes none. The listeners made
@@ -193,6 +206,7 @@ class DrainingServer(uvicorn.Server):
             await super().startup(sockets)
         finally:
             del loop.create_server
+        settle_garbage_collector()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: drain, then stop; second: stop now.
