@@ -135,10 +135,13 @@ def _answer(request: Request, content: Any, status: int = 200, headers: dict[str
     return Response(encoder.encode(content), status, {**(headers or {}), "Vary": "Accept"}, media_type)
 
 
+_STATUS_ROUTE = "/api/v1/commands/{request_id}/status"
+
+
 def _status_path(request: Request, request_id: str) -> str:
-    """Where the status of command `request_id` is read (a 202's Location)."""
-    path = request.app.url_path_for("get_command_status", request_id=request_id)
-    return request.scope.get("root_path", "") + str(path)
+    """Where the status of command `request_id` is read (a 202's Location). Filled in, not looked up with
+    `url_path_for`, which walks every route on every 202; ids hold no character a path must escape."""
+    return request.scope.get("root_path", "") + _STATUS_ROUTE.format(request_id=request_id)
 
 
 # ---------------------------------------------------------------- handlers
@@ -720,7 +723,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/v1/commands/fanout", push_fanout, methods=["POST"]),
         Route("/api/v1/commands/{request_id}", cancel_command, methods=["DELETE"]),
         Route("/api/v1/fanouts/{fanout_id}", get_fanout, methods=["GET"]),
-        Route("/api/v1/commands/{request_id}/status", get_command_status, methods=["GET"]),
+        Route(_STATUS_ROUTE, get_command_status, methods=["GET"]),
         Route("/api/v1/commands/{request_id}/events", command_events, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
