@@ -29,15 +29,15 @@ from limits import RateLimitItem, parse_many
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import FieldProblem, Forbidden, RateLimited, RateLimiterUnavailable, Unauthorized, ValidationFailed
 
 log = structlog.get_logger("security")
 
-# What a storage that does not answer raises: redis-py's errors, limits' wrapper, and the socket's own.
-_STORAGE_ERRORS = (RedisError, StorageError, OSError)
+# What a storage that does not answer raises: limits' wrapper and the socket's own; with Redis, redis-py's errors
+# too (imported only then: redis-py is ~10 MB of modules a process with in-memory limits never uses).
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, OSError)
 
 KeyScope = Literal["commands:write", "commands:read", "admin"]  # what a key may do
 KEY_PREFIX = "ppk_"
@@ -164,7 +164,11 @@ class RateLimiter:
     def __init__(self, spec: str, storage_uri: str) -> None:
         self.items: list[RateLimitItem] = parse_many(spec)
         uri = storage_uri if "://" in storage_uri else "memory://"
+        self.storage_errors = _STORAGE_ERRORS
         if uri.startswith(("redis://", "rediss://")):
+            from redis.exceptions import RedisError
+
+            self.storage_errors = (RedisError, *_STORAGE_ERRORS)
             uri = "async+" + uri
         elif uri == "memory://":
             uri = "async+memory://"
@@ -206,7 +210,7 @@ class RateLimiter:
                 stats = await self.limiter.get_window_stats(item, who)
                 if tightest is None or stats.remaining < tightest[1]:
                     tightest = (item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
-        except _STORAGE_ERRORS as exc:  # the storage (Redis) is unreachable: refuse, retriably, rather than 500
+        except self.storage_errors as exc:  # the storage (Redis) is unreachable: refuse, retriably, rather than 500
             log.warning("rate limit storage unavailable", error=type(exc).__name__)
             raise RateLimiterUnavailable("The rate limiter's storage does not answer") from None
         return _ratelimit_headers(*tightest) if tightest else {}

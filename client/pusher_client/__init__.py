@@ -12,8 +12,9 @@ raise), wire.py (the request and answer Structs, shared with the service). compa
 
 from __future__ import annotations
 
-from pusher_client._core import STAGES, BatchResult, CommandResult, RetryPolicy
-from pusher_client.client import AsyncPusherClient, PusherClient
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pusher_client.errors import (
     CommandFailed,
     Conflict,
@@ -43,6 +44,32 @@ from pusher_client.wire import (
     Problem,
     Transition,
 )
+
+if TYPE_CHECKING:
+    from pusher_client._core import STAGES, BatchResult, CommandResult, RetryPolicy
+    from pusher_client.client import AsyncPusherClient, PusherClient
+
+# The clients and what they return are imported on first use: the service imports this package for its wire
+# types alone, and httpx (the clients' transport) would cost it ~1 MB of memory it never uses.
+_LAZY = {
+    "STAGES": "_core",
+    "BatchResult": "_core",
+    "CommandResult": "_core",
+    "RetryPolicy": "_core",
+    "AsyncPusherClient": "client",
+    "PusherClient": "client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """`pusher_client.PusherClient` and the rest of _LAZY, imported when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pusher_client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pusher_client.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "STAGES",
