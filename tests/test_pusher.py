@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
 from dispatch import wait_done
+from journal import Journal
 from pusher import create_app
 from pusher_client.wire import new_id
 from settings import load_settings
@@ -479,3 +481,33 @@ def test_every_refused_command_request_counts_once_under_its_route(client):
     assert _requests(after, "unmatched", "413") == _requests(before, "unmatched", "413")
     assert _requests(after, "/api/v1/commands/batch", "413") - _requests(before, "/api/v1/commands/batch", "413") == 1
     assert after[rejected] - before.get(rejected, 0.0) == 6 + 1 + 2
+
+
+def test_nothing_but_the_forwarder_holds_the_commands_recovered_at_start(tmp_path, monkeypatch):
+    """The commands a start recovers from the journal are the forwarder's alone: once it lets one go (published,
+    expired), it is freed. A list kept by the start-up for the life of the process held every one of them, with
+    the record read back into it to be sent: RSS grew by ~1.6 KB per command as a 100,000-command backlog
+    drained (116 -> 275 MB)."""
+    settings = load_settings(
+        {"JOURNAL_PATH": str(tmp_path / "journal.db"), "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"},
+        env_file="/nonexistent",
+    )
+    with TestClient(create_app(settings)) as client:  # no Kafka: the commands wait in the journal
+        for i in range(20):
+            assert client.post("/api/v1/commands", json=command(f"device_{i}")).status_code == 202
+    opened = []
+    original = Journal.open
+
+    def open_and_keep(journal):
+        opened.append(original(journal))
+        return opened[-1]
+
+    monkeypatch.setattr(Journal, "open", open_and_keep)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ready").status_code == 200
+        [recovered] = opened
+        assert len(recovered) == 20
+        gc.collect()
+        here = sys._getframe()
+        holders = [r for r in gc.get_referrers(recovered) if r is not opened and r is not here]
+        assert holders == [], f"the recovered commands are still held by {holders!r:.300}"
