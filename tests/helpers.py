@@ -157,6 +157,8 @@ class ServiceProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        self.process.kill()  # a start that failed must not leave the process running after the test
+        self.process.wait()
         raise RuntimeError(f"service not answering {path} within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
