@@ -805,7 +805,7 @@ async def _lifespan(shared: AppState) -> AsyncIterator[None]:
     sink.start()
     forwarder = Forwarder(journal, sink, settings.publish_timeout, metrics, settings.forward_backoff_max)
     forwarder.start(recovered)
-    # The forwarder holds each recovered command only until it is published; a list kept here for the life of
+    # The forwarder holds each recovered command only until it is finished; a list kept here for the life of
     # the process would keep every one, with the record read back into it to be sent (~1.6 KB a command).
     recovered_count = len(recovered)
     del recovered

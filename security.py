@@ -36,7 +36,7 @@ from errors import FieldProblem, Forbidden, RateLimited, RateLimiterUnavailable,
 log = structlog.get_logger("security")
 
 # What a storage that does not answer raises: limits' wrapper and the socket's own; with Redis, redis-py's errors
-# too (imported only then: redis-py is ~10 MB of modules a process with in-memory limits never uses).
+# too (imported only then: redis-py costs ~4 MB of memory a process with in-memory limits never uses).
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, OSError)
 
 KeyScope = Literal["commands:write", "commands:read", "admin"]  # what a key may do
