@@ -191,12 +191,17 @@ class DrainingServer(uvicorn.Server):
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list | None = None) -> None:
-        """Note the event loop, which the signal handler hands its work to; bound the TLS handshake."""
-        self.loop = loop = asyncio.get_running_loop()
+        """Note the event loop, which the signal handler hands its work to; listen; then settle the collector."""
+        self.loop = asyncio.get_running_loop()
+        await self._listen(sockets)
+        settle_garbage_collector()
+
+    async def _listen(self, sockets: list | None) -> None:
+        """uvicorn's start-up, with the TLS handshake bounded."""
         if not self.config.is_ssl:
             await super().startup(sockets)
-            settle_garbage_collector()
             return
+        loop = self.loop
         # The protocol's head deadline starts when the handshake is done; until then only the loop's
         # ssl_handshake_timeout (60 s by default) bounds a socket, and uvicorn passes none. The listeners made
         # here get HEADER_TIMEOUT, so a client that never ends its handshake holds a connection no longer
@@ -206,7 +211,6 @@ class DrainingServer(uvicorn.Server):
             await super().startup(sockets)
         finally:
             del loop.create_server
-        settle_garbage_collector()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: drain, then stop; second: stop now.
