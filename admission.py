@@ -11,11 +11,96 @@ served. Revoking a key ends its waiters. Everything here runs on the event loop,
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 from collections.abc import Iterable
 
 from errors import Overloaded, TooManyWaiters
 
 PROBES = frozenset({"/health", "/ready"})  # answer at once, under any load and while shutting down
+
+
+class Bell:
+    """What wakes one waiter: a change to its command, its end, or shutdown. An `asyncio.Event` for a single
+    waiter, without the Event's dict and deque (~700 bytes less for each of thousands); `Alarms.wait` waits on it."""
+
+    __slots__ = ("_future", "rung")
+
+    def __init__(self) -> None:
+        self.rung = False
+        self._future: asyncio.Future | None = None
+
+    def set(self) -> None:
+        """Ring it: the waiter wakes, and a later wait returns at once until `clear()`."""
+        self.rung = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def clear(self) -> None:
+        """Forget the last ring."""
+        self.rung = False
+
+
+class Alarms:
+    """Ends the waits on bells at their deadlines from one timer of the event loop, set for the earliest: a uvloop
+    timer for each waiter would hold ~600 bytes more, and there may be thousands. A wait that ends early leaves its
+    entry behind, marked; the marked ones are dropped once they are half the heap."""
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []  # [deadline (loop time), tie-breaker, the wait's future or None once it ended]
+        self._live = 0
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    async def wait(self, bell: Bell, timeout: float) -> bool:
+        """Wait until `bell` rings or `timeout` seconds pass; whether it rang."""
+        if bell.rung:
+            return True
+        loop = asyncio.get_running_loop()
+        bell._future = future = loop.create_future()
+        entry = [loop.time() + timeout, next(self._order), future]
+        self._add(loop, entry)
+        try:
+            await future
+        finally:
+            bell._future = None
+            if entry[2] is not None:
+                entry[2] = None
+                self._live -= 1
+        return bell.rung
+
+    def _add(self, loop: asyncio.AbstractEventLoop, entry: list) -> None:
+        heap = self._heap
+        if len(heap) > 64 and len(heap) > 2 * self._live:
+            heap[:] = [kept for kept in heap if kept[2] is not None]
+            heapq.heapify(heap)
+        heapq.heappush(heap, entry)
+        self._live += 1
+        if entry[0] < self._timer_at:
+            self._arm(loop, entry[0])
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(at, self._due, loop)
+        self._timer_at = at
+
+    def _due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._timer_at = None, math.inf
+        heap, now = self._heap, loop.time()
+        while heap and (heap[0][2] is None or heap[0][0] <= now):
+            entry = heapq.heappop(heap)
+            future = entry[2]
+            if future is not None:
+                entry[2] = None
+                self._live -= 1
+                if not future.done():
+                    future.set_result(None)
+        if heap:
+            self._arm(loop, heap[0][0])
 
 
 class Waiter:
@@ -27,13 +112,17 @@ class Waiter:
     def __init__(self, who: str) -> None:
         self.who = who
         self.ended: str | None = None
-        self.wake: asyncio.Event | None = None
+        self.wake: Bell | None = None
 
     def end(self, reason: str) -> None:
         """Mark it ended for `reason` and wake it, so it answers (or stops) now."""
         self.ended = self.ended or reason
         if self.wake is not None:
             self.wake.set()
+
+    def disconnected(self) -> None:
+        """Its client went away."""
+        self.end("disconnected")
 
 
 class Admission:

@@ -10,16 +10,16 @@ Nothing here touches kafka-python or sqlite3.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import structlog
 
+from admission import Alarms, Bell
 from errors import IdempotencyConflict, MessageRejected, NotCancellable, PusherError
 from forwarder import Forwarder, Outcome
 from journal import Accepted, FanoutAccepted, Journal, JournalRow, NewCommand, NewFanout, Pending
@@ -539,48 +539,50 @@ class Watchers:
 
     def __init__(self, journal: Journal) -> None:
         self.closed = False
-        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self.alarms = Alarms()  # the deadlines of their waits
+        # A list, not a set: nearly always one waiter per command, and a set of one is 216 bytes.
+        self._waiting: dict[str, list[Bell]] = {}
         journal.watch_changes(self.changed, self._waiting)
 
     def changed(self, request_ids: list[str]) -> None:
         """The journal committed a change to these commands: wake whoever waits on them."""
         for request_id in request_ids:
-            for event in self._waiting.get(request_id, ()):
-                event.set()
+            for bell in self._waiting.get(request_id, ()):
+                bell.set()
 
-    @contextlib.contextmanager
-    def watching(self, request_id: str) -> Iterator[asyncio.Event]:
-        """An event set on every change to `request_id` (clear it after waking), and at shutdown."""
-        event = asyncio.Event()
+    def watch(self, request_id: str) -> Bell:
+        """A bell rung on every change to `request_id` (clear it after waking), and at shutdown; `unwatch` it."""
+        bell = Bell()
         if self.closed:
-            event.set()
-        self._waiting.setdefault(request_id, set()).add(event)
-        try:
-            yield event
-        finally:
-            waiting = self._waiting.get(request_id)
-            if waiting is not None:
-                waiting.discard(event)
-                if not waiting:
-                    del self._waiting[request_id]
+            bell.set()
+        self._waiting.setdefault(request_id, []).append(bell)
+        return bell
+
+    def unwatch(self, request_id: str, bell: Bell) -> None:
+        """Stop ringing `bell` for `request_id`."""
+        waiting = self._waiting.get(request_id)
+        if waiting is not None and bell in waiting:
+            waiting.remove(bell)
+            if not waiting:
+                del self._waiting[request_id]
 
     def close(self) -> None:
         """Shutting down: every waiter answers with what it has now."""
         self.closed = True
-        for events in self._waiting.values():
-            for event in events:
-                event.set()
+        for bells in self._waiting.values():
+            for bell in bells:
+                bell.set()
 
 
-def reached(row: JournalRow, stage: str, feedback: bool) -> bool:
-    """Whether a wait for `stage` is over: the command got there, further, or to an end."""
-    return STAGE_RANK[row.stage] >= STAGE_RANK[stage] or finished(row, feedback)
+def reached(stage: str, wanted: str, feedback: bool) -> bool:
+    """Whether a wait for `wanted` is over for a command at `stage`: it got there, further, or to an end."""
+    return STAGE_RANK[stage] >= STAGE_RANK[wanted] or finished(stage, feedback)
 
 
-def finished(row: JournalRow, feedback: bool) -> bool:
-    """Whether nothing more will happen to the command. Without `feedback` (a status topic), `published` is an
-    end too: nobody would report anything after it."""
-    return row.stage in TERMINAL or (row.stage == "published" and not feedback)
+def finished(stage: str, feedback: bool) -> bool:
+    """Whether nothing more will happen to a command at `stage`. Without `feedback` (a status topic),
+    `published` is an end too: nobody would report anything after it."""
+    return stage in TERMINAL or (stage == "published" and not feedback)
 
 
 def command_status(row: JournalRow) -> CommandStatus:

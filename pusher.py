@@ -13,7 +13,7 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-from admission import Admission, Waiter
+from admission import Admission, Bell, Waiter
 from dispatch import Dispatcher, Watchers, command_status, finished, reached
 from errors import (
     FieldProblem,
@@ -386,62 +387,61 @@ async def get_command_status(request: Request) -> Response:
         )
     row = await _readable_row(request)
     feedback = bool(settings.kafka_status_topic)
-    if query.wait_for is msgspec.UNSET or reached(row, query.wait_for, feedback) or query.timeout == 0:
+    if query.wait_for is msgspec.UNSET or reached(row.stage, query.wait_for, feedback) or query.timeout == 0:
         return _answer(request, command_status(row))
     waiter = _wait(request)
     journal = state(request).journal
     watchers = state(request).watchers
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
-    with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
-        waiter.wake = changed
-        row = await journal.get(row.request_id) or row  # read again once watched: no change slips in between
-        while not reached(row, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
+    request_id = row.request_id
+    del row  # while it waits, a long poll holds the stage alone; the row is read again to answer
+    with _Watch(request, waiter, request_id) as changed:
+        stage = await _stage(journal, request_id)  # read again once watched: no change slips in between
+        while stage and not reached(stage, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            await _woken(changed, remaining)
+            await watchers.alarms.wait(changed, remaining)
             changed.clear()
-            row = await journal.get(row.request_id) or row
+            stage = await _stage(journal, request_id)
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
+    row = await journal.get(request_id)
+    if row is None:  # finished, then pruned (JOURNAL_MAX_DISK) while it waited
+        raise NotFound(f"No command with request_id {request_id!r} is known")
     return _answer(request, command_status(row))
 
 
-async def _woken(event: asyncio.Event, timeout: float) -> bool:
-    """Wait until `event` is set or `timeout` seconds pass; True if it was set. A timer, not `asyncio.wait_for`,
-    which makes a task per wait: a waiter holds as little as it can (there may be thousands)."""
-    if event.is_set():
-        return True
-    timed_out = False
-
-    def time_out() -> None:
-        nonlocal timed_out
-        timed_out = True
-        event.set()
-
-    timer = asyncio.get_running_loop().call_later(timeout, time_out)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()
-    return not timed_out
+async def _stage(journal: Journal, request_id: str) -> str | None:
+    """The command's stage now; None once it is no longer in the journal."""
+    row = await journal.get(request_id)
+    return None if row is None else row.stage
 
 
-@contextlib.contextmanager
-def _ends_on_disconnect(request: Request, waiter: Waiter) -> Iterator[None]:
-    """While inside, a client that goes away ends `waiter` at once, giving its slot back (a waiter would
-    otherwise notice only when it next writes)."""
+class _Watch:
+    """A waiting request's watch on its command: a bell rung by every change to it, at shutdown, and by the end of
+    its waiter (key revoked, or client gone: the connection says so through http_protocol.client_gone, so no
+    task listens for the disconnect). A small class, not generator context managers and a task: it is held by
+    each of what may be thousands of waiters."""
 
-    async def listen() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        waiter.end("disconnected")
+    __slots__ = ("bell", "request_id", "request_state", "waiter", "watchers")
 
-    listening = asyncio.ensure_future(listen())
-    try:
-        yield
-    finally:
-        listening.cancel()
+    def __init__(self, request: Request, waiter: Waiter, request_id: str) -> None:
+        self.watchers = state(request).watchers
+        self.request_state = request.scope.setdefault("state", {})
+        self.waiter = waiter
+        self.request_id = request_id
+
+    def __enter__(self) -> Bell:
+        self.bell = self.waiter.wake = self.watchers.watch(self.request_id)
+        if self.request_state.get("client_gone"):
+            self.waiter.disconnected()
+        self.request_state["on_client_gone"] = self.waiter.disconnected
+        return self.bell
+
+    def __exit__(self, *_: object) -> None:
+        self.request_state.pop("on_client_gone", None)
+        self.watchers.unwatch(self.request_id, self.bell)
 
 
 def _wait(request: Request) -> Waiter:
@@ -475,29 +475,31 @@ async def command_events(request: Request) -> Response:
     # A reconnecting EventSource sends the id of the last event it got: the status; go on after it.
     last = request.headers.get("last-event-id", "")
     sent = {s for s in STAGE_RANK if STAGE_RANK[s] <= STAGE_RANK[last]} if last in STAGE_RANK else set()
-    if finished(row, feedback) and not _unsent(row, sent):
+    if finished(row.stage, feedback) and not _unsent(row, sent):
         # Finished, and the client has it all. A stream that just closed would make EventSource reconnect
         # every few seconds for ever; 204 tells it to stop.
         return Response(status_code=204)
     waiter = _wait(request)
     deadline = time.monotonic() + settings.event_stream_max
+    request_id = row.request_id
 
     async def stream() -> AsyncIterator[bytes]:
-        with watchers.watching(row.request_id) as changed, _ends_on_disconnect(request, waiter):
-            waiter.wake = changed
-            current = await journal.get(row.request_id) or row  # read again once watched: no change slips in between
+        with _Watch(request, waiter, request_id) as changed:
             while True:
+                current = await journal.get(request_id)  # the first read once watched: no change slips in between
+                if current is None:  # finished, then pruned (JOURNAL_MAX_DISK)
+                    return
                 for change in _unsent(current, sent):
                     sent.add(change.status)
                     encoded = change.status.encode()
                     yield b"id: %s\nevent: %s\ndata: %s\n\n" % (encoded, encoded, JSON_ENCODER.encode(change))
                 remaining = deadline - time.monotonic()
-                if finished(current, feedback) or watchers.closed or waiter.ended or remaining <= 0:
+                if finished(current.stage, feedback) or watchers.closed or waiter.ended or remaining <= 0:
                     return
-                if not await _woken(changed, min(SSE_KEEPALIVE, remaining)):
+                del current  # while it waits, a stream holds no row
+                if not await watchers.alarms.wait(changed, min(SSE_KEEPALIVE, remaining)):
                     yield b": keep-alive\n\n"
                 changed.clear()
-                current = await journal.get(current.request_id) or current
 
     return StreamingResponse(
         stream(),
@@ -658,14 +660,8 @@ async def docs_init(request: Request) -> Response:
 # ---------------------------------------------------------------- errors
 
 
-async def on_pusher_error(request: Request, exc: Exception) -> Response:
-    """Every PusherError answers its own problem+json."""
-    return problem_response(exc, request.scope.get("state", {}).get("request_id"), request.url.path)
-
-
-async def on_http_error(request: Request, exc: Exception) -> Response:
+def route_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's 404/405 as problem+json."""
-    assert isinstance(exc, HTTPException)
     error = NotFound(f"No route for {request.method} {request.url.path}")
     if exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
@@ -673,6 +669,51 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     if exc.headers:
         response.headers.update(exc.headers)
     return response
+
+
+class _Endpoint:
+    """A route's handler as an ASGI app: a PusherError it raises answers its own problem+json, here, inside the
+    middleware (CORS) that dresses every answer. One frame for each request where Starlette's `request_response`
+    and its exception layer stack five with their closures (held by every waiting long poll, and paid by every
+    command)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+        self.__name__ = handler.__name__  # the route's name (url_path_for, the OpenAPI operation)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await self.handler(request)
+        except PusherError as exc:
+            response = problem_response(exc, scope.get("state", {}).get("request_id"), request.url.path)
+        await response(scope, receive, send)
+
+
+class _RouteErrors:
+    """Answers the router's 404 and 405 (raised before any answer starts) with problem+json."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except HTTPException as exc:
+            await route_error(Request(scope, receive, send), exc)(scope, receive, send)
+
+
+class _App(Starlette):
+    """Starlette without its outer error page and its exception layer: the handlers' errors are answered by
+    _Endpoint, the router's by _RouteErrors, and anything else by RequestContextMiddleware (500 problem+json,
+    logged). Two layers and their closures fewer on every request."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """The user middleware around the router, with nothing of Starlette's own."""
+        app: ASGIApp = _RouteErrors(self.router)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 # ---------------------------------------------------------------- app
@@ -713,26 +754,31 @@ _COMMAND_ROUTES = frozenset(
 )  # where a POST sends commands
 
 
+def _route(method: str, path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
+    """A route answering `method` on `path` with `handler`."""
+    return Route(path, _Endpoint(handler), methods=[method])
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; the lifespan opens the journal, starts the sink and forwarder, and closes them in reverse."""
     settings = settings or load_settings()
     routes = [
-        Route("/api/v1/commands", push_command, methods=["POST"]),
-        Route("/api/v1/commands", list_commands, methods=["GET"]),
-        Route("/api/v1/commands/batch", push_commands_batch, methods=["POST"]),
-        Route("/api/v1/commands/fanout", push_fanout, methods=["POST"]),
-        Route("/api/v1/commands/{request_id}", cancel_command, methods=["DELETE"]),
-        Route("/api/v1/fanouts/{fanout_id}", get_fanout, methods=["GET"]),
-        Route(_STATUS_ROUTE, get_command_status, methods=["GET"]),
-        Route("/api/v1/commands/{request_id}/events", command_events, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/api/v1/status", service_status, methods=["GET"]),
-        Route("/api/v1/metrics", metrics, methods=["GET"]),
-        Route("/metrics", prometheus_metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Route("/docs/init.js", docs_init, methods=["GET"]),
+        _route("POST", "/api/v1/commands", push_command),
+        _route("GET", "/api/v1/commands", list_commands),
+        _route("POST", "/api/v1/commands/batch", push_commands_batch),
+        _route("POST", "/api/v1/commands/fanout", push_fanout),
+        _route("DELETE", "/api/v1/commands/{request_id}", cancel_command),
+        _route("GET", "/api/v1/fanouts/{fanout_id}", get_fanout),
+        _route("GET", _STATUS_ROUTE, get_command_status),
+        _route("GET", "/api/v1/commands/{request_id}/events", command_events),
+        _route("GET", "/health", health),
+        _route("GET", "/ready", ready),
+        _route("GET", "/api/v1/status", service_status),
+        _route("GET", "/api/v1/metrics", metrics),
+        _route("GET", "/metrics", prometheus_metrics),
+        _route("GET", "/openapi.json", openapi),
+        _route("GET", "/docs", docs),
+        _route("GET", "/docs/init.js", docs_init),
         Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets"),
     ]
     keyring = Keyring(settings.api_keys_file) if settings.auth else None
@@ -746,11 +792,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         openapi=b"",  # built from the routes below, once the app has them
     )
     shared.metrics.watch_admission(lambda: admission.in_flight, lambda: admission.waiting)
-    app = Starlette(
-        routes=routes,
-        lifespan=lambda _: _lifespan(shared),
-        exception_handlers={PusherError: on_pusher_error, HTTPException: on_http_error},
-    )
+    app = _App(routes=routes, lifespan=lambda _: _lifespan(shared))
     app.state.pusher = shared
     # Served without a key when keys are on (the docs' assets too, by their prefix).
     open_paths = {"/health", "/ready", "/docs", "/docs/init.js", "/openapi.json"}

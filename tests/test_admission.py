@@ -179,6 +179,32 @@ def test_revoking_a_key_ends_its_streams_and_long_polls(tmp_path):
         service.stop()
 
 
+def test_clients_that_leave_give_their_wait_back_at_once(tmp_path):
+    """A long poll or event stream whose client closes the connection ends then, not at its timeout: waits
+    closed while waiting and waits closed right after sending (before the service starts waiting on them)
+    both give their slot back, round after round, so the per-client budget is never used up by the gone."""
+    service = _offline(tmp_path, MAX_WAITERS_PER_KEY="8")
+    try:
+        request_id = _pending(service)
+
+        def stream() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+            sock.sendall(f"GET /api/v1/commands/{request_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            return sock
+
+        for _ in range(3):
+            waiting = [_long_poll(service, request_id) for _ in range(4)] + [stream() for _ in range(4)]
+            wait_for(lambda: _gauge(service, "pusher_waiters") == 8, timeout=30)
+            for sock in waiting:
+                sock.close()
+            for _ in range(8):  # gone at once: the close may arrive before the handler waits
+                (_long_poll(service, request_id) if _ % 2 else stream()).close()
+            wait_for(lambda: _gauge(service, "pusher_waiters") == 0, timeout=30)
+        assert httpx.get(service.url + f"/api/v1/commands/{request_id}/status").json()["status"] == "accepted"
+    finally:
+        service.stop()
+
+
 def test_event_stream_ends_at_published_without_a_status_topic(service):
     """Without KAFKA_STATUS_TOPIC nothing follows `published`: the stream sends it and ends rather than staying
     open with keep-alives for ever; a reconnect that has it all gets 204."""
