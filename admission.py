@@ -90,7 +90,9 @@ class Alarms:
 
     def _due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer, self._timer_at = None, math.inf
-        heap, now = self._heap, loop.time()
+        # uvloop rounds a timer to the millisecond and may fire it up to half of one early: what is due within
+        # one is due now (re-arming for less would spin until the clock ticks).
+        heap, now = self._heap, loop.time() + 0.001
         while heap and (heap[0][2] is None or heap[0][0] <= now):
             entry = heapq.heappop(heap)
             future = entry[2]

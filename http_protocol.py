@@ -20,7 +20,8 @@ spent. This protocol adds, per connection:
   with unread bytes sends a TCP reset, which can destroy the answer before the client reads it.
 
 It also tells a request that its client went away without a task listening for it: when the connection is
-lost before the response is complete, `scope["state"]["client_gone"]` becomes true and the callable in
+lost before the response is complete, `scope["state"]["client_gone"]` (false from the end of the head) becomes
+true and the callable in
 `scope["state"]["on_client_gone"]`, if one is there, is called (long polls and event streams end at once).
 
 Between requests uvicorn's own keep-alive timer (KEEPALIVE_TIMEOUT) closes an idle connection, as before.
@@ -101,9 +102,11 @@ class HttpProtocol(HttpToolsProtocol):
             self.data_received(view[room:])
 
     def on_headers_complete(self) -> None:
-        """The head is complete: its deadline ends, the request goes to the app."""
+        """The head is complete: its deadline ends, the request goes to the app (told that this connection
+        reports a client that goes away: `client_gone`)."""
         self._in_head = False
         self._cancel_deadline()
+        self.scope["state"]["client_gone"] = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -114,9 +114,11 @@ class RequestContextMiddleware:
                 await problem_response(error, request_id, scope["path"])(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
-        except PusherError as exc:  # raised by middleware below (auth, body limit), outside Starlette's handlers
+        except PusherError as exc:  # raised by middleware below (auth, body limit), or once an answer has started
             if not response_started:
                 await problem_response(exc, request_id, scope["path"])(scope, receive, send_with_id)
+            else:  # a stream cut off: the client sees it end; the log says why
+                log.exception("error after the answer started", path=scope["path"])
         except Exception:
             log.exception("unhandled error", path=scope["path"])
             if not response_started:

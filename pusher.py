@@ -420,28 +420,41 @@ async def _stage(journal: Journal, request_id: str) -> str | None:
 
 class _Watch:
     """A waiting request's watch on its command: a bell rung by every change to it, at shutdown, and by the end of
-    its waiter (key revoked, or client gone: the connection says so through http_protocol.client_gone, so no
-    task listens for the disconnect). A small class, not generator context managers and a task: it is held by
-    each of what may be thousands of waiters."""
+    its waiter (key revoked, or client gone). A small class, not generator context managers: it is held by each
+    of what may be thousands of waiters. Under server.py the connection says when the client is gone
+    (http_protocol.client_gone); under another server (`uvicorn pusher:app`) a task listens for the disconnect,
+    ~2 KB more for each waiter."""
 
-    __slots__ = ("bell", "request_id", "request_state", "waiter", "watchers")
+    __slots__ = ("bell", "listening", "request", "request_id", "request_state", "waiter", "watchers")
 
     def __init__(self, request: Request, waiter: Waiter, request_id: str) -> None:
         self.watchers = state(request).watchers
+        self.request = request
         self.request_state = request.scope.setdefault("state", {})
         self.waiter = waiter
         self.request_id = request_id
+        self.listening: asyncio.Future | None = None
 
     def __enter__(self) -> Bell:
-        self.bell = self.waiter.wake = self.watchers.watch(self.request_id)
-        if self.request_state.get("client_gone"):
+        gone = self.request_state.get("client_gone")
+        if gone is None:  # a connection that does not report it
+            self.listening = asyncio.ensure_future(self._listen())
+        elif gone:
             self.waiter.disconnected()
         self.request_state["on_client_gone"] = self.waiter.disconnected
+        self.bell = self.waiter.wake = self.watchers.watch(self.request_id)
         return self.bell
 
     def __exit__(self, *_: object) -> None:
         self.request_state.pop("on_client_gone", None)
         self.watchers.unwatch(self.request_id, self.bell)
+        if self.listening is not None:
+            self.listening.cancel()
+
+    async def _listen(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.waiter.disconnected()
 
 
 def _wait(request: Request) -> Waiter:

@@ -191,6 +191,38 @@ def test_every_line_is_json_under_uvicorn_pusher_app(tmp_path):
     assert "Invalid HTTP request received." in events and "stopped" in events and "request" in events
 
 
+def test_a_long_poll_whose_client_leaves_ends_under_uvicorn_pusher_app(tmp_path):
+    """Under `uvicorn pusher:app` (uvicorn's own connections, which do not report a client that goes away) a long
+    poll whose client leaves still gives its waiter slot back at once, not at its timeout."""
+    port = free_port()
+    process = _uvicorn(tmp_path, port, MAX_WAITERS_PER_KEY="2")
+    url = f"http://127.0.0.1:{port}"
+
+    def waiters() -> float:
+        text = httpx.get(url + "/metrics").text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("pusher_waiters ")))
+
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(url + "/health"), timeout=30)
+        assert process.poll() is None, (tmp_path / "stderr").read_text()
+        accepted = httpx.post(url + "/api/v1/commands", json=command())
+        assert accepted.status_code == 202, accepted.text  # Kafka is unreachable: it waits in the journal
+        request = (
+            f"GET /api/v1/commands/{accepted.json()['request_id']}/status?wait_for=published&timeout=600 HTTP/1.1\r\n"
+            "Host: x\r\n\r\n"
+        ).encode()
+        for _ in range(2):
+            polls = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+            for poll in polls:
+                poll.sendall(request)
+            wait_for(lambda: waiters() == 2, timeout=30)
+            for poll in polls:
+                poll.close()
+            wait_for(lambda: waiters() == 0, timeout=30)
+    finally:
+        assert stop_process(process, signal.SIGINT, 30) == 0
+
+
 @pytest.mark.parametrize("command_line", [["-m", "pusher"], ["-m", "uvicorn", "pusher:app"]])
 def test_a_bad_setting_stops_the_start_with_its_one_line(tmp_path, command_line):
     """A bad value stops `python -m pusher` and `uvicorn pusher:app` at start with one line naming it, exit 2."""
