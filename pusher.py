@@ -394,28 +394,21 @@ async def get_command_status(request: Request) -> Response:
     watchers = state(request).watchers
     deadline = time.monotonic() + min(query.timeout, settings.long_poll_max)
     request_id = row.request_id
-    del row  # while it waits, a long poll holds the stage alone; the row is read again to answer
     with _Watch(request, waiter, request_id) as changed:
-        stage = await _stage(journal, request_id)  # read again once watched: no change slips in between
-        while stage and not reached(stage, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
+        row = await journal.get(request_id)  # read again once watched: no change slips in between
+        while row and not reached(row.stage, query.wait_for, feedback) and not watchers.closed and not waiter.ended:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            row = None  # while it waits, a long poll holds no row: it is read again on every change
             await watchers.alarms.wait(changed, remaining)
             changed.clear()
-            stage = await _stage(journal, request_id)
+            row = await journal.get(request_id)
     if waiter.ended == "revoked":
         raise Unauthorized("This API key was revoked while the request waited")
-    row = await journal.get(request_id)
     if row is None:  # finished, then pruned (JOURNAL_MAX_DISK) while it waited
         raise NotFound(f"No command with request_id {request_id!r} is known")
     return _answer(request, command_status(row))
-
-
-async def _stage(journal: Journal, request_id: str) -> str | None:
-    """The command's stage now; None once it is no longer in the journal."""
-    row = await journal.get(request_id)
-    return None if row is None else row.stage
 
 
 class _Watch:
