@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -369,13 +369,26 @@ async def _readable_row(request: Request) -> JournalRow:
     return row
 
 
+QueryT = TypeVar("QueryT")
+
+
+def _query(request: Request, kind: type[QueryT]) -> QueryT:
+    """The query string as `kind`; a 422 naming the parameter that is wrong, or given more than once (which one
+    would count is a guess: `?timeout=1&timeout=600`)."""
+    params = request.query_params
+    for name in params:
+        if len(params.getlist(name)) > 1:
+            raise ValidationFailed([FieldProblem(f"query.{name}", "given more than once")])
+    try:
+        return msgspec.convert(dict(params), kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed([field_problem(str(exc), "query")]) from None
+
+
 async def get_command_status(request: Request) -> Response:
     """GET /api/v1/commands/{request_id}/status[?wait_for=&timeout=]: status and history; optionally a long poll."""
     require(request.scope["state"], "commands:read")  # who asks comes before what is asked
-    try:
-        query = msgspec.convert(dict(request.query_params), StatusQuery, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValidationFailed([field_problem(str(exc), "query")]) from None
+    query = _query(request, StatusQuery)
     settings = state(request).settings
     if query.wait_for in _BEYOND_KAFKA and not settings.kafka_status_topic:
         raise ValidationFailed(
@@ -517,10 +530,7 @@ async def command_events(request: Request) -> Response:
 async def list_commands(request: Request) -> Response:
     """GET /api/v1/commands?device_id=&status=&limit=&before=: recent commands, newest first."""
     key = require(request.scope["state"], "commands:read")  # who asks comes before what is asked
-    try:
-        query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValidationFailed([field_problem(str(exc), "query")]) from None
+    query = _query(request, ListQuery)
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)

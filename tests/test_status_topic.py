@@ -271,6 +271,21 @@ def _get(url: str, request_id: str) -> dict | None:
     return response.json() if response.status_code == 200 else None
 
 
+def test_a_query_parameter_given_twice_is_a_422_naming_it(service):
+    """`?timeout=1&timeout=600` has no one meaning: the status and list reads refuse it, naming the parameter,
+    rather than keep one of them silently."""
+    rid = httpx.post(f"{service.url}/api/v1/commands", json=command("fb-6")).json()["request_id"]
+    twice = [("wait_for", "published"), ("timeout", "1"), ("timeout", "2")]
+    for url, params, field in (
+        (f"{service.url}/api/v1/commands/{rid}/status", twice, "query.timeout"),
+        (f"{service.url}/api/v1/commands", [("limit", "1"), ("limit", "5")], "query.limit"),
+    ):
+        response = httpx.get(url, params=params)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert [e["loc"] for e in response.json()["errors"]] == [field]
+
+
 def test_bad_waits_are_clear_422s(service):
     """Without a status topic, waiting for a connector's stage is refused (it would never come), as is an absurd
     timeout or an unknown stage; each names the query field. A timeout above LONG_POLL_MAX is cut to it."""
