@@ -389,7 +389,8 @@ class Dispatcher:
         """Cancel a command still waiting here (never handed to Kafka): its row, now `cancelled` (also when it was
         already); raises NotCancellable (409) naming its status otherwise."""
         if row.origin is None and row.status == "accepted":
-            self.forwarder.withdraw(row.seq)  # on the loop, like every hand-over: it is one or the other
+            # On the loop, like every hand-over: it is one or the other.
+            self.forwarder.withdraw(row.seq, row.request_id, row.device_id)
         await self._settled()  # the cancellation, or whatever happened to it instead, is in the journal
         current = await self.journal.get(row.request_id) or row
         stage = current.stage

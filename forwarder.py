@@ -22,6 +22,12 @@ happen on the event loop, where hand-overs happen too, so a command is either ta
 both. Commands recovered at start-up that may be in Kafka already are only superseded once reconciled (at hand-
 over).
 
+A long queue: past KEEP_LOADED queued commands, a plain one (journal.plain: due, never handed over, no expiry
+and no coalesce_key) joins the queue by its seq alone, in a `_Spill` (8 bytes a command), and is read back whole
+from the journal when the queue reaches it; the others keep what the queue needs and leave their record in the
+journal. A restart spills every plain command it recovers. So a long outage's backlog costs memory by the
+commands that need it, not by its length.
+
 Expiry: a command still in the queue when its `expires_at` passes is marked expired and never sent. A command
 already inside the producer when Kafka goes away cannot be called back; it carries `expires_at` (body and
 header) so connectors refuse it if it arrives late. The sink stops taking new records as soon as Kafka is seen
@@ -35,6 +41,7 @@ import bisect
 import contextlib
 import heapq
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -42,16 +49,15 @@ from typing import Literal
 import structlog
 
 from errors import MessageRejected, SinkError
-from journal import Journal, Pending
+from journal import Backlog, Journal, Pending, plain
 from kafka_sink import Backoff, Delivery, KafkaSink
 from metrics import Metrics
 
 log = structlog.get_logger("forwarder")
 
 MAX_IN_FLIGHT = 4096
-# Queued commands that keep their record in memory; those queued after them keep only what the queue needs (ids,
-# times, keys) and their record is read back from the journal just before it is sent, so a long outage's backlog
-# costs a few hundred bytes a command, not its record.
+# Queued commands kept whole in memory; past them a plain command is kept by its seq alone and one that needs more
+# (held, expiring, coalescing) keeps only what the queue needs; both are read back from the journal to be sent.
 KEEP_LOADED = 4096
 RECONCILE_MARGIN = 300.0  # seconds before a record's acceptance to start looking for it (clock skew)
 
@@ -74,6 +80,39 @@ class _Group:
     queued: dict[int, Pending]  # seq -> command, still queued here
 
 
+class _Spill:
+    """Plain commands queued one after the other, kept by their seqs alone (ascending, so found by bisection) from
+    the release order `first` on. `taken` of them have left for the producer; the rest are read back when the
+    queue reaches them."""
+
+    __slots__ = ("first", "seqs", "taken")
+
+    def __init__(self, seqs: array, first: int) -> None:
+        self.seqs = seqs
+        self.first = first
+        self.taken = 0
+
+    @property
+    def order(self) -> int:
+        """The release order of its next command (what keeps the queue sorted)."""
+        return self.first + self.taken
+
+    @property
+    def left(self) -> int:
+        return len(self.seqs) - self.taken
+
+    def take(self, count: int) -> _Spill:
+        """The next `count` commands, as a spill of their own (handed back to the queue whole if they cannot go)."""
+        piece = _Spill(self.seqs[self.taken : self.taken + count], self.order)
+        self.taken += len(piece.seqs)
+        return piece
+
+    def holds(self, seq: int) -> bool:
+        """Whether `seq` is here and not taken yet."""
+        at = bisect.bisect_left(self.seqs, seq, self.taken)
+        return at < len(self.seqs) and self.seqs[at] == seq
+
+
 def _due(pending: Pending) -> float:
     """When a command is due: its not_before, or its acceptance."""
     return max(pending.created_at, pending.not_before or 0.0)
@@ -93,11 +132,14 @@ class Forwarder:
         # Every command queued here: due ones in _ready (release order), the others in _held until due. An entry of
         # _ready whose command left _waiting (expired, cancelled, superseded, reconciled) is skipped when reached.
         self._waiting: dict[int, Pending] = {}
-        self._ready: deque[Pending] = deque()
+        self._ready: deque[Pending | _Spill] = deque()
+        self._spilled_last = 0  # the highest seq spilled so far: a spill's seqs ascend
+        self._gone: set[int] = set()  # spilled commands cancelled before the queue reached them
         self._held: list[tuple[float, int]] = []  # (not_before, seq), soonest first
         self._released = 0  # how many commands joined _ready: the next one's `order`
         self._groups: dict[tuple[str, str], _Group] = {}  # (device_id, coalesce_key) -> its queued commands
         self._staged: list[Pending] = []  # leaving the queue: handed over once the journal has recorded it
+        self._staged_spill: _Spill | None = None  # spilled commands leaving with them, read back first
         self._staging_tasks: set[asyncio.Task] = set()
         self._in_flight: dict[int, Pending] = {}
         self._waiters: dict[int, asyncio.Future[Outcome]] = {}
@@ -114,12 +156,14 @@ class Forwarder:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, recovered: list[Pending]) -> None:
+    def start(self, recovered: Backlog | list[Pending]) -> None:
         """Take the journal's unfinished commands and start forwarding. Those due may have reached Kafka before
         the restart (their fate is unknown until reconciled); those held for later cannot have."""
+        if not isinstance(recovered, Backlog):
+            recovered = Backlog(pending=recovered)
         now = time.time()
         due = []
-        for pending in recovered:
+        for pending in recovered.pending:
             if pending.expires_at is not None:
                 heapq.heappush(self._expiries, (pending.expires_at, pending.seq))
             if pending.handed:  # may be in Kafka: looked up there first
@@ -128,7 +172,15 @@ class Forwarder:
                 self._enqueue(pending, now)
             else:
                 due.append(pending)
-        for pending in sorted(due, key=lambda p: (_due(p), p.seq)):
+        # In release order (due time, then acceptance): the plain ones, oldest first, are merged in by acceptance.
+        due.sort(key=lambda p: (_due(p), p.seq))
+        at = 0
+        for seq, created in zip(recovered.plain_seqs, recovered.plain_created, strict=True):
+            while at < len(due) and (_due(due[at]), due[at].seq) < (created, seq):
+                self._enqueue(due[at], now)
+                at += 1
+            self._spill(seq)
+        for pending in due[at:]:
             self._enqueue(pending, now)
         for group in list(self._groups.values()):  # latest wins among the held ones already
             self._supersede_older(group.latest)
@@ -156,6 +208,12 @@ class Forwarder:
     def in_flight(self) -> int:
         """Records handed to the producer and not yet resolved."""
         return len(self._in_flight)
+
+    @property
+    def queued(self) -> int:
+        """Commands queued here, spilled ones included."""
+        spilled = sum(item.left for item in self._ready if isinstance(item, _Spill))
+        return len(self._waiting) + spilled - len(self._gone)
 
     @property
     def stalled(self) -> bool:
@@ -204,12 +262,23 @@ class Forwarder:
     def may_hand_over(self) -> bool:
         """Whether a command due now would go straight to the producer: nothing queued before it and Kafka taking
         records. The journal records such a command as `handed` in its own insert (see `_stage` for the others)."""
-        return not self._staged and self._ready_head() is None and self.can_hand_over()
+        return not self._staging and self._ready_head() is None and self.can_hand_over()
 
-    def withdraw(self, seq: int) -> bool:
-        """Cancel command `seq` if it is still queued here (never handed to the producer): True if it was."""
+    def withdraw(self, seq: int, request_id: str = "", device_id: str = "") -> bool:
+        """Cancel command `seq` if it is still queued here (never handed to the producer): True if it was. Its ids
+        name it in the log when it was spilled (then only its seq is here)."""
         pending = self._waiting.get(seq)
-        if pending is None or not self._touchable(pending):
+        if pending is None:
+            if seq in self._gone or not any(isinstance(item, _Spill) and item.holds(seq) for item in self._ready):
+                return False
+            self._gone.add(seq)  # skipped when the queue reaches it
+            pending = Pending(
+                seq=seq, request_id=request_id, device_id=device_id, created_at=0.0, expires_at=None, key=None,
+                value=None, headers=None,
+            )  # fmt: skip
+            self._finish(pending, Outcome("cancelled"))
+            return True
+        if not self._touchable(pending):
             return False
         self._drop(pending, Outcome("cancelled"))
         return True
@@ -217,7 +286,11 @@ class Forwarder:
     # ------------------------------------------------------------------ the queue
 
     def _enqueue(self, pending: Pending, now: float) -> None:
-        """Queue a command: released at once when due, else held until then."""
+        """Queue a command: released at once when due, else held until then; past KEEP_LOADED a plain one is
+        spilled."""
+        if len(self._waiting) >= KEEP_LOADED and plain(pending) and pending.seq > self._spilled_last:
+            self._spill(pending.seq)
+            return
         if len(self._waiting) >= KEEP_LOADED and pending.seq not in self._uncertain:
             pending.key = pending.value = pending.headers = None  # the journal has it
         self._join(pending)
@@ -234,6 +307,16 @@ class Forwarder:
             group.queued[pending.seq] = pending
             if pending.seq > group.latest.seq:
                 group.latest = pending
+
+    def _spill(self, seq: int) -> None:
+        """Queue a plain command by its seq alone, last."""
+        tail = self._ready[-1] if self._ready else None
+        if isinstance(tail, _Spill) and tail.first + len(tail.seqs) == self._released and seq > tail.seqs[-1]:
+            tail.seqs.append(seq)
+        else:
+            self._ready.append(_Spill(array("q", [seq]), self._released))
+        self._released += 1
+        self._spilled_last = max(self._spilled_last, seq)
 
     def _release(self, pending: Pending) -> None:
         self._number(pending)
@@ -252,11 +335,21 @@ class Forwarder:
             if pending is not None:  # else it left meanwhile (cancelled, superseded, expired)
                 self._release(pending)
 
-    def _ready_head(self) -> Pending | None:
-        """The first command of the queue still waiting (entries of commands that left are dropped on the way)."""
-        while self._ready and self._waiting.get(self._ready[0].seq) is not self._ready[0]:
+    def _ready_head(self) -> Pending | _Spill | None:
+        """The first entry of the queue still waiting: a command, or a spill with commands left (entries of
+        commands that left are dropped on the way)."""
+        while self._ready:
+            head = self._ready[0]
+            if isinstance(head, _Spill):
+                while head.left and head.seqs[head.taken] in self._gone:  # cancelled while spilled
+                    self._gone.discard(head.seqs[head.taken])
+                    head.taken += 1
+                if head.left:
+                    return head
+            elif self._waiting.get(head.seq) is head:
+                return head
             self._ready.popleft()
-        return self._ready[0] if self._ready else None
+        return None
 
     def _leave(self, pending: Pending) -> None:
         """The command is no longer queued here (handed over or finished)."""
@@ -353,13 +446,21 @@ class Forwarder:
 
     def _published(self, pending: Pending, delivery: Delivery) -> None:
         self.journal.mark(
-            pending.seq, "published", topic=delivery.topic, partition=delivery.partition, offset=delivery.offset
+            pending.seq,
+            "published",
+            topic=delivery.topic,
+            partition=delivery.partition,
+            offset=delivery.offset,
+            size=len(pending.value) if pending.value is not None else None,
         )
         self._finish(pending, Outcome("published", delivery), journal=False)
 
     def _finish(self, pending: Pending, outcome: Outcome, journal: bool = True) -> None:
         if journal:
-            self.journal.mark(pending.seq, outcome.status, error=outcome.error, superseded_by=outcome.superseded_by)
+            size = len(pending.value) if pending.value is not None else None  # else the journal reads it
+            self.journal.mark(
+                pending.seq, outcome.status, error=outcome.error, superseded_by=outcome.superseded_by, size=size
+            )
         self.metrics.outcomes[outcome.status].inc()
         if outcome.status == "published":
             self.metrics.publish_latency.observe(max(0.0, time.time() - pending.created_at))
@@ -423,19 +524,28 @@ class Forwarder:
         if self._recovering:
             self.sink.resume()
             self._recovering = False
-            log.info("kafka sending resumed", queued=len(self._ready))
+            log.info("kafka sending resumed", queued=self.queued)
         self._drain()
 
+    @property
+    def _staging(self) -> bool:
+        """The journal is recording a hand-over: nothing overtakes it."""
+        return bool(self._staged) or self._staged_spill is not None
+
     def _drain(self) -> None:
-        if self._staged:
-            return  # the journal is recording a hand-over: nothing overtakes it
+        if self._staging:
+            return
         now = time.time()
         staged: list[Pending] = []
+        spill = None
         while (
             self.can_hand_over()
             and len(self._in_flight) + len(staged) < MAX_IN_FLIGHT
             and (pending := self._ready_head()) is not None
         ):
+            if isinstance(pending, _Spill):  # the rest waits for these to be read back
+                spill = pending.take(MAX_IN_FLIGHT - len(self._in_flight) - len(staged))
+                break
             self._ready.popleft()
             if pending.expires_at is not None and pending.expires_at <= now:
                 self._drop(pending, Outcome("expired", error="expired before it could be published"))
@@ -449,28 +559,40 @@ class Forwarder:
                 self._hand_over(pending)
             else:  # after one that waits for the journal, the rest wait too: the order holds
                 staged.append(pending)
-        if staged:
-            self._staged = staged
-            task = asyncio.get_running_loop().create_task(self._stage(staged), name="forwarder-stage")
+        if staged or spill is not None:
+            self._staged, self._staged_spill = staged, spill
+            task = asyncio.get_running_loop().create_task(self._stage(staged, spill), name="forwarder-stage")
             self._staging_tasks.add(task)
             task.add_done_callback(self._staging_tasks.discard)
 
-    async def _stage(self, staged: list[Pending]) -> None:
-        """Hand `staged` over, in order, once the journal has recorded that they may reach Kafka (a crash after
-        that looks them up in Kafka before sending them again, never taking them for unsent) and the records it
-        kept for them are read back."""
-        unrecorded = [p.seq for p in staged if not p.handed]
+    async def _stage(self, staged: list[Pending], spill: _Spill | None) -> None:
+        """Hand `staged`, then the commands of `spill`, over, in order, once the journal has recorded that they may
+        reach Kafka (a crash after that looks them up in Kafka before sending them again, never taking them for
+        unsent) and the records it kept for them are read back."""
+        spilled = list(spill.seqs) if spill is not None else []
+        unrecorded = [p.seq for p in staged if not p.handed] + spilled
         unloaded = [p.seq for p in staged if p.value is None]
+        read: list[Pending] | None = None
         try:
             recorded = self.journal.record_handover(unrecorded) if unrecorded else None
             records = await self.journal.records(unloaded) if unloaded else {}
+            read = await self.journal.queued(spilled) if spilled else []
             ok = await recorded if recorded is not None else True
             ok = ok and len(records) == len(unloaded)
         except Exception as exc:  # the journal closed or failed: they stay queued, nothing is lost
             log.warning("reading back queued commands failed", error=f"{type(exc).__name__}: {exc}")
             ok, records = False, {}
         finally:
-            self._staged = []
+            self._staged, self._staged_spill = [], None
+        if spill is not None and read is None:  # not read back: they go back to their place, as they were
+            bisect.insort(self._ready, spill, key=lambda p: p.order)
+        elif spill is not None:  # one not read back was finished meanwhile (the journal says so): nothing to send
+            for pending in read:
+                pending.order = spill.first + bisect.bisect_left(spill.seqs, pending.seq)
+            if self._gone:  # cancelled while spilled, perhaps too late for the read to see it
+                read = [pending for pending in read if pending.seq not in self._gone]
+                self._gone.difference_update(spilled)
+            staged += read
         for pending in staged:
             if pending.seq in records:
                 pending.key, pending.value, pending.headers = records[pending.seq]

@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ import structlog
 
 import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from journal_reads import Reader, fetch_fanout, fetch_recent, fetch_records, fetch_row
+from journal_reads import Reader, fetch_fanout, fetch_queued, fetch_recent, fetch_records, fetch_row
 from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
 from journal_space import (
     FREED_PER_COMMAND,
@@ -113,6 +113,26 @@ class Pending(msgspec.Struct, kw_only=True):
     handed: bool = False  # the journal says it may have been handed over (else it must say so before a hand-over)
 
 
+def plain(pending: Pending) -> bool:
+    """A command the forwarder needs nothing of but its place in the queue until it is sent: due on acceptance,
+    never handed over, no expiry and no coalesce_key. A long backlog of such commands stays in the journal only."""
+    held, expiring, coalescing = pending.not_before, pending.expires_at, pending.coalesce_key
+    return not pending.handed and held is None and expiring is None and coalescing is None
+
+
+@dataclass(slots=True)
+class Backlog:
+    """The commands still to publish, as `Journal.open` finds them: the plain ones (see `plain`) only by seq and
+    acceptance time, oldest first (16 bytes a command), every other one whole."""
+
+    pending: list[Pending] = field(default_factory=list)
+    plain_seqs: array = field(default_factory=lambda: array("q"))
+    plain_created: array = field(default_factory=lambda: array("d"))
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.plain_seqs)
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """The journal's answer to one insert."""
@@ -150,6 +170,7 @@ class _Mark:
     offset: int | None = None
     error: str | None = None
     superseded_by: str | None = None
+    size: int | None = None  # its record's bytes, when the caller knows them (else read before the record goes)
 
 
 @dataclass(slots=True)
@@ -224,14 +245,13 @@ class Journal:
         self.pending_count = 0
         self.pending_bytes = 0  # their record bytes
         self.oldest_pending_created_at: float | None = None
-        self._pending_sizes: dict[int, int] = {}  # seq -> record bytes
-        # (seq, created_at) oldest first; a finished one leaves when it reaches the head, so each leaves once
-        self._pending_order: deque[tuple[int, float]] = deque()
+        self._oldest_seq: int | None = None  # the oldest one's, looked up again when it is finished
         # The transaction being built: what it changes in the figures above, applied once it commits.
         self._txn_delta = 0  # pending-count change
         self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-)
         self._txn_bytes = 0  # their sum, kept as it changes so that a big batch is not summed again per insert
         self._txn_inserted: list[tuple[int, float]] = []  # (seq, created_at) of its inserts
+        self._txn_oldest_gone = False  # it finishes the oldest command waiting
         self._txn_emitted = 0  # status events it writes to the outbox
         self._txn_forgotten = 0  # and those it deletes from it, acknowledged by the status topic
         self._txn_pruned = 0  # finished commands it deletes to make room
@@ -259,7 +279,7 @@ class Journal:
     def _connect(self) -> sqlite3.Connection:
         return journal_schema.connect(self.path, self.sync)
 
-    def open(self) -> list[Pending]:
+    def open(self) -> Backlog:
         """Open (creating or upgrading the file if needed), start the writer and reader threads, and return the
         commands still to publish."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,18 +304,25 @@ class Journal:
                 )
         self._measure()
         # Only a command that may be in Kafka already comes with its record (to be looked up there); the others'
-        # are read back when they are sent, so a restart with a long backlog holds little of it in memory.
+        # are read back when they are sent, and a plain one is kept by its seq alone, so a restart with a long
+        # backlog holds little of it in memory.
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, "
             "length(record_value), CASE WHEN handed THEN record_key END, CASE WHEN handed THEN record_value END, "
             "CASE WHEN handed THEN record_headers END "
             "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         )  # iterated, not fetched whole: a long backlog's rows never sit in memory all at once
-        pending = []
-        sizes = {}
+        backlog = Backlog()
+        count = total = 0
         for seq, rid, device, created, expires, not_before, coalesce_key, handed, size, key, value, headers in rows:
-            sizes[seq] = size or 0
-            pending.append(
+            count, total = count + 1, total + (size or 0)
+            if count == 1:
+                self._oldest_seq, self.oldest_pending_created_at = seq, created
+            if not handed and not_before is None and expires is None and coalesce_key is None:  # plain()
+                backlog.plain_seqs.append(seq)
+                backlog.plain_created.append(created)
+                continue
+            backlog.pending.append(
                 Pending(
                     seq=seq,
                     request_id=rid,
@@ -310,17 +337,13 @@ class Journal:
                     handed=bool(handed),
                 )
             )
-        self.pending_count = len(pending)
-        self._pending_sizes = sizes
-        self.pending_bytes = sum(self._pending_sizes.values())
-        self._pending_order = deque((p.seq, p.created_at) for p in pending)
-        self.oldest_pending_created_at = pending[0].created_at if pending else None
+        self.pending_count, self.pending_bytes = count, total
         self.outbox_size = self._writer.execute("SELECT count(*) FROM status_outbox").fetchone()[0]
         self.reads.start()
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
-        log.info("journal open", path=str(self.path), sync=self.sync, pending=len(pending))
-        return pending
+        log.info("journal open", path=str(self.path), sync=self.sync, pending=len(backlog))
+        return backlog
 
     def close(self) -> None:
         """Commit what is queued, checkpoint, and close every connection."""
@@ -360,9 +383,11 @@ class Journal:
         offset: int | None = None,
         error: str | None = None,
         superseded_by: str | None = None,
+        size: int | None = None,
     ) -> None:
-        """Queue a status transition; it is committed with the writer's next transaction."""
-        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by))
+        """Queue a status transition; it is committed with the writer's next transaction. `size`: the command's
+        record bytes, when known (else the writer reads them)."""
+        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by, size))
 
     def record_handover(self, seqs: list[int]) -> asyncio.Future[bool]:
         """Record that these commands are about to be handed to the producer; True once that is committed (False
@@ -503,6 +528,7 @@ class Journal:
         self._txn_sizes = {}
         self._txn_bytes = 0
         self._txn_inserted = []
+        self._txn_oldest_gone = False
         self._txn_emitted = 0
         self._txn_forgotten = 0
         self._txn_pruned = 0
@@ -512,17 +538,14 @@ class Journal:
     def _count_txn(self) -> None:
         """The transaction committed: move the backlog figures by what it changed."""
         self.pending_count += self._txn_delta
-        for seq, size in self._txn_sizes.items():
-            if size > 0:
-                self._pending_sizes[seq] = size
-            else:
-                self._pending_sizes.pop(seq, None)
-            self.pending_bytes += size
-        order = self._pending_order
-        order.extend(self._txn_inserted)
-        while order and order[0][0] not in self._pending_sizes:
-            order.popleft()
-        self.oldest_pending_created_at = order[0][1] if order else None
+        self.pending_bytes += self._txn_bytes
+        if self._txn_oldest_gone or (self._oldest_seq is None and self._txn_inserted):
+            # By the index on (status, seq): a few pages, once a commit at most. Nothing per command is kept in
+            # memory for it, so a long backlog costs none.
+            found = self._writer.execute(
+                "SELECT seq, created_at FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq LIMIT 1"
+            ).fetchone()
+            self._oldest_seq, self.oldest_pending_created_at = found or (None, None)
         self.outbox_size += self._txn_emitted - self._txn_forgotten
         self.pruned += self._txn_pruned
         if self._txn_room is not None:
@@ -809,6 +832,10 @@ class Journal:
             detail = f"{mark.topic}/{mark.partition}@{mark.offset}"
         elif mark.status == "superseded":
             detail = mark.superseded_by
+        size = mark.size
+        if size is None and mark.status in FINAL:  # read before the update lets the record go
+            found = conn.execute("SELECT length(record_value) FROM commands WHERE seq = ?", (mark.seq,)).fetchone()
+            size = (found[0] or 0) if found else 0
         updated = conn.execute(
             "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
             'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
@@ -848,11 +875,12 @@ class Journal:
             )
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
+            self._txn_oldest_gone = self._txn_oldest_gone or mark.seq == self._oldest_seq
             if self._txn_sizes.get(mark.seq, 0) > 0:  # inserted and finished in this same transaction
                 self._txn_bytes -= self._txn_sizes.pop(mark.seq)
             else:
-                self._txn_sizes[mark.seq] = -self._pending_sizes.get(mark.seq, 0)
-                self._txn_bytes += self._txn_sizes[mark.seq]
+                self._txn_sizes[mark.seq] = -size
+                self._txn_bytes -= size
 
     def _report_changes(self) -> None:
         if self._txn_emitted:
@@ -959,6 +987,27 @@ class Journal:
         """The Kafka records (key, value, headers) of waiting commands, by seq (read on the reader thread)."""
         found = await self.reads.submit(fetch_records, seqs)
         return {seq: (key, value, HEADERS_DECODER.decode(headers)) for seq, key, value, headers in found}
+
+    async def queued(self, seqs: list[int]) -> list[Pending]:
+        """The commands among `seqs` still waiting to be published, whole (records read back), in seq order (read
+        on the reader thread)."""
+        found = await self.reads.submit(fetch_queued, seqs)
+        return [
+            Pending(
+                seq=seq,
+                request_id=rid,
+                device_id=device,
+                created_at=created,
+                expires_at=expires,
+                key=key,
+                value=value,
+                headers=HEADERS_DECODER.decode(headers),
+                not_before=not_before,
+                coalesce_key=coalesce_key,
+                handed=bool(handed),
+            )
+            for seq, rid, device, created, expires, not_before, coalesce_key, handed, key, value, headers in found
+        ]
 
     async def fanout(self, fanout_id: str) -> tuple[FanoutRow, dict[str, int]] | None:
         """A fan-out and how many of its commands are in each status (read on the reader thread)."""

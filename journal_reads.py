@@ -130,3 +130,17 @@ def fetch_records(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple[int, 
             chunk,
         ).fetchall()
     return found
+
+
+def fetch_queued(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple]:
+    """The waiting commands among `seqs`, with their records, in seq order (by primary key)."""
+    found = []
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        found += conn.execute(
+            "SELECT seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, record_key, "
+            f"record_value, record_headers FROM commands WHERE seq IN ({','.join('?' * len(chunk))}) "
+            "AND status = 'accepted' AND record_value IS NOT NULL ORDER BY seq",
+            chunk,
+        ).fetchall()
+    return found

@@ -178,7 +178,7 @@ def test_the_journal_marks_the_new_end_states_and_frees_the_backlog(journal):
     assert cancelled.status == "cancelled" and superseded.superseded_by == "c"
     assert superseded.history[-1] == ("superseded", superseded.history[-1][1], "c")
     reopened = Journal(journal.path)
-    assert reopened.open() == []
+    assert len(reopened.open()) == 0
     reopened.close()
 
 
@@ -189,8 +189,9 @@ def test_a_command_never_handed_over_stays_known_as_such_across_a_restart(journa
                                       new("r", handed=False, coalesce_key="sp"), new("c", handed=False))]  # fmt: skip
     recovered = journal.flush() and Journal(journal.path)
     journal.close()
-    pendings = recovered.open()
-    assert [(p.request_id, p.handed) for p in pendings] == [("w", False), ("r", False), ("c", False)]
+    pendings = recovered.open()  # the plain ones by their seqs alone, "r" (it has a coalesce_key) whole
+    assert [(p.request_id, p.handed) for p in pendings.pending] == [("r", False)]
+    assert list(pendings.plain_seqs) == [waiting.seq, cancelled.seq]
 
     async def scenario(started: list[Forwarder]) -> None:
         sink = RecordingSink(up=False)
@@ -242,30 +243,40 @@ def test_commands_handed_over_at_once_keep_their_order_when_kafka_gives_them_bac
 
 
 def test_a_long_queue_keeps_its_records_in_the_journal_and_sends_them_in_order(journal):
-    """Past KEEP_LOADED queued commands, a command's record stays in the journal only; when Kafka takes records
-    again each is read back and sent, in order, once."""
+    """Past KEEP_LOADED queued commands, a plain command is kept by its seq alone and one with a coalesce_key keeps
+    no record; when Kafka takes records again each is read back and sent, in order, once, but for the one
+    cancelled while spilled."""
     count = KEEP_LOADED + 300
-    rows = [a.row for a in accept(journal, *[new(f"q{n}", handed=False, value=b"%d" % n) for n in range(count)])]
+    news = [new(f"q{n}", handed=False, value=b"%d" % n) for n in range(count)]
+    news[count - 200] = new("c", handed=False, value=b"c", coalesce_key="sp")  # splits the spill in two
+    rows = [a.row for a in accept(journal, *news)]
     journal.flush()
+    cancelled = rows[count - 100]
 
     async def scenario(started: list[Forwarder]) -> None:
         sink = RecordingSink(up=False)
         forwarder = Forwarder(journal, sink, 5.0, Metrics("test"))
         started.append(forwarder)
         forwarder.start([])
-        for row in rows:  # as the send path would give them, records and all, while Kafka is down
-            forwarder.submit(pending(row.seq, row.request_id, value=row.request_id[1:].encode(), handed=False))
-        unloaded = [p for p in forwarder._waiting.values() if p.value is None]
-        assert len(unloaded) == count - KEEP_LOADED
+        for row, command in zip(rows, news, strict=True):  # as the send path gives them, while Kafka is down
+            forwarder.submit(pending(row.seq, row.request_id, value=command.value, handed=False,
+                                     coalesce_key=command.coalesce_key))  # fmt: skip
+        assert len(forwarder._waiting) == KEEP_LOADED + 1  # the first ones whole, and "c"
+        assert forwarder._waiting[rows[count - 200].seq].value is None  # its record stays in the journal
+        assert forwarder.queued == count
+        assert forwarder.withdraw(cancelled.seq, cancelled.request_id, "d1") is True
+        assert forwarder.withdraw(cancelled.seq) is False and forwarder.queued == count - 1
         sink.connected = True
         deadline = time.monotonic() + 60
-        while len(sink.handed) < count and time.monotonic() < deadline:
+        while len(sink.handed) < count - 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert sink.handed == [b"%d" % n for n in range(count)]
+        assert sink.handed == [command.value for command in news if command.request_id != cancelled.request_id]
+        assert forwarder.queued == 0 and not forwarder._gone
 
     run(scenario)
     assert journal.flush()
-    assert asyncio.run(journal.recent(None, "accepted", 10)) == []  # every one marked published
+    assert asyncio.run(journal.recent(None, "accepted", 10)) == []  # every one marked published, or cancelled
+    assert asyncio.run(journal.get(cancelled.request_id)).status == "cancelled"
 
 
 def test_a_restart_loads_the_record_only_of_a_command_that_may_be_in_kafka(journal):
@@ -275,8 +286,9 @@ def test_a_restart_loads_the_record_only_of_a_command_that_may_be_in_kafka(journ
     journal.close()
     reopened = Journal(journal.path)
     try:
-        loaded = {p.request_id: p.value for p in reopened.open()}
-        assert loaded == {"never-left": None, "maybe-sent": b'{"x": 1}'}
+        backlog = reopened.open()
+        assert [(p.request_id, p.value) for p in backlog.pending] == [("maybe-sent", b'{"x": 1}')]
+        assert len(backlog.plain_seqs) == 1  # "never-left": its seq alone
         assert reopened.pending_bytes == 2 * len(b'{"x": 1}')  # the budget still counts both
     finally:
         reopened.close()

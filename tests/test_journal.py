@@ -87,7 +87,7 @@ def test_accepted_commands_survive_reopening_and_come_back_as_pending(tmp_path):
     j.mark(1, "published", topic="t", partition=0, offset=7)
     j.close()
     j = Journal(tmp_path / "j.db")
-    pending = j.open()
+    pending = j.open().pending  # handed (the default here): whole
     try:
         assert [p.request_id for p in pending] == ["b"]
         assert pending[0].key == b"d2" and pending[0].headers == [("request_id", b"b")]
@@ -398,7 +398,7 @@ def test_finished_commands_are_pruned_oldest_first_to_stay_under_the_ceiling(tmp
         j.close()
     j = Journal(tmp_path / "j.db", max_disk=CEILING)
     try:
-        assert sorted(p.request_id for p in j.open()) == sorted(waiting)
+        assert sorted(p.request_id for p in j.open().pending) == sorted(waiting)
     finally:
         j.close()
 
@@ -465,7 +465,7 @@ def test_a_file_left_larger_than_a_lowered_ceiling_does_not_grow_and_keeps_takin
     assert before > 1.5 * CEILING
     j = Journal(tmp_path / "j.db", max_disk=CEILING)
     with capture_logs() as logs:
-        pending = j.open()
+        pending = j.open().pending
     try:
         assert [p.request_id for p in pending] == ["waiting"] and j.pruned > 0
         [warning] = [line for line in logs if line["log_level"] == "warning"]
@@ -563,7 +563,7 @@ def test_status_events_never_move_a_command_back_and_repeats_change_nothing(tmp_
     finally:
         j.close()
     reopened = Journal(tmp_path / "j.db")
-    assert reopened.open() == []
+    assert len(reopened.open()) == 0
     reopened.close()
 
 

@@ -94,6 +94,56 @@ def test_outage_10000_commands_are_202_then_in_kafka_exactly_once_in_order(own_b
         service.stop()
 
 
+def test_a_long_backlog_comes_back_after_a_crash_and_drains_once_in_order_around_a_cancel(own_broker, tmp_path):
+    """Kafka down: more commands than the forwarder keeps whole (the plain ones wait in the journal alone), with a
+    setpoint among them; SIGKILL, start again. One recovered from the middle is cancelled (200), a newer setpoint
+    supersedes the recovered one, more commands come after the restart; Kafka back: every other command is in
+    Kafka once, each device in order."""
+    topic, service = service_on(own_broker, tmp_path, PUBLISH_TIMEOUT="1")
+    devices = [f"spill-{n}" for n in range(8)]
+
+    def send(pair: int, seqs: range) -> list[str]:
+        ids = []
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            for seq in seqs:
+                device = devices[2 * pair + seq % 2]
+                response = http.post("/api/v1/commands", json=command(device, payload={"seq": seq}))
+                assert response.status_code == 202, response.text
+                ids.append(response.json()["request_id"])
+        return ids
+
+    try:
+        own_broker.stop()
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
+        with ThreadPoolExecutor(4) as pool:
+            before = [rid for ids in pool.map(send, range(4), [range(1300)] * 4) for rid in ids]
+        setpoint = httpx.post(service.url + "/api/v1/commands", timeout=30,
+                              json=command("spill-thermo", payload={"seq": 0}, coalesce_key="sp"))  # fmt: skip
+        assert setpoint.status_code == 202
+        service.stop(signal.SIGKILL)
+        service.start(wait_ready=False)
+        doomed = before[2600]  # recovered in the middle of the backlog
+        cancelled = httpx.delete(f"{service.url}/api/v1/commands/{doomed}", timeout=30)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        assert httpx.delete(f"{service.url}/api/v1/commands/{doomed}", timeout=30).json()["status"] == "cancelled"
+        newer = httpx.post(service.url + "/api/v1/commands", timeout=30,
+                           json=command("spill-thermo", payload={"seq": 1}, coalesce_key="sp"))  # fmt: skip
+        assert newer.json()["superseded"] == [setpoint.json()["request_id"]]
+        with ThreadPoolExecutor(4) as pool:
+            after = [rid for ids in pool.map(send, range(4), [range(1300, 1400)] * 4) for rid in ids]
+        assert ready(service.url)["backlog"] == len(before) + len(after)  # one cancelled, one setpoint replaced
+        own_broker.start()
+        service.wait_drained(timeout=180)
+        expected = {*before, *after, newer.json()["request_id"]} - {doomed}
+        records = read_topic(own_broker.bootstrap, topic, len(expected))
+        counts = _by_request_id(records)
+        assert set(counts) == expected and max(counts.values()) == 1
+        _assert_device_order(records)
+        assert status_of(service.url, doomed)["status"] == "cancelled"
+    finally:
+        service.stop()
+
+
 def test_sigkill_ten_times_under_load_loses_nothing_and_doubles_nothing(kafka_bootstrap, topic, tmp_path):
     """SIGKILL ×10 during 20,000 commands from clients retrying with the same Idempotency-Key until a 2xx."""
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
