@@ -211,9 +211,10 @@ class Forwarder:
 
     @property
     def queued(self) -> int:
-        """Commands queued here, spilled ones included."""
-        spilled = sum(item.left for item in self._ready if isinstance(item, _Spill))
-        return len(self._waiting) + spilled - len(self._gone)
+        """Commands queued here, spilled ones included (counted by walking the queue: for logs and tests)."""
+        spills = [item for item in self._ready if isinstance(item, _Spill)]
+        cancelled = sum(1 for seq in self._gone if any(spill.holds(seq) for spill in spills))
+        return len(self._waiting) + sum(spill.left for spill in spills) - cancelled
 
     @property
     def stalled(self) -> bool:
@@ -269,7 +270,9 @@ class Forwarder:
         name it in the log when it was spilled (then only its seq is here)."""
         pending = self._waiting.get(seq)
         if pending is None:
-            if seq in self._gone or not any(isinstance(item, _Spill) and item.holds(seq) for item in self._ready):
+            if seq > self._spilled_last or seq in self._gone:
+                return False
+            if not any(isinstance(item, _Spill) and item.holds(seq) for item in self._ready):
                 return False
             self._gone.add(seq)  # skipped when the queue reaches it
             pending = Pending(
@@ -544,7 +547,8 @@ class Forwarder:
             and (pending := self._ready_head()) is not None
         ):
             if isinstance(pending, _Spill):  # the rest waits for these to be read back
-                spill = pending.take(MAX_IN_FLIGHT - len(self._in_flight) - len(staged))
+                # One at a time while probing (see _on_done): the rest would only be read back to be put back.
+                spill = pending.take(1 if self._probing else MAX_IN_FLIGHT - len(self._in_flight) - len(staged))
                 break
             self._ready.popleft()
             if pending.expires_at is not None and pending.expires_at <= now:
@@ -589,6 +593,9 @@ class Forwarder:
         elif spill is not None:  # one not read back was finished meanwhile (the journal says so): nothing to send
             for pending in read:
                 pending.order = spill.first + bisect.bisect_left(spill.seqs, pending.seq)
+            missing = set(spilled) - {pending.seq for pending in read} - self._gone if len(read) < len(spilled) else ()
+            if missing:  # only a cancel finishes a spilled command: say so if something else did
+                log.warning("spilled commands no longer waiting", count=len(missing), seqs=sorted(missing)[:10])
             if self._gone:  # cancelled while spilled, perhaps too late for the read to see it
                 read = [pending for pending in read if pending.seq not in self._gone]
                 self._gone.difference_update(spilled)

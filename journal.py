@@ -246,6 +246,7 @@ class Journal:
         self.pending_bytes = 0  # their record bytes
         self.oldest_pending_created_at: float | None = None
         self._oldest_seq: int | None = None  # the oldest one's, looked up again when it is finished
+        self._oldest_stale = False  # a look-up failed: read it again after the next commit
         # The transaction being built: what it changes in the figures above, applied once it commits.
         self._txn_delta = 0  # pending-count change
         self._txn_sizes: dict[int, int] = {}  # seq -> size added (+) or removed (-)
@@ -469,8 +470,9 @@ class Journal:
                 for op in handovers:
                     for start in range(0, len(op.seqs), 500):
                         chunk = op.seqs[start : start + 500]
+                        places = ",".join("?" * len(chunk))
                         conn.execute(
-                            f"UPDATE commands SET handed = 1 WHERE seq IN ({','.join('?' * len(chunk))})", chunk
+                            f"UPDATE commands SET handed = 1 WHERE seq IN ({places}) AND status = 'accepted'", chunk
                         )
                 for mark in marks:
                     self._apply_mark(conn, mark)
@@ -540,16 +542,27 @@ class Journal:
         self.pending_count += self._txn_delta
         self.pending_bytes += self._txn_bytes
         if self._txn_oldest_gone or (self._oldest_seq is None and self._txn_inserted):
-            # By the index on (status, seq): a few pages, once a commit at most. Nothing per command is kept in
-            # memory for it, so a long backlog costs none.
-            found = self._writer.execute(
-                "SELECT seq, created_at FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq LIMIT 1"
-            ).fetchone()
-            self._oldest_seq, self.oldest_pending_created_at = found or (None, None)
+            self._oldest_stale = True
+        if self._oldest_stale:
+            self._look_up_oldest()
         self.outbox_size += self._txn_emitted - self._txn_forgotten
         self.pruned += self._txn_pruned
         if self._txn_room is not None:
             self._pages, self._room = self._txn_pages, self._txn_room
+
+    def _look_up_oldest(self) -> None:
+        """Read which command waits longest, by the index on (status, seq): a few pages, once a commit at most, and
+        nothing kept per command. A read that fails leaves the figure as it was, to be read after the next commit:
+        the writer thread goes on."""
+        try:
+            found = self._writer.execute(
+                "SELECT seq, created_at FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq LIMIT 1"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("reading the oldest waiting command failed", sqlite_error=str(exc))
+            return
+        self._oldest_stale = False
+        self._oldest_seq, self.oldest_pending_created_at = found or (None, None)
 
     def _insert_ops(self, conn: sqlite3.Connection, inserts: list[_Insert]) -> list[list[Accepted] | FanoutAccepted]:
         return [

@@ -239,6 +239,37 @@ def test_the_metrics_figures_follow_each_commit_without_sql(journal):
     assert journal.oldest_pending_created_at is None and journal.pending_count == 0
 
 
+def test_a_failed_read_of_the_oldest_command_keeps_the_writer_going(journal):
+    """After a commit that finishes the oldest waiting command the writer reads which one is oldest now; when that
+    read fails (a disk I/O error), the figure stays as it was, the writer goes on taking commands, and the next
+    commit reads it again."""
+    first, _ = accept(journal, new("o1", created_at=1000.0), new("o2", created_at=1001.0))
+    writer = journal._writer
+
+    class FailingOnce:  # the writer's connection, but the look-up fails once
+        failures = 1
+
+        def execute(self, sql: str, *args):
+            if sql.startswith("SELECT seq, created_at FROM commands") and self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+            return writer.execute(sql, *args)
+
+        def __getattr__(self, name: str):
+            return getattr(writer, name)
+
+    journal._writer = FailingOnce()
+    try:
+        journal.mark(first.row.seq, "published", topic="t", partition=0, offset=1)
+        assert journal.flush()
+        assert journal.oldest_pending_created_at == 1000.0 and journal.pending_count == 1  # as it was
+        [third] = accept(journal, new("o3", created_at=1002.0))
+        assert third.outcome == "inserted"  # the writer lives on
+        assert journal.oldest_pending_created_at == 1001.0 and journal.pending_count == 2
+    finally:
+        journal._writer = writer
+
+
 def test_the_figures_are_read_back_when_the_journal_reopens(tmp_path):
     """After a restart the oldest pending command and the outbox size come from the file."""
     j = Journal(tmp_path / "j.db", status_source="pusher@test")
