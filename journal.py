@@ -309,35 +309,22 @@ class Journal:
         # backlog holds little of it in memory.
         rows = self._writer.execute(
             "SELECT seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, "
-            "length(record_value), CASE WHEN handed THEN record_key END, CASE WHEN handed THEN record_value END, "
-            "CASE WHEN handed THEN record_headers END "
+            "CASE WHEN handed THEN record_key END, CASE WHEN handed THEN record_value END, "
+            "CASE WHEN handed THEN record_headers END, length(record_value) "
             "FROM commands WHERE status = 'accepted' AND origin IS NULL ORDER BY seq"
         )  # iterated, not fetched whole: a long backlog's rows never sit in memory all at once
         backlog = Backlog()
         count = total = 0
-        for seq, rid, device, created, expires, not_before, coalesce_key, handed, size, key, value, headers in rows:
-            count, total = count + 1, total + (size or 0)
+        for row in rows:
+            seq, created, expires, not_before, coalesce_key, handed = row[0], *row[3:8]
+            count, total = count + 1, total + (row[-1] or 0)
             if count == 1:
                 self._oldest_seq, self.oldest_pending_created_at = seq, created
             if not handed and not_before is None and expires is None and coalesce_key is None:  # plain()
                 backlog.plain_seqs.append(seq)
                 backlog.plain_created.append(created)
-                continue
-            backlog.pending.append(
-                Pending(
-                    seq=seq,
-                    request_id=rid,
-                    device_id=device,
-                    created_at=created,
-                    expires_at=expires,
-                    key=key,
-                    value=value,
-                    headers=HEADERS_DECODER.decode(headers) if headers is not None else None,
-                    not_before=not_before,
-                    coalesce_key=coalesce_key,
-                    handed=bool(handed),
-                )
-            )
+            else:
+                backlog.pending.append(_pending_from(row))
         self.pending_count, self.pending_bytes = count, total
         self.outbox_size = self._writer.execute("SELECT count(*) FROM status_outbox").fetchone()[0]
         self.reads.start()
@@ -1004,23 +991,7 @@ class Journal:
     async def queued(self, seqs: list[int]) -> list[Pending]:
         """The commands among `seqs` still waiting to be published, whole (records read back), in seq order (read
         on the reader thread)."""
-        found = await self.reads.submit(fetch_queued, seqs)
-        return [
-            Pending(
-                seq=seq,
-                request_id=rid,
-                device_id=device,
-                created_at=created,
-                expires_at=expires,
-                key=key,
-                value=value,
-                headers=HEADERS_DECODER.decode(headers),
-                not_before=not_before,
-                coalesce_key=coalesce_key,
-                handed=bool(handed),
-            )
-            for seq, rid, device, created, expires, not_before, coalesce_key, handed, key, value, headers in found
-        ]
+        return [_pending_from(row) for row in await self.reads.submit(fetch_queued, seqs)]
 
     async def fanout(self, fanout_id: str) -> tuple[FanoutRow, dict[str, int]] | None:
         """A fan-out and how many of its commands are in each status (read on the reader thread)."""
@@ -1041,6 +1012,25 @@ class Journal:
         if self._feed_reader is None:
             self._feed_reader = self._connect()
         return outbox_after(self._feed_reader, after, limit)
+
+
+def _pending_from(row: tuple) -> Pending:
+    """A Pending from a row of (seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key,
+    handed, record_key, record_value, record_headers), the record possibly left out (None), more columns ignored."""
+    seq, rid, device, created, expires, not_before, coalesce_key, handed, key, value, headers = row[:11]
+    return Pending(
+        seq=seq,
+        request_id=rid,
+        device_id=device,
+        created_at=created,
+        expires_at=expires,
+        key=key,
+        value=value,
+        headers=HEADERS_DECODER.decode(headers) if headers is not None else None,
+        not_before=not_before,
+        coalesce_key=coalesce_key,
+        handed=bool(handed),
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
