@@ -119,28 +119,28 @@ def fetch_fanout(conn: sqlite3.Connection, fanout_id: str) -> tuple[FanoutRow, d
     return fanout_from(found), dict(counts)
 
 
-def fetch_records(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple[int, bytes, bytes, bytes]]:
-    """(seq, record_key, record_value, record_headers) of the waiting commands among `seqs` (by primary key)."""
+def _by_seqs(conn: sqlite3.Connection, columns: str, where: str, seqs: list[int]) -> list[tuple]:
+    """`SELECT columns` of the commands among `seqs` that match `where`, in seq order, 500 seqs a statement
+    (SQLite's bound-parameter limit), each by primary key."""
     found = []
     for start in range(0, len(seqs), 500):
         chunk = seqs[start : start + 500]
         found += conn.execute(
-            "SELECT seq, record_key, record_value, record_headers FROM commands "
-            f"WHERE seq IN ({','.join('?' * len(chunk))}) AND record_value IS NOT NULL",
+            f"SELECT {columns} FROM commands WHERE seq IN ({','.join('?' * len(chunk))}) AND {where} ORDER BY seq",
             chunk,
         ).fetchall()
     return found
+
+
+def fetch_records(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple[int, bytes, bytes, bytes]]:
+    """(seq, record_key, record_value, record_headers) of the waiting commands among `seqs`."""
+    return _by_seqs(conn, "seq, record_key, record_value, record_headers", "record_value IS NOT NULL", seqs)
 
 
 def fetch_queued(conn: sqlite3.Connection, seqs: list[int]) -> list[tuple]:
-    """The waiting commands among `seqs`, with their records, in seq order (by primary key)."""
-    found = []
-    for start in range(0, len(seqs), 500):
-        chunk = seqs[start : start + 500]
-        found += conn.execute(
-            "SELECT seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, record_key, "
-            f"record_value, record_headers FROM commands WHERE seq IN ({','.join('?' * len(chunk))}) "
-            "AND status = 'accepted' AND record_value IS NOT NULL ORDER BY seq",
-            chunk,
-        ).fetchall()
-    return found
+    """The waiting commands among `seqs`, with their records, in seq order."""
+    columns = (
+        "seq, request_id, device_id, created_at, expires_at, not_before, coalesce_key, handed, record_key, "
+        "record_value, record_headers"
+    )
+    return _by_seqs(conn, columns, "status = 'accepted' AND record_value IS NOT NULL", seqs)
