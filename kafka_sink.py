@@ -301,6 +301,7 @@ class KafkaSink:
             self._set_health(health)
             log.warning("kafka producer not connected", error=type(exc).__name__, reason=health.reason)
             return None
+        coalesce_wakeups(producer)
         self._generation += 1
         log.info("kafka producer connected", bootstrap=s.kafka_bootstrap_servers, generation=self._generation)
         self._wake_monitor.set()
@@ -524,6 +525,34 @@ class _AuthFailureWatch(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "SaslAuthenticationFailed" in record.getMessage():
             self.last_seen = time.monotonic()
+
+
+def coalesce_wakeups(producer: KafkaProducer) -> None:
+    """Wake the producer's network thread once per look at its accumulator, not once per record.
+
+    kafka-python wakes that thread (a socket write, which gives the GIL away to whichever thread wants it) for every
+    record appended behind a batch that cannot leave yet: with idempotence a partition has one batch in flight, so a
+    drain woke it once per record, and the thread that appends waited for the GIL back each time. One wake-up
+    outstanding is enough: the flag is cleared just before the network thread looks at the accumulator (nothing
+    between that look and its next wait reads the wake-up socket), so a record appended after the look wakes it
+    again. kafka-python has no public call for this; tests/test_kafka_sink.py pins the two methods it wraps.
+    """
+    sender = producer._sender
+    wake, look = sender.wakeup, sender._send_producer_data
+    outstanding = False
+
+    def wakeup() -> None:
+        nonlocal outstanding
+        if not outstanding:
+            outstanding = True
+            wake()
+
+    def send_producer_data(*args, **kwargs):
+        nonlocal outstanding
+        outstanding = False
+        return look(*args, **kwargs)
+
+    sender.wakeup, sender._send_producer_data = wakeup, send_producer_data
 
 
 def _abort(producer: KafkaProducer) -> None:

@@ -28,7 +28,7 @@ import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from journal import Journal
-from kafka_sink import Backoff, security_options
+from kafka_sink import Backoff, coalesce_wakeups, security_options
 from metrics import Metrics
 from schemas import STATUS_EVENT_DECODER, StatusEvent
 from settings import Secret, Settings
@@ -150,6 +150,7 @@ class StatusFeed:
             try:
                 if producer is None:
                     producer = KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **self._options())
+                    coalesce_wakeups(producer)
                 secret = self._secrets[0]  # the current one; a previous one only verifies
                 futures = [
                     producer.send(
