@@ -39,6 +39,7 @@ from journal_reads import Reader, fetch_fanout, fetch_queued, fetch_recent, fetc
 from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
 from journal_space import (
     FREED_PER_COMMAND,
+    OPS_PER_COMMIT,
     PER_CHANGE,
     PER_COMMAND,
     PRUNE_CHUNK,
@@ -427,7 +428,8 @@ class Journal:
                 ops = [self._ops.get(timeout=timeout)]
             except queue.Empty:
                 ops = []
-            while len(ops) < 2000:
+            most = OPS_PER_COMMIT if self.ceiling is None else self.ceiling.changes_per_commit
+            while len(ops) < most:
                 try:
                     ops.append(self._ops.get_nowait())
                 except queue.Empty:

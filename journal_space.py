@@ -25,6 +25,7 @@ from pathlib import Path
 # estimates on the generous side (about 0.6-0.9 KiB per command was measured), used only to prune ahead of need.
 PER_COMMAND = 1024
 PER_CHANGE = 256
+OPS_PER_COMMIT = 2000  # queued operations one commit takes at most, without a ceiling
 PRUNE_CHUNK = 500  # commands deleted per statement at most, so that each stays short
 FREED_PER_COMMAND = 512  # bytes a pruned command frees at least (about 730 was measured): how many to prune
 
@@ -51,6 +52,7 @@ class Ceiling:
         "_wal_recent",
         "_wal_room",
         "budget",
+        "changes_per_commit",
         "headroom",
         "limit",
         "page_size",
@@ -66,6 +68,10 @@ class Ceiling:
         # after which SQLite checkpoints it (wal_autocheckpoint, 1000 by default).
         self.wal_limit = _clamp(limit // 16, 128 * KiB, 64 * MiB)
         self.wal_pages = _clamp(self.wal_limit // page_size // 2, 8, 1000)
+        # Queued changes (status marks) one commit takes at most: about 1 KiB of WAL each (its row's share of a page,
+        # and its indexes'), so that a drain's commits stay within the WAL's share. Larger ones would leave a WAL that
+        # shrinks the database's share (saw_wal) until it no longer holds even an empty journal's pages.
+        self.changes_per_commit = _clamp(self.wal_limit // KiB, 64, OPS_PER_COMMIT)
         # Bytes held back for what status marks and events add without ever being refused.
         self.reserve = _clamp(limit // 32, 256 * KiB, 32 * MiB)
         # Pages the database may use for commands: the ceiling less the room of the WAL and the reserve. The WAL's

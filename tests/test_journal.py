@@ -403,6 +403,28 @@ def test_finished_commands_are_pruned_oldest_first_to_stay_under_the_ceiling(tmp
         j.close()
 
 
+def test_a_backlog_published_all_at_once_leaves_room_for_new_commands_under_a_small_ceiling(tmp_path):
+    """A drain: a backlog filling most of JOURNAL_MAX_DISK is published in one burst of marks. Its commits stay
+    small enough that the WAL they leave does not shrink the database's share below what it holds: a new command
+    is taken at once, and the files stay under the ceiling."""
+    j = Journal(tmp_path / "j.db", max_disk=CEILING)
+    j.open()
+    try:
+        backlog = []
+        while len(backlog) < 1400:
+            backlog += accept(
+                j, *(new(f"b{len(backlog) + k}", device=f"d{k % 5}", value=b"b" * 600) for k in range(100))
+            )
+        assert {a.outcome for a in backlog} == {"inserted"} and j.pending_count == 1400
+        for a in backlog:  # queued faster than the writer commits them, as acknowledgements arrive in a drain
+            j.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+        assert j.flush() and j.pending_count == 0
+        assert [a.outcome for a in accept(j, new("after-the-drain", value=b"a" * 600))] == ["inserted"]
+        assert files_on_disk(j) <= CEILING
+    finally:
+        j.close()
+
+
 def test_at_the_ceiling_with_only_waiting_commands_new_ones_are_refused_until_some_are_published(tmp_path):
     """Waiting commands alone fill JOURNAL_MAX_DISK: a new command, or a fan-out, is refused as full (503, a
     reason naming the ceiling), nothing stored; a repeat is still a replay, and status marks still commit. Once
