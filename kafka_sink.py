@@ -283,6 +283,7 @@ class KafkaSink:
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=s.kafka_linger_ms,
+                batch_size=min(s.kafka_batch_size, self._health.max_message_bytes or s.kafka_batch_size),
                 compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
                 # The journal holds every record until it is acknowledged, so the producer may keep
                 # retrying (idempotently, in order) for as long as Kafka is away.

@@ -81,6 +81,8 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
         ("JOURNAL_MAX_DISK", "1.5GB"),
         ("JOURNAL_MAX_DISK", "4096"),
         ("JOURNAL_MAX_BYTES", "64KB"),
+        ("KAFKA_BATCH_SIZE", "100"),
+        ("KAFKA_BATCH_SIZE", "lots"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -258,9 +260,11 @@ def test_sizes_take_units():
             "JOURNAL_MAX_BYTES": "512 mb",
             "MAX_BODY_BYTES": "1MiB",
             "MAX_HEADER_BYTES": "32768",
+            "KAFKA_BATCH_SIZE": "1 MiB",
         },
         env_file="/nonexistent",
     )
+    assert settings.kafka_batch_size == 1024**2
     assert settings.journal_max_disk == 2 * 1024**3 and settings.journal_max_bytes == 512_000_000
     assert settings.max_body_bytes == 1024**2 and settings.max_header_bytes == 32768
     with pytest.raises(SettingsError, match="expected a number of bytes, or one with a unit"):

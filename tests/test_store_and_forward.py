@@ -144,6 +144,44 @@ def test_a_long_backlog_comes_back_after_a_crash_and_drains_once_in_order_around
         service.stop()
 
 
+def test_a_backlog_drains_once_in_order_when_the_topic_takes_smaller_batches_than_the_producer_makes(
+    own_broker, tmp_path
+):
+    """The topic's max.message.bytes shrinks below the producer's batch (256 KiB) after it connected, then Kafka
+    goes away and a backlog builds: the broker refuses the drain's large batches, kafka-python splits them and sends
+    them again, and every command is in Kafka once, each device in order."""
+    topic, service = service_on(own_broker, tmp_path)
+
+    def send(worker: int) -> list[str]:  # each worker has two devices of its own: their order is its order
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            answers = [
+                http.post(
+                    "/api/v1/commands",
+                    json=command(f"split-{worker}-{seq % 2}", payload={"seq": seq, "pad": "x" * 400}),
+                )
+                for seq in range(600)
+            ]
+        assert {a.status_code for a in answers} == {202}, answers[0].text
+        return [a.json()["request_id"] for a in answers]
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=own_broker.bootstrap)
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": "20000"})])
+        admin.close()
+        own_broker.stop()
+        wait_for(lambda: not ready(service.url)["kafka_connected"])
+        with ThreadPoolExecutor(4) as pool:
+            sent = [rid for ids in pool.map(send, range(4)) for rid in ids]
+        own_broker.start()
+        service.wait_drained(timeout=180)
+        records = read_topic(own_broker.bootstrap, topic, len(sent))
+        counts = _by_request_id(records)
+        assert set(counts) == set(sent) and max(counts.values()) == 1
+        _assert_device_order(records)
+    finally:
+        service.stop()
+
+
 def test_sigkill_ten_times_under_load_loses_nothing_and_doubles_nothing(kafka_bootstrap, topic, tmp_path):
     """SIGKILL ×10 during 20,000 commands from clients retrying with the same Idempotency-Key until a 2xx."""
     service = ServiceProcess(tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_COMMAND_TOPIC=topic).start()
