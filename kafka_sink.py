@@ -536,7 +536,7 @@ def coalesce_wakeups(producer: KafkaProducer) -> None:
     drain woke it once per record, and the thread that appends waited for the GIL back each time. One wake-up
     outstanding is enough: the flag is cleared just before the network thread looks at the accumulator (nothing
     between that look and its next wait reads the wake-up socket), so a record appended after the look wakes it
-    again. kafka-python has no public call for this; tests/test_kafka_sink.py pins the two methods it wraps.
+    again. kafka-python has no public call for this; tests/test_kafka_sink.py checks in its source what this needs.
     """
     sender = producer._sender
     wake, look = sender.wakeup, sender._send_producer_data

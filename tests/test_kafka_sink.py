@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import random
 import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -59,9 +60,9 @@ def test_a_burst_wakes_the_network_thread_far_less_than_once_a_record_and_lands_
 def test_records_trickling_in_from_several_threads_to_an_idle_producer_each_leave_at_once(
     counted, kafka_bootstrap: str, topic: str
 ) -> None:
-    """A wake-up lost leaves a record in the accumulator for good (the thread sleeps until the metadata is due, many
-    minutes): each record here must be acknowledged within 15 s, whether it comes alone, in a burst, or at once
-    with other threads' records."""
+    """A wake-up lost leaves a record in the accumulator (with wake-ups dropped, one was still unsent after 120 s):
+    each record here must be acknowledged within 15 s, whether it comes alone, in a burst, or at once with other
+    threads' records."""
     producer, _ = counted
     sent: dict[bytes, list[bytes]] = defaultdict(list)
     failures: list[str] = []
@@ -78,7 +79,7 @@ def test_records_trickling_in_from_several_threads_to_an_idle_producer_each_leav
             except Exception as exc:
                 failures.append(f"{name} #{n}: {type(exc).__name__}")
                 return
-            threading.Event().wait(rng.choice((0, 0, 0.001, 0.02)))
+            time.sleep(rng.choice((0, 0, 0.001, 0.02)))
 
     threads = [threading.Thread(target=trickle, args=(f"t{i}", i)) for i in range(4)]
     for thread in threads:
