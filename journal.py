@@ -35,7 +35,7 @@ import structlog
 
 import journal_schema
 from errors import JournalError, JournalFull, JournalUnavailable
-from journal_reads import Reader, fetch_fanout, fetch_queued, fetch_recent, fetch_records, fetch_row
+from journal_reads import Reader, fetch_fanout, fetch_queued, fetch_recent, fetch_records, fetch_row, seq_chunks
 from journal_schema import FANOUT_COLUMNS, ROW_COLUMNS, FanoutRow, JournalRow, Sync, fanout_from, row_from
 from journal_space import (
     FREED_PER_COMMAND,
@@ -457,9 +457,7 @@ class Journal:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for op in handovers:
-                    for start in range(0, len(op.seqs), 500):
-                        chunk = op.seqs[start : start + 500]
-                        places = ",".join("?" * len(chunk))
+                    for places, chunk in seq_chunks(op.seqs):
                         conn.execute(
                             f"UPDATE commands SET handed = 1 WHERE seq IN ({places}) AND status = 'accepted'", chunk
                         )

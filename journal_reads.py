@@ -12,7 +12,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +119,19 @@ def fetch_fanout(conn: sqlite3.Connection, fanout_id: str) -> tuple[FanoutRow, d
     return fanout_from(found), dict(counts)
 
 
-def _by_seqs(conn: sqlite3.Connection, columns: str, where: str, seqs: list[int]) -> list[tuple]:
-    """`SELECT columns` of the commands among `seqs` that match `where`, in seq order, 500 seqs a statement
-    (SQLite's bound-parameter limit), each by primary key."""
-    found = []
+def seq_chunks(seqs: Sequence[int]) -> Iterator[tuple[str, Sequence[int]]]:
+    """`seqs` 500 at a time (SQLite's bound-parameter limit), each chunk with its `?,?,…` placeholders."""
     for start in range(0, len(seqs), 500):
         chunk = seqs[start : start + 500]
+        yield ",".join("?" * len(chunk)), chunk
+
+
+def _by_seqs(conn: sqlite3.Connection, columns: str, where: str, seqs: list[int]) -> list[tuple]:
+    """`SELECT columns` of the commands among `seqs` that match `where`, in seq order, each by primary key."""
+    found = []
+    for places, chunk in seq_chunks(seqs):
         found += conn.execute(
-            f"SELECT {columns} FROM commands WHERE seq IN ({','.join('?' * len(chunk))}) AND {where} ORDER BY seq",
-            chunk,
+            f"SELECT {columns} FROM commands WHERE seq IN ({places}) AND {where} ORDER BY seq", chunk
         ).fetchall()
     return found
 
