@@ -250,14 +250,26 @@ class Connector:
         """Handle commands and device answers until stop() is called."""
         self.mqtt.connect_async(self.options.mqtt_host, self.options.mqtt_port, keepalive=30)
         self.mqtt.loop_start()
-        self.consumer.subscribe([self.options.command_topic], listener=_LogAssignment())
-        log.info("consuming %s as group %s", self.options.command_topic, self.options.group)
         try:
+            self.consumer.subscribe([self.options.command_topic], listener=_LogAssignment())
+            self.wait_for_command_topic()
+            log.info("consuming %s as group %s", self.options.command_topic, self.options.group)
             while self.running:
                 self.handle_commands()
                 self.report_answers()
         finally:
             self.close()
+
+    def wait_for_command_topic(self) -> None:
+        """Wait, once subscribed, until the consumer has read the command topic's metadata (or stop() is called).
+        Joining the group before it has leaves the first assignment empty, and each start then takes a second
+        rebalance, which can wait out a session."""
+        next_log = time.monotonic()
+        while self.running and self.options.command_topic not in self.consumer.topics():
+            if time.monotonic() >= next_log:
+                log.info("waiting for the command topic %s to exist", self.options.command_topic)
+                next_log = time.monotonic() + 30
+            time.sleep(1)
 
     def stop(self) -> None:
         """Finish the command at hand, then stop."""

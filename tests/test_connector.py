@@ -85,6 +85,7 @@ class Example:
 
     def __init__(self, script: str, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
+        self.log_start = log_path.stat().st_size if log_path.exists() else 0  # a restart appends to the same file
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(EXAMPLES / script), *args], stdout=log, stderr=subprocess.STDOUT
@@ -104,8 +105,10 @@ class Example:
         assert code == 0, f"{self.log_path.name} exited with {code}:\n{self.log()[-3000:]}"
 
     def log(self) -> str:
-        """What the process printed so far."""
-        return self.log_path.read_text(errors="replace")
+        """What this process printed so far."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
 
 
 class Setup:
@@ -170,7 +173,8 @@ class Setup:
         return device
 
     def start_connector(self, mqtt_port: int | None = None) -> Example:
-        """The MQTT connector, consuming the command topic in a group of its own."""
+        """The MQTT connector, consuming the command topic in a group of its own; back once it holds partitions,
+        which the first assignment must already give it (an empty one means a second rebalance on every start)."""
         args = [
             "--bootstrap", self.bootstrap,
             "--command-topic", self.command_topic,
@@ -181,6 +185,8 @@ class Setup:
         ]  # fmt: skip
         connector = Example("mqtt_connector.py", args, self.folder / "connector.log")
         self.examples.append(connector)
+        connector.wait_for(f"partitions assigned: ['{self.command_topic}-", timeout=30)
+        assert "partitions assigned: []" not in connector.log(), connector.log()
         return connector
 
     def events(self, count: int) -> dict[str, list[dict]]:
