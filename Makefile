@@ -3,6 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSTEM_PYTHON ?= python3
+# Processes `make test` and `make check` spread the tests over; under `make test` each starts a Kafka broker of its
+# own unless KAFKA_BOOTSTRAP_SERVERS names one. 1 runs them in this process, in file order.
+TEST_WORKERS ?= 2
+WORKERS := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
 
 .PHONY: install system-packages run test check lint bench keygen kafka-up kafka-down clean
 
@@ -37,11 +41,11 @@ run:  ## start a local Kafka unless KAFKA_BOOTSTRAP_SERVERS is set, then the ser
 	exec $(PY) -m pusher
 
 test: install system-packages  ## the whole suite, against a real Kafka broker it starts itself
-	$(PY) -m pytest
+	$(PY) -m pytest $(WORKERS)
 
 # tests/conftest.py marks `integration` every test that starts a server or the service as a process.
 check: lint  ## the edit loop: lint, then every test that needs no server (no Kafka, Mosquitto, Redis, Chromium)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration" $(WORKERS)
 
 # The service and the seed plan's app each run from a virtualenv of their own under .cache (bench/run.py builds them).
 bench: $(STAMP) system-packages  ## wrk against the service and its ceilings, and the goals as measured; writes bench/RESULTS.md

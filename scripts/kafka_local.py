@@ -15,6 +15,7 @@ virtualenv exists.
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import shutil
 import signal
@@ -63,12 +64,21 @@ def libs_dir(version: str = KAFKA_VERSION, progress: TextIO | None = None) -> Pa
     say so there and write a dot per file Maven downloads or copies."""
     home = CACHE / version
     libs = home / "libs"
-    done = home / ".resolved"
-    if done.exists():
+    if (home / ".resolved").exists():
         return libs
+    home.mkdir(parents=True, exist_ok=True)
+    # Test workers start brokers at once: one resolves, the others wait for it and find the jars there.
+    with (home / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / ".resolved").exists():
+            _resolve(home, libs, version, progress)
+    return libs
+
+
+def _resolve(home: Path, libs: Path, version: str, progress: TextIO | None) -> None:
+    """Run mvn to copy Kafka and its runtime dependencies into `libs`; mark the folder resolved."""
     if shutil.which("mvn") is None:
         raise KafkaUnavailable("mvn is not on PATH: it is needed to resolve Apache Kafka jars")
-    home.mkdir(parents=True, exist_ok=True)
     (home / "pom.xml").write_text(POM.format(version=version))
     _say(progress, f"local Kafka: resolving Apache Kafka {version} jars from Maven Central with mvn (once) ", end="")
     cmd = [
@@ -89,8 +99,7 @@ def libs_dir(version: str = KAFKA_VERSION, progress: TextIO | None = None) -> Pa
     if mvn.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
         tail = "".join(output)[-2000:]
         raise KafkaUnavailable(f"resolving org.apache.kafka:kafka_2.13:{version} failed:\n{tail}")
-    done.write_text(version)
-    return libs
+    (home / ".resolved").write_text(version)
 
 
 def _say(stream: TextIO | None, text: str, end: str = "\n") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -202,12 +203,15 @@ def record_figure(name: str, value: float | int | str) -> None:
 
 
 def record_figures(measured: dict[str, float | int | str]) -> None:
-    """Keep measured figures in .cache/figures.json, in one read and one write."""
+    """Keep measured figures in .cache/figures.json, in one read and one write, under a lock (test workers
+    write at once)."""
     path = ROOT / ".cache" / "figures.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    figures = json.loads(path.read_text()) if path.exists() else {}
-    figures.update(measured)
-    path.write_text(json.dumps(figures, indent=2, sort_keys=True))
+    with (path.parent / "figures.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        figures = json.loads(path.read_text()) if path.exists() else {}
+        figures.update(measured)
+        path.write_text(json.dumps(figures, indent=2, sort_keys=True))
 
 
 def run_cli(*args: str, url: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
