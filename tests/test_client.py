@@ -82,6 +82,8 @@ def test_sync_client_batch_status_list_and_wait(kafka_bootstrap, topic, service)
         assert client.get_status(first).offset == status.offset
         listed = client.list_commands("batch-dev")
         assert [c.command_type for c in listed.items] == ["b", "a"]
+        # the two `published` marks may land in different commits: a page of one has a next page once both have
+        client.wait_for(batch.results[1].request_id, until="published", timeout=10)
         assert client.list_commands("batch-dev", "published", limit=1).next_before is not None
         with pytest.raises(NotFound):
             client.get_status("no-such-command")
