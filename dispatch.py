@@ -411,6 +411,31 @@ class Dispatcher:
             if one.future is not None and not one.future.done():
                 self.forwarder.forget(one.accepted.row.seq)
 
+    async def read(self, request_id: str) -> JournalRow | None:
+        """One command, with every outcome already answered in it: a 200 goes out when Kafka acknowledges, before
+        the `published` mark is committed, and a read right after it must not find the command still `accepted`."""
+        unsettled = self.journal.marks_pending()  # before the read: a mark committed after this is in its snapshot
+        row = await self.journal.get(request_id)
+        if row is not None and row.status == "accepted" and unsettled:
+            await self._settled()
+            row = await self.journal.get(request_id)
+        return row
+
+    async def recent(
+        self,
+        device_id: str | None,
+        status: str | None,
+        limit: int,
+        before: int | None = None,
+        key_id: str | None = None,
+        fanout_id: str | None = None,
+    ) -> list[JournalRow]:
+        """Journal.recent with every outcome already answered in it (as `read`): a list filtered by status
+        cannot tell what a pending mark would add to it, so it waits for the marks first."""
+        if self.journal.marks_pending():
+            await self._settled()
+        return await self.journal.recent(device_id, status, limit, before, key_id, fanout_id)
+
     async def _settled(self) -> None:
         """Before answering that a command ended failed or expired, wait until the journal says so too: a retry
         that reads the journal must not find it still `accepted` (and answer 202)."""

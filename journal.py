@@ -242,6 +242,9 @@ class Journal:
         self._feed_reader: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._retry_marks: list[_Mark] = []
+        # Marks queued (on the loop) and marks through a commit (on the writer): each counter has one writer.
+        self._marks_queued = 0
+        self._marks_tried = 0
         # What waits for Kafka, kept by the writer as it commits (the metrics read these, never SQL):
         self.pending_count = 0
         self.pending_bytes = 0  # their record bytes
@@ -376,6 +379,7 @@ class Journal:
     ) -> None:
         """Queue a status transition; it is committed with the writer's next transaction. `size`: the command's
         record bytes, when known (else the writer reads them)."""
+        self._marks_queued += 1
         self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by, size))
 
     def record_handover(self, seqs: list[int]) -> asyncio.Future[bool]:
@@ -385,6 +389,10 @@ class Journal:
         future: asyncio.Future[bool] = self._outbox.loop.create_future()
         self._ops.put(_Handover(seqs, self._outbox, future))
         return future
+
+    def marks_pending(self) -> bool:
+        """Whether a status mark queued so far has not been through a commit yet."""
+        return self._marks_tried != self._marks_queued
 
     def committed(self) -> asyncio.Future[None]:
         """Resolves once everything queued so far (status marks included) is committed."""
@@ -446,7 +454,8 @@ class Journal:
 
     def _commit(self, ops: list) -> None:
         inserts = [op for op in ops if isinstance(op, _Insert)]
-        marks = self._retry_marks + [op for op in ops if isinstance(op, _Mark)]
+        fresh_marks = [op for op in ops if isinstance(op, _Mark)]
+        marks = self._retry_marks + fresh_marks
         flushes = [op for op in ops if isinstance(op, _Flush)]
         feed = [op for op in ops if isinstance(op, Events | OutboxSent)]
         handovers = [op for op in ops if isinstance(op, _Handover)]
@@ -506,6 +515,7 @@ class Journal:
                     op.committed = self.writable
                     op.done.set()  # after a failed write too: the consumer reads the events again from Kafka
             self._report_changes()
+        self._marks_tried += len(fresh_marks)  # committed, or kept to retry: a flush cannot hurry them either way
         for flush in flushes:
             flush.event.set()
             if flush.outbox is not None:

@@ -322,7 +322,7 @@ async def cancel_command(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     request_id = request.path_params["request_id"]
     dispatcher = _dispatcher(request)
-    row = await dispatcher.journal.get(request_id)
+    row = await dispatcher.read(request_id)
     if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
         raise NotFound(f"No command with request_id {request_id!r} is known")
     return _answer(request, command_status(await dispatcher.cancel(row)))
@@ -362,7 +362,7 @@ async def _readable_row(request: Request) -> JournalRow:
     key = require(request.scope["state"], "commands:read")
     await _rate_limit(request, key, 1)
     request_id = request.path_params["request_id"]
-    row = await _dispatcher(request).journal.get(request_id)
+    row = await _dispatcher(request).read(request_id)
     # Another key's command does not exist for this key (object-level authorization).
     if row is None or (key is not None and not key.allows("admin") and row.key_id != key.id):
         raise NotFound(f"No command with request_id {request_id!r} is known")
@@ -534,7 +534,7 @@ async def list_commands(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    rows = await dispatcher.journal.recent(
+    rows = await dispatcher.recent(
         _or_none(query.device_id),
         _or_none(query.status),
         query.limit + 1,

@@ -115,6 +115,7 @@ def test_marks_apply_in_order_the_first_final_one_wins_and_published_ones_keep_t
         j.mark(2, "published", topic="t", partition=3, offset=99)  # a repeat: changes nothing
         j.mark(4, "published", topic="other-topic", partition=2, offset=5)
         assert j.flush()
+        assert not j.marks_pending()  # every mark queued has been through a commit
         rows = {n: get(j, f"c{n}") for n in range(1, 6)}
         got = {n: (r.status, r.topic, r.partition, r.offset, r.error) for n, r in rows.items()}
         assert got == {
