@@ -13,7 +13,18 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import KEYS, ROOT, AnswerDropper, ServiceProcess, command, new_topic, read_topic, service_on, wait_for
+from helpers import (
+    KEYS,
+    ROOT,
+    AnswerDropper,
+    ServiceProcess,
+    command,
+    new_topic,
+    read_topic,
+    ready,
+    service_on,
+    wait_for,
+)
 from kafka_local import free_port
 
 from pusher_client import (
@@ -160,6 +171,9 @@ def test_kafka_outage_accepted_then_published_and_expiry_reported(own_broker, tm
     client = PusherClient(service.url)
     try:
         own_broker.stop()
+        # Posted before the service saw Kafka go, both could be in the producer: of unknown fate, and not
+        # expired until Kafka is back to say whether they got there.
+        wait_for(lambda: ready(service.url)["kafka_connected"] is False, timeout=30)
         kept = client.push_command("outage-dev", "kept", {}, "mqtt")
         doomed = client.push_command("outage-dev", "doomed", {}, "mqtt", ttl_seconds=1)
         assert kept.status == doomed.status == "accepted"
