@@ -265,9 +265,15 @@ class Connector:
         Joining the group before it has leaves the first assignment empty, and each start then takes a second
         rebalance, which can wait out a session."""
         next_log = time.monotonic()
-        while self.running and self.options.command_topic not in self.consumer.topics():
+        while self.running:
+            try:
+                if self.options.command_topic in self.consumer.topics():
+                    return
+                why = "to exist"
+            except KafkaError as exc:  # Kafka went away meanwhile: asked again
+                why = f"({exc})"
             if time.monotonic() >= next_log:
-                log.info("waiting for the command topic %s to exist", self.options.command_topic)
+                log.info("waiting for the command topic %s %s", self.options.command_topic, why)
                 next_log = time.monotonic() + 30
             time.sleep(1)
 

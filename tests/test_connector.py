@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -458,6 +459,23 @@ def test_command_waits_while_the_mqtt_broker_is_down(setup: Setup, tmp_path: Pat
     finally:
         setup.close()
         broker.stop()
+
+
+def test_a_connector_started_before_its_topic_exists_waits_for_it(kafka_bootstrap, mqtt_port, tmp_path) -> None:
+    """Started before the command topic exists, the connector says it is waiting, and joins its group once the
+    topic is there: its first assignment already holds the topic's partitions."""
+    name = f"cmd-{uuid.uuid4().hex[:12]}"
+    args = ["--bootstrap", kafka_bootstrap, "--command-topic", name, "--group", f"mqtt-connector-{name}",
+            "--mqtt-port", str(mqtt_port), "--mqtt-client-id", f"mqtt-connector-{name}"]  # fmt: skip
+    connector = Example("mqtt_connector.py", args, tmp_path / "connector.log")
+    try:
+        connector.wait_for(f"waiting for the command topic {name} to exist")
+        assert "partitions assigned" not in connector.log()
+        new_topic(kafka_bootstrap, name=name)
+        connector.wait_for(f"partitions assigned: ['{name}-0', '{name}-1', '{name}-2']", timeout=30)
+        assert "partitions assigned: []" not in connector.log(), connector.log()
+    finally:
+        connector.stop()
 
 
 def test_end_to_end_the_service_follows_the_command_to_the_device(kafka_bootstrap, mqtt_port, tmp_path) -> None:
