@@ -421,20 +421,12 @@ class Dispatcher:
             row = await self.journal.get(request_id)
         return row
 
-    async def recent(
-        self,
-        device_id: str | None,
-        status: str | None,
-        limit: int,
-        before: int | None = None,
-        key_id: str | None = None,
-        fanout_id: str | None = None,
-    ) -> list[JournalRow]:
-        """Journal.recent with every outcome already answered in it (as `read`): a list filtered by status
-        cannot tell what a pending mark would add to it, so it waits for the marks first."""
+    async def marks_settled(self) -> None:
+        """Wait, while status marks are queued, until the journal has committed them: a list read after this has
+        every outcome already answered in it (as `read`; a list filtered by status cannot tell what a pending mark
+        would add to it)."""
         if self.journal.marks_pending():
             await self._settled()
-        return await self.journal.recent(device_id, status, limit, before, key_id, fanout_id)
 
     async def _settled(self) -> None:
         """Before answering that a command ended failed or expired, wait until the journal says so too: a retry

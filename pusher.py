@@ -534,7 +534,8 @@ async def list_commands(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    rows = await dispatcher.recent(
+    await dispatcher.marks_settled()
+    rows = await dispatcher.journal.recent(
         _or_none(query.device_id),
         _or_none(query.status),
         query.limit + 1,
