@@ -450,6 +450,7 @@ class Forwarder:
     def _published(self, pending: Pending, delivery: Delivery) -> None:
         self.journal.mark(
             pending.seq,
+            pending.request_id,
             "published",
             topic=delivery.topic,
             partition=delivery.partition,
@@ -462,7 +463,12 @@ class Forwarder:
         if journal:
             size = len(pending.value) if pending.value is not None else None  # else the journal reads it
             self.journal.mark(
-                pending.seq, outcome.status, error=outcome.error, superseded_by=outcome.superseded_by, size=size
+                pending.seq,
+                pending.request_id,
+                outcome.status,
+                error=outcome.error,
+                superseded_by=outcome.superseded_by,
+                size=size,
             )
         self.metrics.outcomes[outcome.status].inc()
         if outcome.status == "published":

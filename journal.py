@@ -58,6 +58,16 @@ log = structlog.get_logger("journal")
 FINAL = ("published", "expired", "failed", "cancelled", "superseded")
 HEADERS_ENCODER = msgspec.msgpack.Encoder()
 HEADERS_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+# A status transition of a waiting command: its history grows by one step and, once final, its record goes.
+_MARK = (
+    "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
+    'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
+    "superseded_by = coalesce(?, superseded_by), history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
+    "record_value = CASE WHEN ? THEN NULL ELSE record_value END "
+    "WHERE seq = ? AND status = 'accepted'"
+)
+# The same, with what the status topic's event needs of the command (status_store.emit)
+_MARK_RETURNING = _MARK + " RETURNING request_id, device_id, command_type, created_at, expires_at, key_id"
 SERVICE_SOURCE = "pusher@"  # how this service's instances name themselves in their status events (not proof)
 FAILURE_REMINDER = 60.0  # seconds between the log lines that say the journal is still not writable
 
@@ -164,6 +174,7 @@ class _Insert:
 @dataclass(slots=True)
 class _Mark:
     seq: int
+    request_id: str
     status: str
     at: float
     topic: str | None = None
@@ -369,6 +380,7 @@ class Journal:
     def mark(
         self,
         seq: int,
+        request_id: str,
         status: str,
         topic: str | None = None,
         partition: int | None = None,
@@ -380,7 +392,7 @@ class Journal:
         """Queue a status transition; it is committed with the writer's next transaction. `size`: the command's
         record bytes, when known (else the writer reads them)."""
         self._marks_queued += 1
-        self._ops.put(_Mark(seq, status, time.time(), topic, partition, offset, error, superseded_by, size))
+        self._ops.put(_Mark(seq, request_id, status, time.time(), topic, partition, offset, error, superseded_by, size))
 
     def record_handover(self, seqs: list[int]) -> asyncio.Future[bool]:
         """Record that these commands are about to be handed to the producer; True once that is committed (False
@@ -846,13 +858,9 @@ class Journal:
         if size is None and mark.status in FINAL:  # read before the update lets the record go
             found = conn.execute("SELECT length(record_value) FROM commands WHERE seq = ?", (mark.seq,)).fetchone()
             size = (found[0] or 0) if found else 0
-        updated = conn.execute(
-            "UPDATE commands SET status = ?, updated_at = ?, topic = coalesce(?, topic), "
-            'partition = coalesce(?, partition), "offset" = coalesce(?, "offset"), error = coalesce(?, error), '
-            "superseded_by = coalesce(?, superseded_by), history = json_insert(history, '$[#]', json_array(?, ?, ?)), "
-            "record_value = CASE WHEN ? THEN NULL ELSE record_value END "
-            "WHERE seq = ? AND status = 'accepted' "
-            "RETURNING request_id, device_id, command_type, created_at, expires_at, key_id",
+        # The row comes back only for the status topic's event: RETURNING costs about as much as the update.
+        cursor = conn.execute(
+            _MARK if self.status_source is None else _MARK_RETURNING,
             (
                 mark.status,
                 mark.at,
@@ -867,22 +875,27 @@ class Journal:
                 mark.status in FINAL,  # its record is in Kafka or never will be: the bytes can go
                 mark.seq,
             ),
-        ).fetchone()
+        )
+        if self.status_source is None:
+            updated = cursor.rowcount == 1
+        else:
+            row = cursor.fetchone()
+            updated = row is not None
+            if updated:
+                self._txn_emitted += 1
+                emit(
+                    conn,
+                    self.status_source,
+                    (mark.status, mark.at),
+                    row,
+                    topic=mark.topic,
+                    partition=mark.partition,
+                    offset=mark.offset,
+                    error=mark.error[:2000] if mark.error else None,  # the contract's limit
+                    superseded_by=mark.superseded_by,
+                )
         if updated:
-            self._changed.append(updated[0])
-        if updated and self.status_source is not None:
-            self._txn_emitted += 1
-            emit(
-                conn,
-                self.status_source,
-                (mark.status, mark.at),
-                updated,
-                topic=mark.topic,
-                partition=mark.partition,
-                offset=mark.offset,
-                error=mark.error[:2000] if mark.error else None,  # the contract's limit
-                superseded_by=mark.superseded_by,
-            )
+            self._changed.append(mark.request_id)
         if updated and mark.status in FINAL:
             self._txn_delta -= 1
             self._txn_oldest_gone = self._txn_oldest_gone or mark.seq == self._oldest_seq

@@ -3,10 +3,13 @@ stop waiting, and an anonymous status page that shows no configuration. Every te
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
 import socket
+import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -219,6 +222,35 @@ def test_event_stream_ends_at_published_without_a_status_topic(service):
     ]
     again = httpx.get(service.url + f"/api/v1/commands/{request_id}/events", headers={"Last-Event-ID": "published"})
     assert again.status_code == 204
+
+
+def test_waiters_wake_when_a_held_command_is_published(service):
+    """A long poll and an event stream on a command held by `not_before` answer when it is published, not when
+    their time is up: the poll may wait 60 s and the stream 300 s, the client gives them 30 s, the command goes
+    out after 2 s."""
+    due = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    response = httpx.post(service.url + "/api/v1/commands", json=command(not_before=due))
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    request_id = response.json()["request_id"]
+    url = service.url + f"/api/v1/commands/{request_id}"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        poll = pool.submit(httpx.get, url + "/status?wait_for=published&timeout=60", timeout=30)
+        stream = pool.submit(_events_within, url + "/events", 30)
+        answer, events = poll.result(), stream.result()
+    assert answer.status_code == 200 and answer.json()["status"] == "published"
+    assert events == ["event: accepted", "event: published"]
+
+
+def _events_within(url: str, seconds: float) -> list[str]:
+    """The `event:` lines a stream sends within `seconds` (keep-alives every 15 s let a silent one be given up)."""
+    events, deadline = [], time.monotonic() + seconds
+    with httpx.stream("GET", url, timeout=seconds) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                events.append(line)
+            if time.monotonic() > deadline:
+                break
+    return events
 
 
 def test_event_stream_lifetime_is_capped(tmp_path):

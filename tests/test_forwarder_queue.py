@@ -169,8 +169,8 @@ def test_the_journal_marks_the_new_end_states_and_frees_the_backlog(journal):
     """cancelled and superseded are ends: the backlog figures drop and the record bytes are let go."""
     rows = accept(journal, new("a"), new("b"))
     assert journal.pending_count == 2
-    journal.mark(rows[0].row.seq, "cancelled")
-    journal.mark(rows[1].row.seq, "superseded", superseded_by="c")
+    journal.mark(rows[0].row.seq, rows[0].row.request_id, "cancelled")
+    journal.mark(rows[1].row.seq, rows[1].row.request_id, "superseded", superseded_by="c")
     journal.flush()
     assert journal.pending_count == 0 and journal.pending_bytes == 0
     cancelled = asyncio.run(journal.get("a"))

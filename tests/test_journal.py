@@ -84,7 +84,7 @@ def test_accepted_commands_survive_reopening_and_come_back_as_pending(tmp_path):
     j = Journal(tmp_path / "j.db")
     j.open()
     accept(j, new("a"), new("b", device="d2"))
-    j.mark(1, "published", topic="t", partition=0, offset=7)
+    j.mark(1, "a", "published", topic="t", partition=0, offset=7)
     j.close()
     j = Journal(tmp_path / "j.db")
     pending = j.open().pending  # handed (the default here): whole
@@ -108,12 +108,12 @@ def test_marks_apply_in_order_the_first_final_one_wins_and_published_ones_keep_t
         accept(j, *(new(f"c{n}", device=f"d{n}") for n in range(1, 6)))
         each = j.pending_bytes // 5
         before = time.time()
-        j.mark(1, "published", topic="t", partition=0, offset=7)
-        j.mark(2, "published", topic="t", partition=3, offset=12)
-        j.mark(3, "failed", error="too large")
-        j.mark(3, "published", topic="t", partition=1, offset=1)  # after a final mark: changes nothing
-        j.mark(2, "published", topic="t", partition=3, offset=99)  # a repeat: changes nothing
-        j.mark(4, "published", topic="other-topic", partition=2, offset=5)
+        j.mark(1, "c1", "published", topic="t", partition=0, offset=7)
+        j.mark(2, "c2", "published", topic="t", partition=3, offset=12)
+        j.mark(3, "c3", "failed", error="too large")
+        j.mark(3, "c3", "published", topic="t", partition=1, offset=1)  # after a final mark: changes nothing
+        j.mark(2, "c2", "published", topic="t", partition=3, offset=99)  # a repeat: changes nothing
+        j.mark(4, "c4", "published", topic="other-topic", partition=2, offset=5)
         assert j.flush()
         assert not j.marks_pending()  # every mark queued has been through a commit
         rows = {n: get(j, f"c{n}") for n in range(1, 6)}
@@ -189,7 +189,7 @@ def test_max_pending_refuses_then_recovers(tmp_path):
         results = accept(j, new("a"), new("b"), new("c"))
         assert [r.outcome for r in results] == ["inserted", "inserted", "full"]
         assert results[2].error.status == 503
-        j.mark(results[0].row.seq, "published", topic="t", partition=0, offset=0)
+        j.mark(results[0].row.seq, results[0].row.request_id, "published", topic="t", partition=0, offset=0)
         assert j.flush()
         assert [r.outcome for r in accept(j, new("d"))] == ["inserted"]
     finally:
@@ -214,8 +214,9 @@ def test_marks_are_final_and_purged_after_retention(tmp_path):
     j.open()
     try:
         done, _ = accept(j, new("done"), new("waiting"))
-        j.mark(done.row.seq, "expired", error="ttl")
-        j.mark(done.row.seq, "published", topic="t", partition=0, offset=1)  # ignored: already final
+        j.mark(done.row.seq, done.row.request_id, "expired", error="ttl")
+        # ignored: already final
+        j.mark(done.row.seq, done.row.request_id, "published", topic="t", partition=0, offset=1)
         assert j.flush()
         row = get(j, "done")
         assert row.status == "expired" and row.error == "ttl"
@@ -332,7 +333,7 @@ def test_file_stays_bounded_under_steady_load(tmp_path):
         for round_ in range(12):
             accepted = accept(j, *(new(f"r{round_}-{i}", value=b"v" * 500) for i in range(500)))
             for a in accepted:
-                j.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+                j.mark(a.row.seq, a.row.request_id, "published", topic="t", partition=0, offset=a.row.seq)
             assert j.flush()
             j._housekeeping()
             sizes.append(size())
@@ -355,7 +356,7 @@ def files_on_disk(journal: Journal) -> int:
 
 def publish(journal: Journal, accepted) -> None:
     for a in accepted:
-        journal.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+        journal.mark(a.row.seq, a.row.request_id, "published", topic="t", partition=0, offset=a.row.seq)
     assert journal.flush()
 
 
@@ -418,7 +419,7 @@ def test_a_backlog_published_all_at_once_leaves_room_for_new_commands_under_a_sm
             )
         assert {a.outcome for a in backlog} == {"inserted"} and j.pending_count == 1400
         for a in backlog:  # queued faster than the writer commits them, as acknowledgements arrive in a drain
-            j.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+            j.mark(a.row.seq, a.row.request_id, "published", topic="t", partition=0, offset=a.row.seq)
         assert j.flush() and j.pending_count == 0
         assert [a.outcome for a in accept(j, new("after-the-drain", value=b"a" * 600))] == ["inserted"]
         assert files_on_disk(j) <= CEILING
@@ -521,7 +522,7 @@ def test_pending_bytes_follow_what_waits_for_kafka(tmp_path):
         a, _ = accept(j, new("a", value=b"x" * 60_000), new("b", value=b"y" * 30_000))
         assert j.pending_bytes == 90_000
         assert accept(j, new("c", value=b"z" * 20_000))[0].outcome == "full"
-        j.mark(a.row.seq, "published", topic="t", partition=0, offset=0)
+        j.mark(a.row.seq, a.row.request_id, "published", topic="t", partition=0, offset=0)
         assert j.flush()
         assert j.pending_bytes == 30_000
         assert accept(j, new("c", value=b"z" * 20_000))[0].outcome == "inserted"
@@ -601,7 +602,7 @@ def test_an_own_command_stays_pending_until_the_forwarder_marks_it(tmp_path):
         assert j.apply_events([connector("own-1", "delivered", time.time())], {0: 1}) == 0
         row = get(j, "own-1")
         assert row.status == "accepted" and row.stage == "delivered" and j.pending_count == 1
-        j.mark(seq, "published", topic="t", partition=0, offset=7)
+        j.mark(seq, "own-1", "published", topic="t", partition=0, offset=7)
         assert j.flush()
         row = get(j, "own-1")
         assert row.status == "published" and row.stage == "delivered" and j.pending_count == 0
@@ -673,7 +674,7 @@ def test_a_connector_event_only_moves_a_known_command_of_its_own_device_forward(
     for the right device takes it to a connector's stage, with its error and result, but never sets where it is
     in Kafka, its owner, or the stages only the service reports."""
     [accepted] = accept(journal, new("c1", device="device-a", key_id="k1"))
-    journal.mark(accepted.row.seq, "published", topic="t", partition=0, offset=7)
+    journal.mark(accepted.row.seq, accepted.row.request_id, "published", topic="t", partition=0, offset=7)
     assert journal.flush()
     now = time.time()
     assert journal.apply_events([instance("r2", "accepted", now, device_id="device-b")], {0: 1}) == 0

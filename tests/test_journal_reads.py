@@ -96,7 +96,7 @@ def _fill(journal: Journal) -> list:
     ]  # fmt: skip
     accepted = accept(journal, *items)
     for a in accepted[::3]:
-        journal.mark(a.row.seq, "published", topic="t", partition=0, offset=a.row.seq)
+        journal.mark(a.row.seq, a.row.request_id, "published", topic="t", partition=0, offset=a.row.seq)
     assert journal.flush()
     return [asyncio.run(journal.get(item.request_id)) for item in items]
 
@@ -224,17 +224,18 @@ def test_the_metrics_figures_follow_each_commit_without_sql(journal):
     first, second, third = accept(journal, *(new(f"p{i}", created_at=1000.0 + i) for i in range(3)))
     assert journal.oldest_pending_created_at == 1000.0
     assert journal.outbox_size == outbox_in_file() == 3
-    journal.mark(second.row.seq, "published", topic="t", partition=0, offset=1)  # not the oldest: no change
+    # not the oldest: no change
+    journal.mark(second.row.seq, second.row.request_id, "published", topic="t", partition=0, offset=1)
     assert journal.flush()
     assert journal.oldest_pending_created_at == 1000.0
-    journal.mark(first.row.seq, "expired", error="ttl")
+    journal.mark(first.row.seq, first.row.request_id, "expired", error="ttl")
     assert journal.flush()
     assert journal.oldest_pending_created_at == 1002.0 and journal.pending_count == 1
     assert journal.outbox_size == outbox_in_file() == 5
     journal.outbox_sent(journal.outbox_batch(0)[1][0])
     assert journal.flush()
     assert journal.outbox_size == outbox_in_file() == 3
-    journal.mark(third.row.seq, "published", topic="t", partition=0, offset=2)
+    journal.mark(third.row.seq, third.row.request_id, "published", topic="t", partition=0, offset=2)
     assert journal.flush()
     assert journal.oldest_pending_created_at is None and journal.pending_count == 0
 
@@ -260,7 +261,7 @@ def test_a_failed_read_of_the_oldest_command_keeps_the_writer_going(journal):
 
     journal._writer = FailingOnce()
     try:
-        journal.mark(first.row.seq, "published", topic="t", partition=0, offset=1)
+        journal.mark(first.row.seq, first.row.request_id, "published", topic="t", partition=0, offset=1)
         assert journal.flush()
         assert journal.oldest_pending_created_at == 1000.0 and journal.pending_count == 1  # as it was
         [third] = accept(journal, new("o3", created_at=1002.0))
