@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -421,12 +421,20 @@ class Dispatcher:
             row = await self.journal.get(request_id)
         return row
 
-    async def marks_settled(self) -> None:
-        """Wait, while status marks are queued, until the journal has committed them: a list read after this has
-        every outcome already answered in it (as `read`; a list filtered by status cannot tell what a pending mark
-        would add to it)."""
-        if self.journal.marks_pending():
+    async def listed(self, read: Callable[[], Awaitable[list[JournalRow]]], status: str | None) -> list[JournalRow]:
+        """A list (`read`, filtered by `status` or not) with every outcome already answered in it, as `read` above.
+        A pending mark can only move a listed command on from `accepted`, unless the list is filtered by another
+        status: then it could add one, so that list waits for queued marks first. Any other list waits, and reads
+        again, only when it found a command still `accepted` while marks were queued."""
+        unsettled = self.journal.marks_pending()
+        if unsettled and status not in (None, "accepted"):
             await self._settled()
+            unsettled = False
+        rows = await read()
+        if unsettled and any(row.status == "accepted" for row in rows):
+            await self._settled()
+            rows = await read()
+        return rows
 
     async def _settled(self) -> None:
         """Before answering that a command ended failed or expired, wait until the journal says so too: a retry

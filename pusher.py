@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import signal
@@ -534,15 +535,17 @@ async def list_commands(request: Request) -> Response:
     await _rate_limit(request, key, 1)
     owner = key.id if key is not None and not key.allows("admin") else None
     dispatcher = _dispatcher(request)
-    await dispatcher.marks_settled()
-    rows = await dispatcher.journal.recent(
+    status = _or_none(query.status)
+    read = functools.partial(
+        dispatcher.journal.recent,
         _or_none(query.device_id),
-        _or_none(query.status),
+        status,
         query.limit + 1,
         _or_none(query.before),
         owner,
         _or_none(query.fanout_id),
     )
+    rows = await dispatcher.listed(read, status)
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     return _answer(
